@@ -1,0 +1,23 @@
+"""rlgaf_fast: fused kernels and a training loop for adversarial RL fine-tuning of language models.
+
+Ops: gumbel_softmax, soft_embedding, gumbel_softmax_embedding, ppo_loss, fused_linear_ppo_loss,
+value_loss, gae. Each takes ``backend="auto"`` (or "torch", "cpp", "triton", "cuda").
+"""
+
+from rlgaf_fast._backend import available_backends, use_backend
+from rlgaf_fast.ops.gumbel_softmax import gumbel_softmax, gumbel_softmax_embedding
+from rlgaf_fast.ops.soft_embedding import soft_embedding
+from rlgaf_fast.patch import patch_torch, patched_torch, unpatch_torch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "use_backend",
+    "gumbel_softmax",
+    "gumbel_softmax_embedding",
+    "soft_embedding",
+    "patch_torch",
+    "patched_torch",
+    "unpatch_torch",
+]

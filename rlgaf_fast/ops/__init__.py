@@ -1,0 +1,1 @@
+"""One module per op family: public function, autograd and backend dispatch."""

@@ -1,0 +1,54 @@
+"""Input checks shared by the op modules: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SEED_LIMIT = 2**63
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(x: object, name: str) -> Tensor:
+    x = check_tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_positive(value: float, name: str) -> float:
+    if isinstance(value, Tensor):
+        value = float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def check_same_device(a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and "
+                         f"{b.device}")
+
+
+def check_dim(dim: int, ndim: int, name: str = "dim") -> int:
+    if not isinstance(dim, int) or not -max(ndim, 1) <= dim < max(ndim, 1):
+        raise IndexError(f"{name} must be in [{-max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim}")
+    return dim % max(ndim, 1)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The user's seed, or one drawn from torch's default generator (so that
+    ``torch.manual_seed`` makes runs reproducible)."""
+    if seed is None:
+        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return seed

@@ -1,0 +1,217 @@
+"""Gumbel-Softmax and the fused Gumbel-Softmax -> embedding lookup: public functions, their
+custom operators with autograd, and backend dispatch.
+
+The fused backends (cpp, triton, cuda) share one kernel contract (see csrc/cpu/gumbel_softmax.cpp
+and kernels/gumbel_softmax.py) on 2-D contiguous inputs; this module does the shape handling,
+validation and autograd. The torch backend is rlgaf_fast.reference itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlgaf_fast import reference
+from rlgaf_fast._backend import kernel_module, resolve_backend
+from rlgaf_fast.ops._checks import (
+    check_dim,
+    check_floating,
+    check_positive,
+    check_same_device,
+    resolve_seed,
+)
+
+
+def _kernels(backend: str):
+    return kernel_module(backend, "gumbel_softmax")
+
+
+# --- Gumbel-Softmax -------------------------------------------------------------------------
+
+@torch.library.custom_op("rlgaf_fast::gumbel_softmax", mutates_args=())
+def _gumbel_softmax_op(
+    logits: Tensor, tau: float, hard: bool, seed: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    y, index = _kernels(backend).gumbel_softmax_fwd(logits, tau, hard, seed)
+    return y, index
+
+
+@_gumbel_softmax_op.register_fake
+def _(logits, tau, hard, seed, backend):
+    return torch.empty_like(logits), logits.new_empty(logits.shape[:1], dtype=torch.int64)
+
+
+@torch.library.custom_op("rlgaf_fast::gumbel_softmax_backward", mutates_args=())
+def _gumbel_softmax_backward_op(
+    grad_y: Tensor, saved: Tensor, tau: float, hard: bool, seed: int, backend: str
+) -> Tensor:
+    kernels = _kernels(backend)
+    grad_y = grad_y.contiguous()
+    if hard:  # saved are the logits: the soft sample is regenerated from the seed
+        return kernels.gumbel_softmax_bwd_from_logits(grad_y, saved, tau, seed)
+    return kernels.gumbel_softmax_bwd(grad_y, saved, tau)
+
+
+@_gumbel_softmax_backward_op.register_fake
+def _(grad_y, saved, tau, hard, seed, backend):
+    return torch.empty_like(saved)
+
+
+def _gumbel_softmax_setup_context(ctx, inputs, output):
+    logits, tau, hard, seed, backend = inputs
+    ctx.save_for_backward(logits if hard else output[0])
+    ctx.tau, ctx.hard, ctx.seed, ctx.backend = tau, hard, seed, backend
+
+
+def _gumbel_softmax_backward(ctx, grad_y, grad_index):
+    (saved,) = ctx.saved_tensors
+    grad = _gumbel_softmax_backward_op(grad_y, saved, ctx.tau, ctx.hard, ctx.seed, ctx.backend)
+    return grad, None, None, None, None
+
+
+_gumbel_softmax_op.register_autograd(
+    _gumbel_softmax_backward, setup_context=_gumbel_softmax_setup_context
+)
+
+
+def gumbel_softmax(
+    logits: Tensor,
+    tau: float = 1.0,
+    hard: bool = False,
+    dim: int = -1,
+    *,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Draw a Gumbel-Softmax sample; a drop-in for ``torch.nn.functional.gumbel_softmax``.
+
+    Args:
+        logits: ``[..., V, ...]`` unnormalised log-probabilities, float16, bfloat16, float32 or
+            float64 (arithmetic in float32; float64 in float64).
+        tau: temperature, > 0.
+        hard: return the one-hot of the sample's argmax, with the gradient of the soft sample
+            (straight-through).
+        dim: the vocabulary dimension.
+        seed: keys the counter-based noise (Philox on (seed, row, column)); ``None`` draws one
+            from torch's default generator.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``softmax((logits + g) / tau, dim)`` in the dtype and shape of ``logits``.
+    """
+    check_floating(logits, "logits")
+    tau = check_positive(tau, "tau")
+    dim = check_dim(dim, logits.dim())
+    seed = resolve_seed(seed)
+    name = resolve_backend(backend, logits)
+    if name == "torch" or logits.dim() == 0:
+        return reference.gumbel_softmax(logits, tau, hard, dim, seed=seed)
+    x = logits.movedim(dim, -1)
+    y, _ = _gumbel_softmax_op(x.reshape(-1, x.shape[-1]).contiguous(), tau, bool(hard), seed, name)
+    return y.reshape(x.shape).movedim(-1, dim)
+
+
+# --- fused Gumbel-Softmax -> embedding --------------------------------------------------------
+
+@torch.library.custom_op("rlgaf_fast::gumbel_softmax_embedding", mutates_args=())
+def _gumbel_softmax_embedding_op(
+    logits: Tensor, weight: Tensor, tau: float, seed: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    out, tokens, lse = _kernels(backend).gumbel_softmax_embedding_fwd(logits, weight, tau, seed)
+    return out, tokens, lse
+
+
+@_gumbel_softmax_embedding_op.register_fake
+def _(logits, weight, tau, seed, backend):
+    n = logits.shape[0]
+    lse_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return (
+        weight.new_empty((n, weight.shape[1])),
+        logits.new_empty((n,), dtype=torch.int64),
+        logits.new_empty((n,), dtype=lse_dtype),
+    )
+
+
+@torch.library.custom_op("rlgaf_fast::gumbel_softmax_embedding_backward", mutates_args=())
+def _gumbel_softmax_embedding_backward_op(
+    grad_out: Tensor, logits: Tensor, weight: Tensor, out: Tensor, lse: Tensor, tau: float,
+    seed: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    grad_logits, grad_weight = _kernels(backend).gumbel_softmax_embedding_bwd(
+        grad_out.contiguous(), logits, weight, out, lse, tau, seed
+    )
+    return grad_logits, grad_weight
+
+
+@_gumbel_softmax_embedding_backward_op.register_fake
+def _(grad_out, logits, weight, out, lse, tau, seed, backend):
+    return torch.empty_like(logits), torch.empty_like(weight)
+
+
+def _embedding_setup_context(ctx, inputs, output):
+    logits, weight, tau, seed, backend = inputs
+    out, _, lse = output
+    ctx.save_for_backward(logits, weight, out, lse)
+    ctx.tau, ctx.seed, ctx.backend = tau, seed, backend
+
+
+def _embedding_backward(ctx, grad_out, grad_tokens, grad_lse):
+    logits, weight, out, lse = ctx.saved_tensors
+    grad_logits, grad_weight = _gumbel_softmax_embedding_backward_op(
+        grad_out, logits, weight, out, lse, ctx.tau, ctx.seed, ctx.backend
+    )
+    return grad_logits, grad_weight, None, None, None
+
+
+_gumbel_softmax_embedding_op.register_autograd(
+    _embedding_backward, setup_context=_embedding_setup_context
+)
+
+
+def gumbel_softmax_embedding(
+    logits: Tensor,
+    weight: Tensor,
+    tau: float = 1.0,
+    hard: bool = False,
+    *,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Embed a Gumbel-Softmax sample without writing its ``[N, V]`` probabilities.
+
+    Equal to ``soft_embedding(gumbel_softmax(logits, tau, hard, seed=s), weight)`` for the same
+    seed; the backward pass regenerates the noise from the seed.
+
+    Args:
+        logits: ``[..., V]``, float16, bfloat16, float32 or float64.
+        weight: ``[V, D]`` embedding matrix, floating, on the logits' device.
+        tau: temperature, > 0.
+        hard: embed the one-hot of the argmax (``weight[token]``); the gradient to the logits is
+            the soft sample's (straight-through), the gradient to ``weight`` the one-hot's.
+        seed: as in :func:`gumbel_softmax`.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(embeddings [..., D] in weight's dtype, tokens [...] int64)``.
+    """
+    check_floating(logits, "logits")
+    check_floating(weight, "weight")
+    check_same_device(logits, "logits", weight, "weight")
+    if logits.dim() < 1 or weight.dim() != 2 or weight.shape[0] != logits.shape[-1]:
+        raise ValueError(f"weight must be [V, D] with V = logits.shape[-1] = "
+                         f"{logits.shape[-1] if logits.dim() else None}, got {list(weight.shape)}")
+    tau = check_positive(tau, "tau")
+    seed = resolve_seed(seed)
+    name = resolve_backend(backend, logits)
+    if name == "torch":
+        return reference.gumbel_softmax_embedding(logits, weight, tau, hard, seed=seed)
+    lead = logits.shape[:-1]
+    x = logits.reshape(-1, logits.shape[-1]).contiguous()
+    # In hard mode the weight's gradient is the one-hot's and comes from the gather below, so
+    # the fused op sees a detached weight and contributes the logits' gradient alone.
+    out, tokens, _ = _gumbel_softmax_embedding_op(
+        x, (weight.detach() if hard else weight).contiguous(), tau, seed, name
+    )
+    if hard:
+        out = weight[tokens] + (out - out.detach())
+    return out.reshape(*lead, weight.shape[1]), tokens.reshape(lead)
