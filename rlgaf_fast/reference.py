@@ -46,9 +46,13 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def uniform_noise(seed: int, rows: int, cols: int, device: torch.device | str = "cpu") -> Tensor:
-    """Uniform samples in (0, 1), float32 ``[rows, cols]``, keyed by (seed, row, column)."""
-    row = torch.arange(rows, device=device, dtype=torch.int64)[:, None].expand(rows, cols)
+def uniform_noise(
+    seed: int, rows: int, cols: int, device: torch.device | str = "cpu", first_row: int = 0
+) -> Tensor:
+    """Uniform samples in (0, 1), float32 ``[rows, cols]``, keyed by (seed, row, column), for the
+    rows ``first_row .. first_row + rows - 1`` of a problem."""
+    row = torch.arange(first_row, first_row + rows, device=device, dtype=torch.int64)
+    row = row[:, None].expand(rows, cols)
     col = torch.arange(cols, device=device, dtype=torch.int64)[None, :].expand(rows, cols)
     zero = torch.zeros_like(row)
     words = philox4x32(col >> 2, row & _MASK32, row >> 32, zero, seed)
@@ -56,9 +60,11 @@ def uniform_noise(seed: int, rows: int, cols: int, device: torch.device | str = 
     return ((word >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
 
 
-def gumbel_noise(seed: int, rows: int, cols: int, device: torch.device | str = "cpu") -> Tensor:
-    """Standard Gumbel samples ``-log(-log(u))``, float32 ``[rows, cols]``."""
-    u = uniform_noise(seed, rows, cols, device)
+def gumbel_noise(
+    seed: int, rows: int, cols: int, device: torch.device | str = "cpu", first_row: int = 0
+) -> Tensor:
+    """Standard Gumbel samples ``-log(-log(u))``, float32 ``[rows, cols]`` (see uniform_noise)."""
+    u = uniform_noise(seed, rows, cols, device, first_row)
     return -torch.log(-torch.log(u))
 
 
@@ -119,3 +125,174 @@ def gumbel_softmax_embedding(
     y = gumbel_softmax(logits.to(_compute_dtype(logits.dtype)), tau, hard, seed=seed)
     out = y.to(weight.dtype) @ weight
     return out, y.argmax(dim=-1)
+
+
+# --- PPO: clipped policy loss, clipped value loss, GAE ----------------------------------------
+
+from typing import NamedTuple  # noqa: E402 - this section was appended to the module
+
+
+class PPOLossOutput(NamedTuple):
+    """What :func:`ppo_loss` returns. Only ``loss`` carries a gradient; the rest are detached.
+
+    loss: scalar. logprobs, entropy: per token, the shape of ``actions``. clipfrac, approx_kl,
+    ratio_mean: scalars, masked means over tokens. kl: the masked mean of the KL estimator to the
+    reference policy, ``None`` without ``ref_logprobs``.
+    """
+
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor
+    clipfrac: Tensor
+    approx_kl: Tensor
+    ratio_mean: Tensor
+    kl: Tensor | None = None
+
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled action's log-probs
+    (Schulman's k1, k2, k3): with d = logprobs - ref_logprobs, k1 = d, k2 = d^2 / 2,
+    k3 = exp(-d) + d - 1."""
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def aggregate_loss(token_loss: Tensor, mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
+    """Reduce ``token_loss [B, T]`` (or ``[N]``: one sequence) to a scalar over the tokens where
+    ``mask`` is 1.
+
+    "token-mean": the mean over all unmasked tokens. "seq-mean-token-mean": each sequence's mean
+    over its tokens, then the mean over sequences. "seq-mean-token-sum": each sequence's sum,
+    then the mean over sequences. A sequence with no unmasked token does not count in the mean
+    over sequences; with no unmasked token at all the loss is 0.
+    """
+    if loss_agg == "token-mean":
+        return _masked_mean(token_loss, mask)
+    seq_sum = (token_loss * mask).reshape(-1, mask.shape[-1]).sum(-1)
+    seq_count = mask.reshape(-1, mask.shape[-1]).sum(-1)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = seq_sum / seq_count.clamp(min=1)
+    elif loss_agg == "seq-mean-token-sum":
+        per_seq = seq_sum
+    else:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    has_tokens = (seq_count > 0).to(per_seq.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def ppo_loss(
+    logits: Tensor,
+    actions: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+) -> PPOLossOutput:
+    """PPO clipped policy loss from ``logits [..., V]`` and per-token tensors ``[...]``.
+
+    Arithmetic in float32 (float64 for float64 logits). Per token:
+    logp = log_softmax(logits / temperature)[action], entropy of that softmax,
+    ratio = exp(logp - old_logprobs),
+    pg = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps))),
+    with dual_clip c: pg = min(pg, -c * A) where A < 0,
+    loss_t = pg + kl_coef * kl_estimate(logp, ref_logprobs) - entropy_coef * entropy,
+    reduced by :func:`aggregate_loss`. Metrics (token means over the mask): clipfrac (the clipped
+    term was the larger), approx_kl = mean(old_logprobs - logp), ratio_mean, kl.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    logprobs = all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
+    mask = torch.ones_like(logprobs) if mask is None else mask.to(dtype)
+    advantages = advantages.to(dtype)
+    ratio = torch.exp(logprobs - old_logprobs.to(dtype))
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        token_loss = torch.where(
+            advantages < 0, torch.minimum(token_loss, -dual_clip * advantages), token_loss
+        )
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_estimate(logprobs, ref_logprobs.to(dtype), kl_estimator)
+        token_loss = token_loss + kl_coef * kl
+    token_loss = token_loss - entropy_coef * entropy
+    loss = aggregate_loss(token_loss, mask, loss_agg)
+    with torch.no_grad():
+        return PPOLossOutput(
+            loss=loss,
+            logprobs=logprobs.detach(),
+            entropy=entropy.detach(),
+            clipfrac=_masked_mean((clipped > unclipped).to(dtype), mask),
+            approx_kl=_masked_mean(old_logprobs.to(dtype) - logprobs, mask),
+            ratio_mean=_masked_mean(ratio, mask),
+            kl=None if kl is None else _masked_mean(kl, mask),
+        )
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor | None = None,
+    *,
+    clip: float | None = 0.2,
+) -> Tensor:
+    """Clipped value loss, as TRL: 0.5 * token-mean of max((v - R)^2, (v_clipped - R)^2) with
+    v_clipped = old_values + clamp(values - old_values, -clip, clip); unclipped for clip None."""
+    mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * _masked_mean(loss, mask)
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over ``[B, T]`` (or ``[T]``) rewards and values.
+
+    delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, scanning from
+    the end; masked tokens (mask 0) are skipped: they pass V_next and A_next through unchanged,
+    so padding and tokens inside a sequence that the policy did not produce both work. After
+    the last unmasked token V_next = A_next = 0. Returns ``(advantages, returns)`` with
+    returns = advantages + values, both 0 where the mask is 0. No gradient flows through.
+    """
+    rewards, values, mask = rewards.detach(), values.detach(), mask.to(values.dtype)
+    next_value = torch.zeros_like(values[..., 0])
+    next_advantage = torch.zeros_like(values[..., 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[-1])):
+        m = mask[..., t]
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[..., t] = advantage * m
+        next_value = torch.where(m > 0, values[..., t], next_value)
+        next_advantage = torch.where(m > 0, advantage, next_advantage)
+    return advantages, (advantages + values) * mask

@@ -1,0 +1,12 @@
+"""RLGAF: adversarial RL fine-tuning of a causal LM against a discriminator.
+
+``RLGAFConfig`` holds the knobs, ``RLGAFTrainer`` runs the loop (modes sft, ppo, reinforce,
+gumbel, rlhf), ``oracle`` holds the SeqGAN synthetic benchmark.
+"""
+
+from rlgaf_fast.rlgaf.config import RLGAFConfig
+from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, build_transformer_discriminator
+from rlgaf_fast.rlgaf.trainer import NonFiniteLossError, RLGAFTrainer
+
+__all__ = ["RLGAFConfig", "RLGAFTrainer", "NonFiniteLossError", "CNNDiscriminator",
+           "build_transformer_discriminator"]

@@ -1,0 +1,472 @@
+// Fused C++ CPU kernels of the Gumbel-Softmax family: the kernel contract of issue 2
+// (forward, backward, backward from logits, and the fused Gumbel-Softmax -> embedding forward and
+// backward). Inputs arrive 2-D and contiguous from the Python op layer; the checks here are the
+// last line of defence.
+//
+// Arithmetic is float32 (float64 for float64 logits); the noise is always the contract's float32
+// Gumbel noise, regenerated from (seed, row, column) wherever it is needed, never stored.
+// Rows run in parallel (at::parallel_for); each thread keeps one row of scores in a buffer, which
+// for vocabularies up to ~200k fits in its L2 cache.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "fast_math.h"
+#include "philox.h"
+
+namespace {
+
+using rlgaf_fast::cpu::exp_shift_sum;
+using rlgaf_fast::cpu::gumbel_noise;
+using rlgaf_fast::cpu::gumbel_noise_accurate;
+using rlgaf_fast::cpu::max_of;
+
+// float for float16/bfloat16/float32 logits, double for float64.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+constexpr int64_t kScoreChunk = 2048;     // columns whose noise and scores are made together (L1)
+constexpr int64_t kEmbedRows = 32;        // rows of a tile in the embedding kernels
+constexpr int64_t kEmbedFwdColumns = 512;  // vocabulary block of the embedding forward
+constexpr int64_t kEmbedBwdColumns = 256;  // vocabulary block of the embedding backward
+
+int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// z[i] = (x[i] + z[i]) / tau for i in [0, n): z holds the noise on entry and the scores on exit
+// (float scores: the noise is made in place). Returns the largest score.
+template <typename scalar_t, typename acc_t>
+acc_t noise_to_scores(const scalar_t* __restrict x, acc_t* __restrict z, int64_t n, acc_t tau) {
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : result)
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = (static_cast<acc_t>(x[i]) + z[i]) / tau;
+    result = z[i] > result ? z[i] : result;
+  }
+  return result;
+}
+
+// Noise buffer of a scores buffer of `count` columns: the float scores hold their own noise; the
+// double ones need a float buffer beside them.
+template <typename acc_t>
+int64_t noise_buffer_size(int64_t count) {
+  return std::is_same_v<acc_t, double> ? round_up4(std::min(count, kScoreChunk)) : 0;
+}
+
+// z[i] = (x[i] + g) / tau for columns [col_begin, col_begin + count) of `row`, where x points at
+// column col_begin (a multiple of 4). z needs room for round_up4(count) values, noise for
+// noise_buffer_size<acc_t>(count). Returns the largest z.
+template <typename scalar_t, typename acc_t>
+acc_t scores_and_max(const scalar_t* x, int64_t row, int64_t col_begin, int64_t count,
+                     uint64_t seed, acc_t tau, acc_t* z, float* noise) {
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t chunk = 0; chunk < count; chunk += kScoreChunk) {
+    const int64_t n = std::min(kScoreChunk, count - chunk);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      gumbel_noise(seed, row, col_begin + chunk, n, z + chunk);
+    } else {
+      gumbel_noise_accurate(seed, row, col_begin + chunk, n, noise);
+      std::copy(noise, noise + n, z + chunk);
+    }
+    result = std::max(result, noise_to_scores(x + chunk, z + chunk, n, tau));
+  }
+  return result;
+}
+
+// First index of `value` in z[0, n) (0 if absent, e.g. for a row of NaN).
+template <typename acc_t>
+int64_t first_index_of(const acc_t* z, int64_t n, acc_t value) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (z[i] == value) return i;
+  }
+  return 0;
+}
+
+// z[i] = exp(z[i] - shift) in place; returns the sum.
+float exp_shift_sum_of(float* z, int64_t n, float shift) { return exp_shift_sum(z, n, shift); }
+
+double exp_shift_sum_of(double* z, int64_t n, double shift) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = std::exp(z[i] - shift);
+    sum += z[i];
+  }
+  return sum;
+}
+
+// sum_i a[i] * b[i] in acc_t.
+template <typename scalar_t, typename acc_t>
+acc_t dot_of(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  return sum;
+}
+
+// y[i] *= scale in place; returns sum_i grad_y[i] * y[i] (after scaling).
+template <typename scalar_t, typename acc_t>
+acc_t scale_and_dot(acc_t* __restrict y, const scalar_t* __restrict grad_y, int64_t n,
+                    acc_t scale) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] *= scale;
+    sum += static_cast<acc_t>(grad_y[i]) * y[i];
+  }
+  return sum;
+}
+
+void check_logits(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [N, V], got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(t.size(1) >= 1, op, ": ", name, " must have at least one column, got shape ",
+              t.sizes());
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_tau_seed(const char* op, double tau, int64_t seed) {
+  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. forward: y = softmax(z) per row (or the one-hot of its argmax), index = argmax(z)
+
+std::tuple<at::Tensor, at::Tensor> gumbel_softmax_fwd(const at::Tensor& logits, double tau,
+                                                      bool hard, int64_t seed) {
+  constexpr const char* op = "gumbel_softmax_fwd";
+  check_logits(op, "logits", logits);
+  check_tau_seed(op, tau, seed);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  at::Tensor y = at::empty_like(logits);
+  at::Tensor index = at::empty({rows}, logits.options().dtype(at::kLong));
+  int64_t* index_data = index.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(round_up4(cols));
+      std::vector<float> noise(noise_buffer_size<acc_t>(cols));
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* x_row = x + row * cols;
+        scalar_t* y_row = out + row * cols;
+        const acc_t z_max = scores_and_max<scalar_t, acc_t>(
+            x_row, row, 0, cols, seed, static_cast<acc_t>(tau), z.data(), noise.data());
+        const int64_t best = first_index_of(z.data(), cols, z_max);
+        index_data[row] = best;
+        if (hard) {
+          std::fill(y_row, y_row + cols, scalar_t(0));
+          y_row[best] = scalar_t(1);
+          continue;
+        }
+        const acc_t inv_sum = acc_t(1) / exp_shift_sum_of(z.data(), cols, z_max);
+        for (int64_t i = 0; i < cols; ++i) y_row[i] = static_cast<scalar_t>(z[i] * inv_sum);
+      }
+    });
+  });
+  return {y, index};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. backward from the saved soft sample: grad = y * (grad_y - sum(grad_y * y)) / tau
+
+at::Tensor gumbel_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, double tau) {
+  constexpr const char* op = "gumbel_softmax_bwd";
+  check_logits(op, "y", y);
+  check_like(op, "grad_y", grad_y, y);
+  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
+  const int64_t rows = y.size(0), cols = y.size(1);
+  at::Tensor grad = at::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
+    using acc_t = compute_t<scalar_t>;
+    const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* yy = y.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const acc_t tau_c = static_cast<acc_t>(tau);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* gy_row = gy + row * cols;
+        const scalar_t* y_row = yy + row * cols;
+        scalar_t* out_row = out + row * cols;
+        const acc_t dot = dot_of<scalar_t, acc_t>(gy_row, y_row, cols);
+        for (int64_t i = 0; i < cols; ++i) {
+          const acc_t yi = static_cast<acc_t>(y_row[i]);
+          out_row[i] = static_cast<scalar_t>(yi * (static_cast<acc_t>(gy_row[i]) - dot) / tau_c);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. backward recomputing the soft sample from the logits and the seed (hard=True)
+
+at::Tensor gumbel_softmax_bwd_from_logits(const at::Tensor& grad_y, const at::Tensor& logits,
+                                          double tau, int64_t seed) {
+  constexpr const char* op = "gumbel_softmax_bwd_from_logits";
+  check_logits(op, "logits", logits);
+  check_like(op, "grad_y", grad_y, logits);
+  check_tau_seed(op, tau, seed);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  at::Tensor grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const acc_t tau_c = static_cast<acc_t>(tau);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> y(round_up4(cols));
+      std::vector<float> noise(noise_buffer_size<acc_t>(cols));
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* gy_row = gy + row * cols;
+        scalar_t* out_row = out + row * cols;
+        const acc_t z_max = scores_and_max<scalar_t, acc_t>(x + row * cols, row, 0, cols, seed,
+                                                            tau_c, y.data(), noise.data());
+        const acc_t inv_sum = acc_t(1) / exp_shift_sum_of(y.data(), cols, z_max);
+        const acc_t dot = scale_and_dot(y.data(), gy_row, cols, inv_sum);
+        for (int64_t i = 0; i < cols; ++i) {
+          out_row[i] = static_cast<scalar_t>(y[i] * (static_cast<acc_t>(gy_row[i]) - dot) / tau_c);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding kernels: tiles of rows x vocabulary blocks. The probability tile [rows, block] is
+// multiplied with the weight block [block, D] by at::mm (BLAS) so that each weight block read
+// from memory serves a whole tile of rows. The only [N, *] buffers are N x D.
+
+// Dtype of the probabilities and of the embedding GEMMs: the logits' compute dtype (float32, or
+// float64 for float64 logits); the weight is converted to it block by block.
+at::ScalarType compute_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_weight(const char* op, const at::Tensor& logits, const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got ",
+              weight.device());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, D], got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) == logits.size(1), op, ": weight must have V = ", logits.size(1),
+              " rows (the logits' last size), got shape ", weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op,
+              ": weight must be a floating-point tensor, got ", weight.scalar_type());
+}
+
+// Rows [begin, end) of weight in the accumulation dtype: a view when the dtype already matches,
+// otherwise a conversion into `buffer` (at least [end - begin, D]).
+at::Tensor weight_block(const at::Tensor& weight, int64_t begin, int64_t end, at::Tensor& buffer) {
+  at::Tensor block = weight.narrow(0, begin, end - begin);
+  if (block.scalar_type() == buffer.scalar_type()) return block;
+  at::Tensor converted = buffer.narrow(0, 0, end - begin);
+  converted.copy_(block);
+  return converted;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. fused forward: out = softmax(z) @ weight (online softmax over vocabulary blocks),
+//    tokens = argmax(z), lse = logsumexp(z)
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
+    const at::Tensor& logits, const at::Tensor& weight, double tau, int64_t seed) {
+  constexpr const char* op = "gumbel_softmax_embedding_fwd";
+  check_logits(op, "logits", logits);
+  check_weight(op, logits, weight);
+  check_tau_seed(op, tau, seed);
+  const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
+  const at::ScalarType acc_type = compute_type(logits);
+  at::Tensor out = at::empty({rows, dim}, weight.options());
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(acc_type));
+  // Tiles of up to kEmbedRows rows, but enough tiles for every thread when rows are few.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tile_rows = std::clamp<int64_t>((rows + threads - 1) / threads, 1, kEmbedRows);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t block_cols = std::min(kEmbedFwdColumns, round_up4(cols));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    int64_t* token_data = tokens.data_ptr<int64_t>();
+    acc_t* lse_data = lse.data_ptr<acc_t>();
+    const acc_t tau_c = static_cast<acc_t>(tau);
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+      const auto acc_options = at::TensorOptions().dtype(acc_type);
+      at::Tensor probs = at::empty({tile_rows, block_cols}, acc_options);  // p of one tile
+      at::Tensor acc = at::empty({tile_rows, dim}, acc_options);           // its sum of p * w
+      at::Tensor weight_buffer = at::empty({block_cols, dim}, acc_options);
+      std::vector<float> noise(noise_buffer_size<acc_t>(block_cols));
+      std::vector<acc_t> run_max(tile_rows), run_sum(tile_rows), best(tile_rows);
+      std::vector<int64_t> best_index(tile_rows);
+      acc_t* probs_data = probs.data_ptr<acc_t>();
+      acc_t* acc_data = acc.data_ptr<acc_t>();
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t row0 = tile * tile_rows;
+        const int64_t n_rows = std::min(tile_rows, rows - row0);
+        std::fill(run_max.begin(), run_max.end(), neg_inf);
+        std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+        std::fill(best.begin(), best.end(), neg_inf);
+        std::fill(best_index.begin(), best_index.end(), 0);
+        acc.zero_();
+        for (int64_t col0 = 0; col0 < cols; col0 += block_cols) {
+          const int64_t n_cols = std::min(block_cols, cols - col0);
+          for (int64_t r = 0; r < n_rows; ++r) {
+            const int64_t row = row0 + r;
+            acc_t* p_row = probs_data + r * block_cols;
+            const acc_t block_max = scores_and_max<scalar_t, acc_t>(
+                x + row * cols + col0, row, col0, n_cols, seed, tau_c, p_row, noise.data());
+            if (block_max > best[r]) {  // strict: the first maximum wins on ties
+              best[r] = block_max;
+              best_index[r] = col0 + first_index_of(p_row, n_cols, block_max);
+            }
+            const acc_t new_max = std::max(run_max[r], block_max);
+            // An all -inf prefix has nothing to rescale: shift by 0 so that exp gives 0, not NaN.
+            const acc_t shift = new_max == neg_inf ? acc_t(0) : new_max;
+            const acc_t rescale = std::exp(run_max[r] - shift);
+            run_sum[r] = run_sum[r] * rescale + exp_shift_sum_of(p_row, n_cols, shift);
+            run_max[r] = new_max;
+            if (rescale != acc_t(1)) {
+              acc_t* acc_row = acc_data + r * dim;
+              for (int64_t d = 0; d < dim; ++d) acc_row[d] *= rescale;
+            }
+          }
+          const at::Tensor w = weight_block(weight, col0, col0 + n_cols, weight_buffer);
+          acc.narrow(0, 0, n_rows).addmm_(probs.narrow(0, 0, n_rows).narrow(1, 0, n_cols), w);
+        }
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const acc_t inv_sum = acc_t(1) / run_sum[r];
+          acc_t* acc_row = acc_data + r * dim;
+          for (int64_t d = 0; d < dim; ++d) acc_row[d] *= inv_sum;
+          token_data[row0 + r] = best_index[r];
+          lse_data[row0 + r] = run_max[r] + std::log(run_sum[r]);
+        }
+        out.narrow(0, row0, n_rows).copy_(acc.narrow(0, 0, n_rows));
+      }
+    });
+  });
+  return {out, tokens, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. fused backward: y = exp(z - lse) regenerated from the seed, dy = grad_out @ weight^T,
+//    grad_logits = y * (dy - grad_out . out) / tau, grad_weight = y^T @ grad_out.
+//    Threads split the vocabulary, so each owns its rows of grad_weight: no races, no reduction.
+
+std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
+    const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& weight,
+    const at::Tensor& out, const at::Tensor& lse, double tau, int64_t seed) {
+  constexpr const char* op = "gumbel_softmax_embedding_bwd";
+  check_logits(op, "logits", logits);
+  check_weight(op, logits, weight);
+  check_tau_seed(op, tau, seed);
+  const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == dim,
+              op, ": out must be a CPU tensor of shape [", rows, ", ", dim, "], got ",
+              out.sizes());
+  check_like(op, "grad_out", grad_out, out);
+  const at::ScalarType acc_type = compute_type(logits);
+  TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == rows &&
+                  lse.scalar_type() == acc_type && lse.is_contiguous(),
+              op, ": lse must be a contiguous CPU ", acc_type, " tensor of shape [", rows,
+              "], got ", lse.scalar_type(), " ", lse.sizes());
+  at::Tensor grad_logits = at::empty_like(logits);
+  at::Tensor grad_weight = at::empty_like(weight);
+  // N x D inputs of the GEMMs in the accumulation dtype, and grad_out . out per row.
+  const at::Tensor go = grad_out.to(acc_type).contiguous();
+  const at::Tensor go_dot_out = (go * out.to(acc_type)).sum(1);
+  const int64_t block_cols = std::min(kEmbedBwdColumns, round_up4(cols));
+  const int64_t blocks = (cols + block_cols - 1) / block_cols;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_logits.data_ptr<scalar_t>();
+    const acc_t* lse_data = lse.const_data_ptr<acc_t>();
+    const acc_t* go_dot_out_data = go_dot_out.const_data_ptr<acc_t>();
+    const acc_t tau_c = static_cast<acc_t>(tau);
+    at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      const auto acc_options = at::TensorOptions().dtype(acc_type);
+      const int64_t tile_rows = std::min<int64_t>(kEmbedRows * 2, std::max<int64_t>(rows, 1));
+      at::Tensor probs = at::empty({tile_rows, block_cols}, acc_options);
+      at::Tensor dprobs = at::empty({tile_rows, block_cols}, acc_options);
+      at::Tensor weight_buffer = at::empty({block_cols, dim}, acc_options);
+      at::Tensor grad_weight_block = at::empty({block_cols, dim}, acc_options);
+      std::vector<float> noise(noise_buffer_size<acc_t>(block_cols));
+      acc_t* probs_data = probs.data_ptr<acc_t>();
+      const acc_t* dprobs_data = dprobs.const_data_ptr<acc_t>();
+      for (int64_t block = block_begin; block < block_end; ++block) {
+        const int64_t col0 = block * block_cols;
+        const int64_t n_cols = std::min(block_cols, cols - col0);
+        const at::Tensor w = weight_block(weight, col0, col0 + n_cols, weight_buffer);
+        at::Tensor gw = grad_weight_block.narrow(0, 0, n_cols);
+        gw.zero_();
+        for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
+          const int64_t n_rows = std::min(tile_rows, rows - row0);
+          at::Tensor p_tile = probs.narrow(0, 0, n_rows).narrow(1, 0, n_cols);
+          at::Tensor dp_tile = dprobs.narrow(0, 0, n_rows).narrow(1, 0, n_cols);
+          const at::Tensor go_tile = go.narrow(0, row0, n_rows);
+          at::mm_out(dp_tile, go_tile, w.t());
+          for (int64_t r = 0; r < n_rows; ++r) {
+            const int64_t row = row0 + r;
+            acc_t* p_row = probs_data + r * block_cols;
+            scores_and_max<scalar_t, acc_t>(x + row * cols + col0, row, col0, n_cols, seed,
+                                            tau_c, p_row, noise.data());
+            exp_shift_sum_of(p_row, n_cols, lse_data[row]);
+            const acc_t* dp_row = dprobs_data + r * block_cols;
+            const acc_t c = go_dot_out_data[row];
+            scalar_t* gx_row = gx + row * cols + col0;
+            for (int64_t i = 0; i < n_cols; ++i) {
+              gx_row[i] = static_cast<scalar_t>(p_row[i] * (dp_row[i] - c) / tau_c);
+            }
+          }
+          gw.addmm_(p_tile.t(), go_tile);
+        }
+        grad_weight.narrow(0, col0, n_cols).copy_(gw);
+      }
+    });
+  });
+  return {grad_logits, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
+  m.def("gumbel_softmax_fwd(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)",
+        &gumbel_softmax_fwd);
+  m.def("gumbel_softmax_bwd(Tensor grad_y, Tensor y, float tau) -> Tensor", &gumbel_softmax_bwd);
+  m.def("gumbel_softmax_bwd_from_logits(Tensor grad_y, Tensor logits, float tau, int seed) -> "
+        "Tensor",
+        &gumbel_softmax_bwd_from_logits);
+  m.def("gumbel_softmax_embedding_fwd(Tensor logits, Tensor weight, float tau, int seed) -> "
+        "(Tensor, Tensor, Tensor)",
+        &gumbel_softmax_embedding_fwd);
+  m.def("gumbel_softmax_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor out, "
+        "Tensor lse, float tau, int seed) -> (Tensor, Tensor)",
+        &gumbel_softmax_embedding_bwd);
+}

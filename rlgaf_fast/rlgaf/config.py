@@ -1,0 +1,141 @@
+"""RLGAFConfig: every knob of the adversarial fine-tuning loop, as one dataclass.
+
+Loadable from YAML (through ``yaml.safe_load``, so a config file can never run code) or a dict;
+unknown keys are an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("sft", "ppo", "reinforce", "gumbel", "rlhf")
+REWARD_TYPES = ("log_d", "neg_log_1m_d", "logit")
+TAU_SCHEDULES = ("constant", "linear", "exponential")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class RLGAFConfig:
+    """Configuration of :class:`RLGAFTrainer`.
+
+    mode: ``sft`` (MLE on the demonstrations), ``ppo`` (discriminator reward, value head, GAE,
+    clipped PPO), ``reinforce`` (discriminator reward, baseline, no critic), ``gumbel``
+    (Gumbel-Softmax relaxation, discriminator gradient flows into the generator), ``rlhf``
+    (PPO against a fixed reward function or reward model).
+    """
+
+    mode: str = "ppo"
+    seed: int = 0
+    use_fused_kernels: bool = False
+    total_steps: int = 100
+
+    # Batches (per process).
+    batch_size: int = 16
+    max_new_tokens: int = 20
+    sample_temperature: float = 1.0
+
+    # Generator optimisation.
+    generator_lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+
+    # Discriminator: its optimiser and how many of its steps per generator step.
+    discriminator_lr: float = 1e-4
+    d_steps: int = 1
+    g_steps: int = 1
+    reward_type: str = "log_d"
+
+    # KL penalty to the frozen reference model (per token, k1 estimator in the reward).
+    kl_coef: float = 0.05
+
+    # PPO.
+    ppo_epochs: int = 2
+    minibatch_size: int = 8
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+    # REINFORCE: moving-average baseline of the sequence reward (0 = batch mean only).
+    baseline_decay: float = 0.0
+
+    # Gumbel mode.
+    tau_start: float = 1.0
+    tau_end: float = 1.0
+    tau_schedule: str = "constant"
+    straight_through: bool = False
+
+    # Logging and checkpoints.
+    output_dir: str | None = None
+    log_every: int = 1
+    save_every: int = 0
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that holds an impossible value."""
+        choices = {
+            "mode": MODES,
+            "reward_type": REWARD_TYPES,
+            "tau_schedule": TAU_SCHEDULES,
+            "lr_schedule": LR_SCHEDULES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs", "tau_start",
+                    "tau_end", "sample_temperature", "log_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        non_negative = ("total_steps", "d_steps", "g_steps", "kl_coef", "warmup_steps",
+                        "save_every", "entropy_coef", "baseline_decay")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide "
+                             f"batch_size ({self.batch_size})")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RLGAFConfig:
+        """Build from a mapping; unknown keys raise ValueError listing them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown RLGAFConfig keys: {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RLGAFConfig:
+        """Load from a YAML file (``yaml.safe_load``); the file may hold the fields at top level
+        or under a ``trainer:`` key (the ``rlgaf-fast train`` config layout)."""
+        values = load_yaml(path)
+        return cls.from_dict(values.get("trainer", values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load`` (no Python object tags, nothing executes)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(values).__name__}")
+    return values

@@ -1,0 +1,99 @@
+"""Discriminators: anything called as ``d(inputs_embeds=[B, L, D], attention_mask=[B, L])``
+returning an object with ``.logits`` of shape ``[B, 1]`` (or ``[B, 2]``: real minus fake), with
+``get_input_embeddings()`` for its token embedding. Hugging Face sequence-classification models
+qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlgaf_fast.rlgaf.rollout import left_align, pad_left_to
+
+
+def build_transformer_discriminator(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
+                                    num_heads: int = 4, max_positions: int = 256,
+                                    pad_token_id: int = 0) -> nn.Module:
+    """A small randomly initialised ``LlamaForSequenceClassification`` with one output logit."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                         intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=max_positions, num_labels=1,
+                         pad_token_id=pad_token_id)
+    return LlamaForSequenceClassification(config)
+
+
+class CNNDiscriminator(nn.Module):
+    """SeqGAN's discriminator: embedding, parallel 1-D convolutions of several widths with
+    max-pooling over time, a highway layer, dropout, one logit."""
+
+    def __init__(self, vocab_size: int, embed_dim: int = 64,
+                 filters: tuple[tuple[int, int], ...] = ((2, 64), (3, 64), (4, 64), (5, 64)),
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, n, w) for w, n in filters)
+        width = sum(n for _, n in filters)
+        self.highway = nn.Linear(width, 2 * width)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(width, 1)
+        self.max_width = max(w for w, _ in filters)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> SimpleNamespace:
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is not None:
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+        if x.shape[1] < self.max_width:
+            x = F.pad(x, (0, 0, self.max_width - x.shape[1], 0))
+        x = x.transpose(1, 2)
+        h = torch.cat([F.relu(conv(x)).amax(-1) for conv in self.convs], dim=-1)
+        transform, gate = self.highway(h).chunk(2, dim=-1)
+        gate = torch.sigmoid(gate)
+        h = gate * F.relu(transform) + (1 - gate) * h
+        return SimpleNamespace(logits=self.out(self.dropout(h)))
+
+
+def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:
+    """The "real" logit ``[B]`` of sequences given as embeddings ``[B, L, D]`` (float32)."""
+    out = discriminator(inputs_embeds=embeds, attention_mask=mask)
+    logits = (out.logits if hasattr(out, "logits") else out).float()
+    if logits.dim() == 2 and logits.shape[-1] == 2:
+        return logits[:, 1] - logits[:, 0]
+    return logits.reshape(logits.shape[0])
+
+
+def sequences_for_discriminator(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate (values, mask) parts along time, left-align each row, and return
+    ``(values [B, L, ...], mask [B, L])``."""
+    values = torch.cat([v for v, _ in parts], dim=1)
+    mask = torch.cat([m for _, m in parts], dim=1)
+    return left_align(values, mask)
+
+
+def stack_batches(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack two left-aligned batches of possibly different lengths along the batch."""
+    length = max(a[0].shape[1], b[0].shape[1])
+    a, b = pad_left_to(*a, length), pad_left_to(*b, length)
+    return torch.cat([a[0], b[0]], 0), torch.cat([a[1], b[1]], 0)
+
+
+def reward_from_logit(logit: Tensor, reward_type: str) -> Tensor:
+    """Generator reward from the discriminator's real logit l (D = sigmoid(l)):
+    ``log_d`` = log D, ``neg_log_1m_d`` = -log(1 - D), ``logit`` = l."""
+    if reward_type == "log_d":
+        return F.logsigmoid(logit)
+    if reward_type == "neg_log_1m_d":
+        return -F.logsigmoid(-logit)
+    if reward_type == "logit":
+        return logit
+    raise ValueError(f"reward_type must be log_d, neg_log_1m_d or logit, got {reward_type!r}")

@@ -1,0 +1,357 @@
+"""The SeqGAN synthetic benchmark: a fixed random LSTM "oracle" is the expert.
+
+Its 10,000 samples (20 tokens, vocabulary 5000) are the demonstrations; a generator (a small
+config-built transformers LM) is judged by NLL_oracle (how likely the oracle finds the
+generator's samples; lower is better) and NLL_test (how likely the generator finds held-out
+oracle samples; it rises when the generator drops modes). See ../shared/data/seqgan/README.md.
+
+``run_oracle`` trains one mode and writes metrics.json, samples.txt and curves.png.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlgaf_fast.rlgaf.config import RLGAFConfig
+from rlgaf_fast.rlgaf.data import Batch, torch_generator
+from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator
+from rlgaf_fast.rlgaf.models import build_causal_lm
+from rlgaf_fast.rlgaf.rollout import generate, sample_categorical
+
+VOCAB_SIZE, SEQ_LEN, HIDDEN, START_TOKEN = 5000, 20, 32, 0
+PARAM_SHAPES = [(VOCAB_SIZE, HIDDEN)] + [(HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN,)] * 4 \
+    + [(HIDDEN, VOCAB_SIZE), (VOCAB_SIZE,)]
+
+# The only globals a pickle of plain numpy arrays refers to (numpy 1.x and 2.x spellings).
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+}
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that admits numpy arrays and nothing else: any other global (a function
+    that could run code, such as os.system) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: this file may only contain numpy arrays "
+                "(a pickle naming other globals can run arbitrary code)")
+        if module == "numpy.core.multiarray":  # numpy 2 moved it; avoid the deprecation shim
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def load_oracle_params(path: str | Path) -> list[np.ndarray]:
+    """The 15 float32 arrays of the SeqGAN oracle (target_params_py3.pkl), checked for shape.
+    Only numpy arrays are admitted (NumpyOnlyUnpickler); anything else is a clear error."""
+    data = Path(path).read_bytes()
+    params = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    if not isinstance(params, list) or len(params) != len(PARAM_SHAPES):
+        raise ValueError(f"{path}: expected a list of {len(PARAM_SHAPES)} arrays, "
+                         f"got {type(params).__name__}")
+    for i, (array, shape) in enumerate(zip(params, PARAM_SHAPES)):
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != shape:
+            raise ValueError(f"{path}: array {i} should be float32 {shape}, got "
+                             f"{getattr(array, 'dtype', type(array))} {getattr(array, 'shape', '')}")
+    return params
+
+
+class OracleLSTM(nn.Module):
+    """The oracle LSTM of SeqGAN, exactly as its README writes it (gates i, f, o, c~; h = c = 0
+    and the start token's embedding as the first input)."""
+
+    def __init__(self, params: list[np.ndarray]) -> None:
+        super().__init__()
+        t = [torch.from_numpy(np.array(p)) for p in params]
+        self.register_buffer("embedding", t[0])
+        # Stack the four gates (i, f, o, c~) so that one product computes them all.
+        self.register_buffer("w_x", torch.cat([t[1], t[4], t[7], t[10]], dim=1))  # [32, 128]
+        self.register_buffer("w_h", torch.cat([t[2], t[5], t[8], t[11]], dim=1))  # [32, 128]
+        self.register_buffer("bias", torch.cat([t[3], t[6], t[9], t[12]]))  # [128]
+        self.register_buffer("w_out", t[13])
+        self.register_buffer("b_out", t[14])
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> OracleLSTM:
+        return cls(load_oracle_params(path))
+
+    def _cell(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        i, f, o, g = (x @ self.w_x + h @ self.w_h + self.bias).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    @torch.no_grad()
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        """Natural-log probability of each token, float32 ``[B, T]``, for tokens ``[B, T]``."""
+        tokens = tokens.to(self.embedding.device)
+        inputs = torch.cat([torch.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], 1)
+        x = self.embedding[inputs]
+        h = c = x.new_zeros(tokens.shape[0], HIDDEN)
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+        for t in range(tokens.shape[1]):
+            h, c = self._cell(x[:, t], h, c)
+            # One step at a time: a [B, 20, 5000] logits tensor would not fit in cache.
+            logits = torch.addmm(self.b_out, h, self.w_out)
+            picked = logits.gather(-1, tokens[:, t : t + 1]).squeeze(-1)
+            out[:, t] = picked - torch.logsumexp(logits, -1)
+        return out
+
+    def nll(self, tokens: Tensor, batch_size: int = 500) -> float:
+        """NLL_oracle: mean negative log-likelihood per token over all of ``tokens [N, T]``."""
+        total = sum(-self.log_likelihood(chunk).sum().item() for chunk in tokens.split(batch_size))
+        return total / tokens.numel()
+
+    @torch.no_grad()
+    def sample(self, num: int, seed: int, batch_size: int = 500) -> Tensor:
+        """``num`` sequences of 20 tokens, int64 ``[num, 20]``, reproducible from ``seed``."""
+        generator = torch_generator(seed, self.embedding.device)
+        out = []
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            token = torch.full((n,), START_TOKEN, dtype=torch.int64, device=self.embedding.device)
+            h = c = self.embedding.new_zeros(n, HIDDEN)
+            seq = []
+            for _ in range(SEQ_LEN):
+                h, c = self._cell(self.embedding[token], h, c)
+                probs = torch.softmax(torch.addmm(self.b_out, h, self.w_out), -1)
+                token = sample_categorical(probs, generator)
+                seq.append(token)
+            out.append(torch.stack(seq, 1))
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class OraclePreset:
+    """Sizes and schedules of one benchmark run."""
+
+    num_demos: int = 10_000
+    num_test: int = 10_000
+    num_eval: int = 2_000  # generated samples per evaluation during training
+    num_final: int = 10_000  # generated samples written to samples.txt and scored at the end
+    num_sweep: int = 10_000  # samples per temperature of the MLE temperature sweep
+    gen_hidden: int = 64
+    gen_layers: int = 2
+    sft_steps: int = 2000
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    adv_steps: int = 300
+    d_pretrain_steps: int = 100
+    eval_every: int = 50
+    trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
+
+
+PRESETS = {
+    # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
+    "smoke": OraclePreset(num_demos=2000, num_test=500, num_eval=500, num_final=2000,
+                          num_sweep=500, gen_hidden=32, gen_layers=1, sft_steps=100,
+                          adv_steps=10, d_pretrain_steps=5, eval_every=5),
+    "full": OraclePreset(),
+}
+
+ADVERSARIAL_DEFAULTS: dict[str, dict] = {
+    "ppo": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=1e-4,
+                discriminator_lr=1e-4, kl_coef=0.02, reward_type="log_d", d_steps=1),
+    "reinforce": dict(batch_size=64, minibatch_size=64, generator_lr=1e-4,
+                      discriminator_lr=1e-4, kl_coef=0.02, reward_type="log_d"),
+    "gumbel": dict(batch_size=64, minibatch_size=64, generator_lr=1e-4, discriminator_lr=1e-4,
+                   kl_coef=0.02, reward_type="log_d", tau_start=1.0, tau_end=0.5,
+                   tau_schedule="exponential", straight_through=True),
+    "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=1e-4,
+                 kl_coef=0.02),
+}
+
+
+def oracle_examples(tokens: Tensor) -> list[dict]:
+    """Oracle sequences as examples: the prompt is the start token, the response the sequence."""
+    return [{"prompt_ids": [START_TOKEN], "response_ids": row} for row in tokens.tolist()]
+
+
+@torch.no_grad()
+def sample_generator(model: nn.Module, num: int, seed: int, temperature: float = 1.0,
+                     batch_size: int = 500) -> Tensor:
+    """``num`` sequences of 20 tokens from the generator after the start token."""
+    was_training = model.training
+    model.eval()
+    generator = torch_generator(seed)
+    out = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        prompt = torch.full((n, 1), START_TOKEN, dtype=torch.int64)
+        batch = generate(model, prompt, torch.ones_like(prompt), SEQ_LEN,
+                         temperature=temperature, generator=generator)
+        out.append(batch.response_ids)
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generator_nll(model: nn.Module, tokens: Tensor, temperature: float = 1.0,
+                  batch_size: int = 250) -> float:
+    """NLL_test: the generator's mean NLL per token of oracle sequences ``[N, 20]``, with its
+    logits divided by ``temperature`` (the tempered model)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for chunk in tokens.split(batch_size):
+        ids = torch.cat([torch.full_like(chunk[:, :1], START_TOKEN), chunk], 1)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float() / temperature
+        total += F.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
+    model.train(was_training)
+    return total / tokens.numel()
+
+
+def distinct_fraction(tokens: Tensor) -> float:
+    return len({tuple(row) for row in tokens.tolist()}) / max(1, tokens.shape[0])
+
+
+def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed: int,
+             temperature: float = 1.0) -> tuple[dict, Tensor]:
+    samples = sample_generator(model, num, seed, temperature)
+    metrics = {"nll_oracle": oracle.nll(samples),
+               "nll_test": generator_nll(model, test, temperature),
+               "distinct": distinct_fraction(samples)}
+    return metrics, samples
+
+
+def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
+               preset: str | OraclePreset = "smoke", init: str | Path | None = None,
+               seed: int = 0, use_fused_kernels: bool = False,
+               overrides: dict | None = None) -> dict:
+    """Train ``mode`` on the SeqGAN oracle and write out_dir/{metrics.json, samples.txt,
+    curves.png, generator.safetensors}.
+
+    ``sft`` trains the MLE warm start (and reports the temperature sweep 0.8 .. 1.2); the other
+    modes start from ``init`` (an sft run's directory) or, without it, train their own warm
+    start first. Returns the metrics dictionary.
+    """
+    from safetensors.torch import load_model, save_model
+
+    from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    oracle = OracleLSTM.from_file(oracle_path)
+    demos = oracle.sample(p.num_demos, seed=1000 + seed)
+    test = oracle.sample(p.num_test, seed=2000 + seed)
+    generator = build_causal_lm(VOCAB_SIZE, hidden_size=p.gen_hidden, num_layers=p.gen_layers,
+                                num_heads=4, max_positions=SEQ_LEN + 1)
+    history: list[dict] = []
+    metrics: dict[str, Any] = {"mode": mode, "seed": seed, "preset": p.__dict__,
+                               "oracle_samples_nll_oracle": oracle.nll(test)}
+
+    def eval_fn(trainer: RLGAFTrainer, phase: str) -> dict:
+        model = trainer.unwrapped_policy.model
+        result, _ = evaluate(model, oracle, test[: p.num_eval], p.num_eval,
+                             seed=3000 + trainer.step_count)
+        history.append({"phase": phase, "step": trainer.step_count, **result})
+        return result
+
+    base = dict(seed=seed, use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
+                progress_bar=True, tensorboard=False)
+    if init is not None and mode != "sft":
+        load_model(generator, str(Path(init) / "generator.safetensors"))
+        warm = json.loads((Path(init) / "metrics.json").read_text())
+        metrics["warm_start"] = warm["final"]
+    else:
+        sft = RLGAFConfig(mode="sft", total_steps=p.sft_steps, batch_size=p.sft_batch,
+                          minibatch_size=p.sft_batch, generator_lr=p.sft_lr,
+                          lr_schedule="cosine", warmup_steps=p.sft_steps // 20,
+                          output_dir=str(out_dir / "sft"),
+                          extra={"eval_every": max(1, p.sft_steps // 10)}, **base)
+        trainer = RLGAFTrainer(sft, generator, demonstrations=oracle_examples(demos),
+                               eval_fn=lambda tr: eval_fn(tr, "sft"))
+        trainer.train()
+        trainer.close()
+        if mode != "sft":
+            metrics["warm_start"], _ = evaluate(generator, oracle, test, p.num_final, seed=4000)
+
+    if mode != "sft":
+        values = {**ADVERSARIAL_DEFAULTS[mode], **(p.trainer or {}), **(overrides or {})}
+        config = RLGAFConfig(mode=mode, total_steps=p.adv_steps, output_dir=str(out_dir / mode),
+                             extra={"eval_every": p.eval_every}, **{**base, **values})
+
+        def oracle_reward(batch: Batch) -> Tensor:
+            # The ideal judge: the oracle's mean log-likelihood per token of the response.
+            return oracle.log_likelihood(batch.response_ids).mean(-1)
+
+        discriminator = None if mode == "rlhf" else CNNDiscriminator(VOCAB_SIZE)
+        trainer = RLGAFTrainer(config, generator, discriminator,
+                               demonstrations=oracle_examples(demos),
+                               reward_fn=oracle_reward if mode == "rlhf" else None,
+                               eval_fn=lambda tr: eval_fn(tr, mode))
+        if discriminator is not None:
+            # Pretrain the discriminator against the warm start, as SeqGAN does.
+            for i in range(p.d_pretrain_steps):
+                trainer.discriminator_step(trainer.rollout(sub=i), sub=i)
+        eval_fn(trainer, mode)
+        trainer.train()
+        trainer.close()
+        generator = trainer.unwrapped_policy.model
+
+    final, samples = evaluate(generator, oracle, test, p.num_final, seed=5000)
+    metrics["final"] = final
+    if mode == "sft":
+        metrics["temperature_sweep"] = [
+            {"temperature": t, **evaluate(generator, oracle, test, p.num_sweep, seed=6000,
+                                          temperature=t)[0]}
+            for t in (0.8, 0.9, 1.0, 1.1, 1.2)]
+    metrics["history"] = history
+    metrics["time_s"] = time.perf_counter() - started
+    save_model(generator, str(out_dir / "generator.safetensors"))
+    (out_dir / "samples.txt").write_text(
+        "\n".join(" ".join(map(str, row)) for row in samples.tolist()) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_curves(metrics, out_dir / "curves.png")
+    return metrics
+
+
+def plot_curves(metrics: dict, path: Path) -> None:
+    """NLL_oracle and NLL_test against training step, one panel each, phases in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    phases = dict.fromkeys(h["phase"] for h in metrics["history"])
+    offset = 0
+    for phase in phases:
+        rows = [h for h in metrics["history"] if h["phase"] == phase]
+        steps = [offset + h["step"] for h in rows]
+        for ax, key in zip(axes, ("nll_oracle", "nll_test")):
+            ax.plot(steps, [h[key] for h in rows], marker="o", label=phase)
+        offset = steps[-1] if steps else offset
+    for ax, key in zip(axes, ("NLL_oracle", "NLL_test")):
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"SeqGAN oracle: {metrics['mode']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def with_overrides(preset: OraclePreset, **changes: Any) -> OraclePreset:
+    return replace(preset, **changes)

@@ -1,0 +1,575 @@
+"""RLGAFTrainer: adversarial RL fine-tuning of a causal LM against a discriminator.
+
+One iteration (``step``), as DESIGN.md's training loop:
+  1. roll out responses to prompts from the generator;
+  2. the discriminator scores them; the score is the reward, plus a KL penalty to a frozen
+     reference; the generator is updated by PPO (value head, GAE), REINFORCE (baseline), or, in
+     the Gumbel mode, by the discriminator's gradient through soft one-hot tokens;
+  3. the discriminator is updated on demonstrations versus the fresh generations.
+``sft`` (MLE on the demonstrations) and ``rlhf`` (PPO against a fixed reward function) are the
+baselines. ``config.use_fused_kernels`` swaps rlgaf_fast's fused ops in for their references
+(kernel_ops.py); nothing else changes. Processes and devices come from ``accelerate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlgaf_fast.rlgaf.config import RLGAFConfig
+from rlgaf_fast.rlgaf.data import (STREAM_DEMOS, STREAM_GUMBEL, STREAM_PROMPTS, STREAM_SAMPLING,
+                                   STREAM_SHUFFLE, Batch, ExampleSampler, load_examples, step_seed,
+                                   torch_generator)
+from rlgaf_fast.rlgaf.discriminator import (discriminator_logit, reward_from_logit,
+                                            sequences_for_discriminator, stack_batches)
+from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
+from rlgaf_fast.rlgaf.rollout import generate, response_slice, sequence_inputs
+
+# reward_fn(batch) -> [B] float tensor: the sequence-level reward of the rlhf mode.
+RewardFn = Callable[[Batch], Tensor]
+
+
+class PolicyWithValue(nn.Module):
+    """The generator LM and, for PPO, a scalar value head on its last hidden state. One module,
+    so that one DDP wrapper synchronises both."""
+
+    def __init__(self, model: nn.Module, with_value_head: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = None
+        if with_value_head:
+            hidden = model.get_input_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden))
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                position_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(logits [B, L, V], values [B, L] or None)``."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=False,
+                         output_hidden_states=self.value_head is not None)
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        return out.logits, values
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss was NaN or infinite; raised before the optimizer step, so the model stays finite."""
+
+
+class RLGAFTrainer:
+    """Adversarial fine-tuning loop. See the module docstring for what one step does.
+
+    generator: a ``transformers`` causal LM. discriminator: a sequence-classification model
+    taking ``inputs_embeds`` (see discriminator.py); not needed for ``sft`` and ``rlhf``.
+    demonstrations / prompts: ``datasets`` datasets, lists of dicts or JSON Lines paths with
+    ``prompt``/``response`` (text, needs ``tokenizer``) or ``prompt_ids``/``response_ids``;
+    prompts default to the demonstrations' prompts. reference_model: the frozen model of the KL
+    penalty (default: a copy of the generator as it starts). reward_fn: for ``rlhf``.
+    eval_fn(trainer) -> dict: called every ``config.extra["eval_every"]`` steps, merged into
+    the log. accelerator: an ``accelerate.Accelerator`` (one is made if not given).
+    """
+
+    def __init__(self, config: RLGAFConfig, generator: nn.Module,
+                 discriminator: nn.Module | None = None, demonstrations: Any = None,
+                 prompts: Any = None, *, reference_model: nn.Module | None = None,
+                 reward_fn: RewardFn | None = None, tokenizer: Any = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 eval_fn: Callable[[RLGAFTrainer], dict] | None = None,
+                 accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        config.validate()
+        self.config = config
+        self.ops = kernel_ops(config.use_fused_kernels)
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.mode = config.mode
+        self.step_count = 0
+        self.reward_baseline: float | None = None
+        self.eval_fn = eval_fn
+        self.reward_fn = reward_fn
+        torch.manual_seed(config.seed)
+
+        gen_config = getattr(generator, "config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+            pad_token_id = getattr(gen_config, "pad_token_id", None) if pad_token_id is None \
+                else pad_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
+
+        needs_discriminator = self.mode in ("ppo", "reinforce", "gumbel")
+        if needs_discriminator and discriminator is None:
+            raise ValueError(f"mode {self.mode!r} needs a discriminator")
+        if self.mode == "rlhf" and reward_fn is None:
+            raise ValueError("mode 'rlhf' needs reward_fn (a fixed reward function or model)")
+        if demonstrations is None and self.mode != "rlhf":
+            raise ValueError(f"mode {self.mode!r} needs demonstrations")
+        if demonstrations is None and prompts is None:
+            raise ValueError("give prompts (or demonstrations, whose prompts are used)")
+
+        max_len = config.max_new_tokens
+        self.demos = None
+        if demonstrations is not None:
+            self.demos = ExampleSampler(load_examples(demonstrations, tokenizer, eos_token_id),
+                                        self.pad_token_id, max_len)
+        self.prompts = self.demos
+        if prompts is not None:
+            self.prompts = ExampleSampler(load_examples(prompts, tokenizer, eos_token_id),
+                                          self.pad_token_id, max_len)
+
+        # Models: the policy (with a value head for PPO), the discriminator, the reference.
+        self.policy = PolicyWithValue(generator, with_value_head=self.mode in ("ppo", "rlhf"))
+        uses_kl = config.kl_coef > 0 and self.mode != "sft"
+        if uses_kl and reference_model is None:
+            reference_model = copy.deepcopy(generator)
+        self.reference = reference_model
+        if self.reference is not None:
+            self.reference.requires_grad_(False).eval().to(self.device)
+        self.discriminator = discriminator if needs_discriminator else None
+
+        total = max(1, config.total_steps)
+        self.g_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.generator_lr,
+                                       weight_decay=config.weight_decay)
+        self.g_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.g_opt, lr_lambda(config.lr_schedule, config.warmup_steps, total))
+        self.d_opt = self.d_sched = None
+        if self.discriminator is not None:
+            self.d_opt = torch.optim.AdamW(self.discriminator.parameters(),
+                                           lr=config.discriminator_lr)
+            self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
+            self.policy, self.discriminator, self.g_opt, self.d_opt = self.accelerator.prepare(
+                self.policy, self.discriminator, self.g_opt, self.d_opt)
+        else:
+            self.policy, self.g_opt = self.accelerator.prepare(self.policy, self.g_opt)
+
+        self.log_writer = None
+        self.tensorboard = None
+        if config.output_dir and self.is_main:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            self.log_writer = open(Path(config.output_dir) / "log.jsonl", "a", encoding="utf-8")
+            if config.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:  # tensorboard is optional
+                    pass
+                else:
+                    self.tensorboard = SummaryWriter(str(Path(config.output_dir) / "tb"))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _seed(self, stream: int, step: int | None = None, sub: int = 0) -> int:
+        step = self.step_count if step is None else step
+        return step_seed(self.config.seed, step * 64 + sub, self.rank, stream)
+
+    @property
+    def unwrapped_policy(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.policy)
+
+    @property
+    def unwrapped_discriminator(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.discriminator)
+
+    def tau(self, step: int | None = None) -> float:
+        """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
+        ``tau_start`` to ``tau_end`` over ``total_steps``."""
+        c = self.config
+        progress = min(1.0, (self.step_count if step is None else step) / max(1, c.total_steps))
+        if c.tau_schedule == "linear":
+            return c.tau_start + (c.tau_end - c.tau_start) * progress
+        if c.tau_schedule == "exponential":
+            return c.tau_start * (c.tau_end / c.tau_start) ** progress
+        return c.tau_start
+
+    def _check_finite(self, loss: Tensor, what: str) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite {what} ({loss.item()}) at step {self.step_count} "
+                f"(mode {self.mode!r}); stopped before the optimizer step, the model is unchanged")
+
+    def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any,
+                        scheduler: Any = None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+    def rollout(self, sub: int = 0, gumbel_seed: int | None = None) -> Batch:
+        """Responses of the current generator to a fresh batch of prompts."""
+        c = self.config
+        prompts = self.prompts.batch(c.batch_size, self._seed(STREAM_PROMPTS, sub=sub))
+        prompts = prompts.to(self.device)
+        sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
+        model = self.unwrapped_policy.model
+        was_training = model.training
+        model.eval()
+        batch = generate(model, prompts.prompt_ids, prompts.prompt_mask, c.max_new_tokens,
+                         temperature=c.sample_temperature, eos_token_id=self.eos_token_id,
+                         pad_token_id=self.pad_token_id, generator=sampler,
+                         gumbel_seed=gumbel_seed)
+        model.train(was_training)
+        return batch
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.unwrapped_discriminator.get_input_embeddings()(ids)
+
+    def _hard_sequences(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Prompt + response of ``batch`` as discriminator embeddings, left-aligned."""
+        return sequences_for_discriminator([
+            (self._embed(batch.prompt_ids), batch.prompt_mask),
+            (self._embed(batch.response_ids), batch.response_mask)])
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> Tensor:
+        """Sequence reward ``[B]``: reward_fn in ``rlhf``, else the discriminator's."""
+        if self.mode == "rlhf":
+            return self.reward_fn(batch).to(self.device).float()
+        embeds, mask = self._hard_sequences(batch)
+        logit = discriminator_logit(self.discriminator, embeds, mask)
+        return reward_from_logit(logit, self.config.reward_type)
+
+    def _token_logprobs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Log-probabilities ``[B, T]`` of the response tokens under ``model`` (no grad)."""
+        input_ids, attention_mask, position_ids = sequence_inputs(batch)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).logits
+            logits = response_slice(logits, batch.prompt_ids.shape[1])
+            zeros = torch.zeros_like(batch.response_ids, dtype=torch.float32)
+            return self.ops.ppo_loss(logits, batch.response_ids, zeros, zeros,
+                                     batch.response_mask,
+                                     temperature=self.config.sample_temperature).logprobs.float()
+
+    # ------------------------------------------------------------------ generator updates
+
+    def sft_step(self) -> dict:
+        """MLE on a batch of demonstrations: cross-entropy of the response tokens."""
+        batch = self.demos.batch(self.config.batch_size, self._seed(STREAM_DEMOS)).to(self.device)
+        logits, _ = self.policy(*sequence_inputs(batch))
+        logits = response_slice(logits, batch.prompt_ids.shape[1]).float()
+        token_nll = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten(),
+                                    reduction="none").view_as(batch.response_mask.float())
+        loss = masked_mean(token_nll, batch.response_mask)
+        self._check_finite(loss, "SFT loss")
+        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        return {"g_loss": loss.item(), "tokens": int(batch.response_mask.sum())}
+
+    def ppo_step(self, batch: Batch) -> dict:
+        """PPO with a value head and GAE on one batch of rollouts (``ppo`` and ``rlhf``)."""
+        c, ops = self.config, self.ops
+        prompt_len = batch.prompt_ids.shape[1]
+        inputs = sequence_inputs(batch)
+        actions, mask = batch.response_ids, batch.response_mask
+        with torch.no_grad():
+            logits, values = self.policy(*inputs)
+            logits = response_slice(logits, prompt_len)
+            zeros = torch.zeros_like(actions, dtype=torch.float32)
+            old_logprobs = ops.ppo_loss(logits, actions, zeros, zeros, mask,
+                                        temperature=c.sample_temperature).logprobs.float()
+            old_values = response_slice(values, prompt_len)
+            score = self.score(batch)
+            rewards, kl = self._token_rewards(batch, old_logprobs, score)
+            advantages, returns = ops.gae(rewards, old_values, mask.float(), gamma=c.gamma,
+                                          lam=c.lam)
+            if c.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        stats: dict[str, list[float]] = {"g_loss": [], "value_loss": [], "entropy": [],
+                                         "clipfrac": [], "approx_kl": []}
+        shuffle = torch_generator(self._seed(STREAM_SHUFFLE))
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size, generator=shuffle).to(self.device)
+            for start in range(0, c.batch_size, c.minibatch_size):
+                mb = order[start:start + c.minibatch_size]
+                mb_logits, mb_values = self.policy(*(x[mb] for x in inputs))
+                out = ops.ppo_loss(response_slice(mb_logits, prompt_len), actions[mb],
+                                   old_logprobs[mb], advantages[mb], mask[mb],
+                                   clip_eps=c.clip_eps, entropy_coef=c.entropy_coef,
+                                   temperature=c.sample_temperature)
+                v_loss = ops.value_loss(response_slice(mb_values, prompt_len), old_values[mb],
+                                        returns[mb], mask[mb].float(), clip=c.value_clip)
+                loss = out.loss + c.vf_coef * v_loss
+                self._check_finite(loss, "PPO loss")
+                self._optimizer_step(loss, self.policy, self.g_opt)
+                stats["g_loss"].append(out.loss.item())
+                stats["value_loss"].append(v_loss.item())
+                stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
+                stats["clipfrac"].append(out.clipfrac.item())
+                stats["approx_kl"].append(out.approx_kl.item())
+        self.g_sched.step()
+        result = {k: sum(v) / len(v) for k, v in stats.items()}
+        result.update(reward=score.mean().item(), kl=kl, tokens=int(mask.sum()))
+        return result
+
+    def _token_rewards(self, batch: Batch, logprobs: Tensor, score: Tensor) -> tuple[Tensor, float]:
+        """Per-token rewards ``[B, T]``: -kl_coef * (logp - ref_logp) at every token, plus the
+        sequence score at its last token. Also returns the mean sequence KL (k1)."""
+        mask = batch.response_mask.float()
+        rewards = torch.zeros_like(logprobs)
+        kl = 0.0
+        if self.reference is not None and self.config.kl_coef > 0:
+            token_kl = (logprobs - self._token_logprobs(self.reference, batch)) * mask
+            rewards = rewards - self.config.kl_coef * token_kl
+            kl = (token_kl.sum(-1)).mean().item()
+        last = (batch.response_mask.sum(-1) - 1).clamp(min=0)
+        rewards[torch.arange(len(last), device=rewards.device), last] += score
+        return rewards * mask, kl
+
+    def reinforce_step(self, batch: Batch) -> dict:
+        """REINFORCE with a baseline: every token of a sequence gets the advantage
+        R - b, R = score - kl_coef * KL(sequence), b the batch mean (or a moving average)."""
+        c, ops = self.config, self.ops
+        mask = batch.response_mask
+        with torch.no_grad():
+            score = self.score(batch)
+            old_logprobs = self._token_logprobs(self.unwrapped_policy.model, batch)
+            rewards, kl = self._token_rewards(batch, old_logprobs, score)
+            seq_reward = rewards.sum(-1)
+            baseline = seq_reward.mean().item()
+            if c.baseline_decay > 0 and self.reward_baseline is not None:
+                baseline = c.baseline_decay * self.reward_baseline + (1 - c.baseline_decay) * baseline
+            self.reward_baseline = baseline
+            advantages = (seq_reward - baseline)[:, None].expand_as(old_logprobs) * mask
+        logits, _ = self.policy(*sequence_inputs(batch))
+        # old_logprobs equal the current ones, so the ratio is 1 and the gradient of the PPO loss
+        # is exactly REINFORCE's -A * grad log p (no clipping can occur).
+        out = ops.ppo_loss(response_slice(logits, batch.prompt_ids.shape[1]), batch.response_ids,
+                           old_logprobs, advantages, mask, clip_eps=c.clip_eps,
+                           entropy_coef=c.entropy_coef, temperature=c.sample_temperature)
+        self._check_finite(out.loss, "REINFORCE loss")
+        self._optimizer_step(out.loss, self.policy, self.g_opt, self.g_sched)
+        return {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
+                "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
+
+    def gumbel_step(self) -> dict:
+        """Generate by Gumbel-max with seed s; recompute the relaxed sample from the same seed in
+        one teacher-forced pass; the discriminator reads it through its embedding (soft one-hot
+        @ weight, fused), and the generator ascends the discriminator's reward directly."""
+        c, ops = self.config, self.ops
+        seed = self._seed(STREAM_GUMBEL)
+        batch = self.rollout(gumbel_seed=seed)
+        prompt_len, (batch_size, length) = batch.prompt_ids.shape[1], batch.response_ids.shape
+        logits, _ = self.policy(*sequence_inputs(batch))
+        logits = response_slice(logits, prompt_len) / c.sample_temperature
+        weight = self.unwrapped_discriminator.get_input_embeddings().weight
+        soft_embeds, tokens = ops.gumbel_softmax_embedding(
+            logits.reshape(batch_size * length, -1), weight, self.tau(), c.straight_through,
+            seed=seed)
+        embeds, mask = sequences_for_discriminator([
+            (self._embed(batch.prompt_ids), batch.prompt_mask),
+            (soft_embeds.view(batch_size, length, -1), batch.response_mask)])
+        reward = reward_from_logit(discriminator_logit(self.discriminator, embeds, mask),
+                                   c.reward_type)
+        loss = -reward.mean()
+        kl = torch.zeros(())
+        if self.reference is not None and c.kl_coef > 0:
+            # Exact KL(policy || reference) per token over the vocabulary, differentiable.
+            input_ids, attention_mask, position_ids = sequence_inputs(batch)
+            with torch.no_grad():
+                ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=position_ids, use_cache=False).logits
+            ref_logits = response_slice(ref_logits, prompt_len)
+            logp = torch.log_softmax(logits.float(), -1)
+            ref_logp = torch.log_softmax(ref_logits.float() / c.sample_temperature, -1)
+            kl = masked_mean((logp.exp() * (logp - ref_logp)).sum(-1), batch.response_mask)
+            loss = loss + c.kl_coef * kl
+        self._check_finite(loss, "Gumbel generator loss")
+        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        mismatch = ((tokens.view(batch_size, length) != batch.response_ids)
+                    & batch.response_mask.bool()).float().mean().item()
+        self._last_rollout = batch
+        return {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),
+                "tau": self.tau(), "token_mismatch": mismatch,
+                "tokens": int(batch.response_mask.sum())}
+
+    # ------------------------------------------------------------------ discriminator update
+
+    def discriminator_step(self, fake: Batch, sub: int = 0) -> dict:
+        """Binary cross-entropy: demonstrations are real (1), generations fake (0)."""
+        real = self.demos.batch(fake.response_ids.shape[0],
+                                self._seed(STREAM_DEMOS, sub=sub + 1)).to(self.device)
+        embeds, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
+        labels = torch.cat([torch.ones(real.response_ids.shape[0]),
+                            torch.zeros(fake.response_ids.shape[0])]).to(self.device)
+        logit = discriminator_logit(self.discriminator, embeds, mask)
+        loss = F.binary_cross_entropy_with_logits(logit, labels)
+        self._check_finite(loss, "discriminator loss")
+        self._optimizer_step(loss, self.discriminator, self.d_opt, self.d_sched)
+        n_real = real.response_ids.shape[0]
+        return {"d_loss": loss.item(),
+                "d_acc_real": (logit[:n_real] > 0).float().mean().item(),
+                "d_acc_fake": (logit[n_real:] < 0).float().mean().item()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> dict:
+        """One iteration: ``g_steps`` generator updates then ``d_steps`` discriminator updates."""
+        c = self.config
+        start = time.perf_counter()
+        self.policy.train()
+        logs: dict[str, Any] = {}
+        fakes: list[Batch] = []
+        for g in range(c.g_steps):
+            if self.mode == "sft":
+                out = self.sft_step()
+            elif self.mode == "gumbel":
+                out = self.gumbel_step()
+                fakes.append(self._last_rollout)
+            else:
+                batch = self.rollout(sub=g)
+                fakes.append(batch)
+                out = self.ppo_step(batch) if self.mode in ("ppo", "rlhf") \
+                    else self.reinforce_step(batch)
+            logs.update(out)
+        if self.discriminator is not None:
+            for d in range(c.d_steps):
+                # The first discriminator steps use this iteration's rollouts (made before the
+                # generator update); any further ones get fresh generations.
+                fake = fakes[d] if d < len(fakes) else self.rollout(sub=c.g_steps + d)
+                logs.update(self.discriminator_step(fake, sub=d))
+        self.step_count += 1
+        elapsed = time.perf_counter() - start
+        logs["tokens_per_s"] = logs.pop("tokens", 0) * c.g_steps / elapsed
+        logs["lr"] = self.g_sched.get_last_lr()[0]
+        logs["step"] = self.step_count
+        eval_every = int(c.extra.get("eval_every", 0))
+        if self.eval_fn is not None and eval_every and self.step_count % eval_every == 0:
+            logs.update(self.eval_fn(self))
+        return logs
+
+    def train(self, num_steps: int | None = None) -> list[dict]:
+        """Run until ``config.total_steps`` (or ``num_steps`` more steps); log every step to
+        ``output_dir/log.jsonl`` (and TensorBoard), checkpoint every ``save_every`` steps."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        end = c.total_steps if num_steps is None else self.step_count + num_steps
+        history = []
+        bar = tqdm(total=end, initial=self.step_count, desc=f"rlgaf {self.mode}",
+                   disable=not (c.progress_bar and self.is_main), dynamic_ncols=True)
+        while self.step_count < end:
+            logs = self.step()
+            history.append(logs)
+            self.log(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward")
+                             if k in logs})
+            if c.save_every and self.step_count % c.save_every == 0 and c.output_dir:
+                self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
+        bar.close()
+        return history
+
+    def log(self, logs: dict) -> None:
+        if not self.is_main or self.step_count % self.config.log_every:
+            return
+        if self.log_writer is not None:
+            self.log_writer.write(json.dumps(logs) + "\n")
+            self.log_writer.flush()
+        if self.tensorboard is not None:
+            for key, value in logs.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step_count)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Weights as safetensors; optimizer, scheduler and RNG state as tensors-only torch
+        files (loaded with weights_only=True); step and baseline as JSON."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            save_model(self.unwrapped_policy, str(path / "generator.safetensors"))
+            if self.discriminator is not None:
+                save_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"))
+            state = {"g_opt": self.g_opt.state_dict(), "g_sched": self.g_sched.state_dict()}
+            if self.d_opt is not None:
+                state.update(d_opt=self.d_opt.state_dict(), d_sched=self.d_sched.state_dict())
+            torch.save(state, path / "optimizer.pt")
+            trainer_state = {"step": self.step_count, "reward_baseline": self.reward_baseline,
+                             "config": self.config.to_dict()}
+            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        self.accelerator.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, path / f"rng-{self.rank}.pt")
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        load_model(self.unwrapped_policy, str(path / "generator.safetensors"),
+                   device=str(self.device))
+        if self.discriminator is not None:
+            load_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"),
+                       device=str(self.device))
+        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.g_opt.load_state_dict(state["g_opt"])
+        self.g_sched.load_state_dict(state["g_sched"])
+        if self.d_opt is not None:
+            self.d_opt.load_state_dict(state["d_opt"])
+            self.d_sched.load_state_dict(state["d_sched"])
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        self.step_count = trainer_state["step"]
+        self.reward_baseline = trainer_state["reward_baseline"]
+        rng_file = path / f"rng-{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    def close(self) -> None:
+        if self.log_writer is not None:
+            self.log_writer.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,272 @@
+"""Every backend of the Gumbel-Softmax family against rlgaf_fast.reference."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import rlgaf_fast
+from rlgaf_fast import reference
+from tests.conftest import fused_backends
+
+BACKENDS = fused_backends()
+ALL_BACKENDS = ["torch", *BACKENDS]
+
+
+def _interpreted(backend: str) -> bool:
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device(backend: str) -> str:
+    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+
+
+def _logits(n, v, dtype=torch.float64, backend="torch", scale=2.0):
+    return (torch.randn(n, v, dtype=torch.float64) * scale).to(_device(backend), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape", [(5, 37), (1, 1), (3, 8), (4, 300)])
+def test_forward_and_backward_match_reference_float64(backend, hard, shape):
+    x = _logits(*shape, backend=backend).requires_grad_()
+    tau, seed = 0.7, 1234
+    y = rlgaf_fast.gumbel_softmax(x, tau, hard, seed=seed, backend=backend)
+    x_ref = x.detach().cpu().requires_grad_()
+    y_ref = reference.gumbel_softmax(x_ref, tau, hard, seed=seed)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.cpu(), y_ref.detach(), atol=2e-6, rtol=2e-6)
+    grad = torch.randn(shape, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, grad.to(y.device))
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+    torch.testing.assert_close(gx.cpu(), gx_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", *[b for b in BACKENDS if b != "triton"]])
+@pytest.mark.parametrize("hard", [False, True])
+def test_gradcheck_float64(backend, hard):
+    x = _logits(3, 11, backend=backend).requires_grad_()
+    fn = lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, hard, seed=99, backend=backend)
+    if hard:  # the one-hot is piecewise constant: check the straight-through gradient instead
+        fn = lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, False, seed=99, backend=backend)
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
+    x32 = _logits(6, 257, torch.float32, backend)
+    seed = 5
+    y_ref32 = reference.gumbel_softmax(x32.cpu(), 0.9, seed=seed)
+    y = rlgaf_fast.gumbel_softmax(x32.to(dtype), 0.9, seed=seed, backend=backend)
+    y_torch_low = reference.gumbel_softmax(x32.cpu().to(dtype), 0.9, seed=seed)
+    assert y.dtype == dtype
+    err_kernel = (y.cpu().float() - y_ref32).abs().max().item()
+    err_torch = (y_torch_low.float() - y_ref32).abs().max().item()
+    assert err_kernel <= err_torch + 1e-6
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_hard_sample_frequencies_follow_softmax(backend):
+    # Every row holds the same logits, so the row-keyed noise gives independent draws.
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04], dtype=torch.float64)
+    rows = 2000 if _interpreted(backend) else 20000
+    x = probs.log().expand(rows, -1).contiguous().to(_device(backend), torch.float32)
+    y = rlgaf_fast.gumbel_softmax(x, 1.0, hard=True, seed=2024, backend=backend)
+    counts = y.sum(0).double().cpu()
+    assert counts.sum().item() == rows
+    result = stats.chisquare(counts.numpy(), (probs * rows).numpy())
+    assert result.pvalue > 1e-3, (counts, result)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_soft_sample_mean_matches_torch_gumbel_softmax(backend):
+    rows = 1000 if _interpreted(backend) else 10000
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, 2.0])
+    x = logits.expand(rows, -1).contiguous().to(_device(backend))
+    ours = rlgaf_fast.gumbel_softmax(x, 0.8, seed=77, backend=backend).double().cpu()
+    torch.manual_seed(0)
+    theirs = F.gumbel_softmax(logits.expand(20000, -1), tau=0.8).double()
+    stderr = (ours.var(0) / rows + theirs.var(0) / 20000).sqrt()
+    assert ((ours.mean(0) - theirs.mean(0)).abs() < 5 * stderr).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_reproducible_for_a_seed_and_under_manual_seed(backend):
+    x = _logits(4, 50, torch.float32, backend)
+    a = rlgaf_fast.gumbel_softmax(x, seed=3, backend=backend)
+    assert torch.equal(a, rlgaf_fast.gumbel_softmax(x, seed=3, backend=backend))
+    assert not torch.equal(a, rlgaf_fast.gumbel_softmax(x, seed=4, backend=backend))
+    torch.manual_seed(10)
+    b = rlgaf_fast.gumbel_softmax(x, backend=backend)
+    torch.manual_seed(10)
+    assert torch.equal(b, rlgaf_fast.gumbel_softmax(x, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_draw_the_same_samples(backend):
+    x = _logits(16, 203, torch.float32, backend, scale=1.0)
+    hard = rlgaf_fast.gumbel_softmax(x, 0.5, hard=True, seed=31337, backend=backend)
+    hard_ref = reference.gumbel_softmax(x.cpu(), 0.5, hard=True, seed=31337)
+    assert torch.equal(hard.cpu(), hard_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_dim_and_non_contiguous_input(backend):
+    base = _logits(6, 20, backend=backend).reshape(2, 3, 20)
+    x = base.transpose(0, 2)  # [20, 3, 2], non-contiguous, vocabulary on dim 0
+    assert not x.is_contiguous()
+    y = rlgaf_fast.gumbel_softmax(x, 1.3, dim=0, seed=8, backend=backend)
+    y_ref = reference.gumbel_softmax(x.cpu(), 1.3, dim=0, seed=8)
+    torch.testing.assert_close(y.cpu(), y_ref, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.empty(0, 10, device=_device(backend), requires_grad=True)
+    y = rlgaf_fast.gumbel_softmax(x, seed=1, backend=backend)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert x.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
+@pytest.mark.parametrize("vocab", [151936, 256000])
+def test_large_vocabulary(backend, vocab):
+    x = _logits(2, vocab, torch.float32, backend).requires_grad_()
+    y = rlgaf_fast.gumbel_softmax(x, 1.0, seed=6, backend=backend)
+    y_ref = reference.gumbel_softmax(x.detach().cpu(), 1.0, seed=6)
+    torch.testing.assert_close(y.detach().cpu(), y_ref, atol=1e-6, rtol=1e-4)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    ref = y_ref * (grad.cpu() - (grad.cpu() * y_ref).sum(-1, keepdim=True))
+    torch.testing.assert_close(gx.cpu(), ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 20 GB")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
+def test_more_than_2_to_31_elements(backend):
+    n, v = 16500, 131072  # 2.16e9 elements: int32 offsets would wrap
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    y, index = rlgaf_fast.ops.gumbel_softmax._gumbel_softmax_op(x, 1.0, False, 5, backend)
+    for r in (0, n // 2, n - 1):
+        g = reference.gumbel_noise(5, 1, v, "cuda", first_row=r)[0]
+        expect = torch.softmax(x[r].float() + g, -1)
+        torch.testing.assert_close(y[r].float(), expect, atol=1e-3, rtol=2e-2)
+    assert torch.equal(index[n - 1], (x[n - 1].float() + g).argmax())
+
+
+def test_invalid_inputs_raise_clear_errors():
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        rlgaf_fast.gumbel_softmax(x, tau=0.0)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        rlgaf_fast.gumbel_softmax(x, tau=-1.0)
+    with pytest.raises(TypeError, match="logits must be float16"):
+        rlgaf_fast.gumbel_softmax(torch.ones(3, 5, dtype=torch.int64))
+    with pytest.raises(IndexError, match="dim must be in"):
+        rlgaf_fast.gumbel_softmax(x, dim=2)
+    with pytest.raises(ValueError, match="seed must be"):
+        rlgaf_fast.gumbel_softmax(x, seed=-1)
+    with pytest.raises(ValueError, match="backend must be"):
+        rlgaf_fast.gumbel_softmax(x, backend="numpy")
+    with pytest.raises(ValueError, match="weight must be"):
+        rlgaf_fast.gumbel_softmax_embedding(x, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="same device"):
+        rlgaf_fast.gumbel_softmax_embedding(x, torch.randn(5, 8, device="meta"))
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        rlgaf_fast.gumbel_softmax_embedding(x, torch.randn(5, 8), tau=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        rlgaf_fast.gumbel_softmax(torch.randn(2, 3), backend="cuda")
+
+
+# --- fused Gumbel-Softmax -> embedding ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24)])
+def test_embedding_matches_reference_float64(backend, hard, n, v, d):
+    if _interpreted(backend) and hard:
+        pytest.skip("hard mode shares the soft kernels; covered by the soft case on the interpreter")
+    dev = _device(backend)
+    dtype = torch.float32 if _interpreted(backend) else torch.float64
+    x = _logits(n, v, dtype, backend).requires_grad_()
+    w = torch.randn(v, d, dtype=dtype, device=dev, requires_grad=True)
+    out, tokens = rlgaf_fast.gumbel_softmax_embedding(x, w, 0.6, hard, seed=21, backend=backend)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    w_ref = w.detach().cpu().double().requires_grad_()
+    out_ref, tokens_ref = reference.gumbel_softmax_embedding(x_ref, w_ref, 0.6, hard, seed=21)
+    tol = 1e-5 if dtype == torch.float64 else 2e-4
+    assert torch.equal(tokens.cpu(), tokens_ref)
+    torch.testing.assert_close(out.detach().cpu().double(), out_ref.detach(), atol=tol, rtol=tol)
+    grad = torch.randn(n, d, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(out, (x, w), grad.to(dev, dtype))
+    gx_ref, gw_ref = torch.autograd.grad(out_ref, (x_ref, w_ref), grad)
+    torch.testing.assert_close(gx.cpu().double(), gx_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw.cpu().double(), gw_ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_equals_gumbel_softmax_then_soft_embedding(backend):
+    dev = _device(backend)
+    x = _logits(6, 90, torch.float32, backend)
+    w = torch.randn(90, 16, device=dev)
+    out, tokens = rlgaf_fast.gumbel_softmax_embedding(x, w, 1.0, seed=5, backend=backend)
+    y = rlgaf_fast.gumbel_softmax(x, 1.0, seed=5, backend=backend)
+    torch.testing.assert_close(out, rlgaf_fast.soft_embedding(y, w, backend=backend),
+                               atol=1e-5, rtol=1e-4)
+    assert torch.equal(tokens, y.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_mixed_dtypes_and_empty_batch(backend):
+    dev = _device(backend)
+    x = _logits(3, 40, torch.float32, backend)
+    w = torch.randn(40, 8, device=dev, dtype=torch.bfloat16)
+    out, _ = rlgaf_fast.gumbel_softmax_embedding(x, w, seed=1, backend=backend)
+    out_ref, _ = reference.gumbel_softmax_embedding(x.cpu(), w.cpu().float(), seed=1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), out_ref, atol=3e-2, rtol=3e-2)
+    out, tokens = rlgaf_fast.gumbel_softmax_embedding(
+        torch.empty(0, 40, device=dev), w, seed=1, backend=backend)
+    assert out.shape == (0, 8) and tokens.shape == (0,)
+
+
+# --- custom-operator integration ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
+def test_opcheck(backend):
+    dev = _device(backend)
+    x = torch.randn(4, 33, device=dev, requires_grad=True)
+    for hard in (False, True):
+        torch.library.opcheck(torch.ops.rlgaf_fast.gumbel_softmax.default,
+                              (x, 0.7, hard, 3, backend))
+    w = torch.randn(33, 8, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.rlgaf_fast.gumbel_softmax_embedding.default,
+                          (x, w, 0.7, 3, backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
+def test_torch_compile_fullgraph(backend):
+    dev = _device(backend)
+    w = torch.randn(33, 8, device=dev)
+
+    def step(x):
+        y = rlgaf_fast.gumbel_softmax(x, 0.5, hard=True, seed=12, backend=backend)
+        e, _ = rlgaf_fast.gumbel_softmax_embedding(x, w, 0.5, seed=12, backend=backend)
+        return (y * x).sum() + e.square().sum()
+
+    x = torch.randn(4, 33, device=dev, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    (g,) = torch.autograd.grad(loss, x)
+    loss_eager = step(x)
+    (g_eager,) = torch.autograd.grad(loss_eager, x)
+    torch.testing.assert_close(loss, loss_eager)
+    torch.testing.assert_close(g, g_eager)
