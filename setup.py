@@ -45,7 +45,7 @@ def _extensions_and_cmdclass():
             "rlgaf_fast._C",
             sources,
             define_macros=[("RLGAF_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -70,7 +70,8 @@ def _extensions_and_cmdclass():
 ext_modules, cmdclass = _extensions_and_cmdclass()
 
 setup(
-    packages=["rlgaf_fast", "rlgaf_fast.ops", "rlgaf_fast.rlgaf", "rlgaf_fast.kernels"],
+    packages=["rlgaf_fast", "rlgaf_fast.ops", "rlgaf_fast.rlgaf", "rlgaf_fast.kernels",
+              "rlgaf_fast.bench"],
     package_dir={"rlgaf_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -64,7 +64,7 @@ def load_cuda_ops(build: bool) -> str:
         name="rlgaf_fast_cuda_selfcheck",
         sources=[str(CU_SOURCE)],
         build_directory=str(build_dir),
-        extra_cuda_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--use_fast_math"],  # as setup.py builds it
         is_python_module=False,
         verbose=False,
     )
@@ -297,6 +297,10 @@ def check_errors(chk: Checker) -> None:
         "cpu logits": lambda: ops.gumbel_softmax_fwd(torch.randn(2, 3), 1.0, False, 0),
         "tau=0": lambda: ops.gumbel_softmax_fwd(torch.randn(2, 3, device="cuda"), 0.0, False, 0),
         "1-D logits": lambda: ops.gumbel_softmax_fwd(torch.randn(3, device="cuda"), 1.0, False, 0),
+        "seed<0": lambda: ops.gumbel_softmax_fwd(torch.randn(2, 3, device="cuda"), 1.0, False, -1),
+        "grad shape": lambda: ops.gumbel_softmax_bwd(
+            torch.randn(2, 3, device="cuda"), torch.randn(2, 4, device="cuda"), 1.0
+        ),
         "weight rows": lambda: ops.gumbel_softmax_embedding_fwd(
             torch.randn(2, 3, device="cuda"), torch.randn(4, 5, device="cuda"), 1.0, 0
         ),

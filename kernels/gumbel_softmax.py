@@ -4,9 +4,10 @@ Contract (shared with the cpp and cuda backends): inputs are 2-D and contiguous,
 weight [V, D]; z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference (Philox keyed
 by seed, row, column), arithmetic in float32 (float64 for float64 logits).
 
-Row kernels (fwd, bwd, bwd_from_logits, the embedding statistics) run one program per row and
-loop over vocabulary blocks with an online max / sum, then loop again to write: the second read
-of the row mostly hits L2. The embedding kernels work on [BLOCK_N, BLOCK_V] tiles of the
+Row kernels (fwd, bwd, bwd_from_logits, the embedding statistics) give each row to one program
+(a persistent grid) that loops over vocabulary blocks with an online max / sum, then loops again
+to write, regenerating the noise (the forward is bound by the noise arithmetic: Philox-10 and
+two logarithms per element, twice). The embedding kernels work on [BLOCK_N, BLOCK_V] tiles of the
 probabilities p = exp(z - lse), regenerated from the seed, and never store them: forward
 accumulates p @ weight per D tile (the row statistics come from a first pass), backward forms
 grad_logits per tile with a K-loop over D, and grad_weight = p^T @ grad_out in a separate kernel
@@ -151,9 +152,8 @@ def _row_stats(
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. The seed is not specialised on: it changes every call. The row kernels are
-# persistent (a grid of a few programs per SM looping over rows) so that few rows are in flight
-# and a row read in the first pass is still in L2 when the second pass reads it again, last
-# block first.
+# persistent (a grid of a few programs per SM looping over rows); their second pass walks the
+# row last block first, so that it starts on the blocks the first pass left in L2.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -174,7 +174,7 @@ def _gumbel_softmax_fwd_kernel(
 ):
     num_blocks = tl.cdiv(V, BLOCK)
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
-        row = row32.to(tl.int64)
+        row = tl.cast(row32, tl.int64)
         x_row = x_ptr + row * V
         y_row = y_ptr + row * V
         shift, s, best_index = _row_stats(
@@ -224,7 +224,7 @@ def _gumbel_softmax_bwd_kernel(
     dtype = tl.float64 if FP64 else tl.float32
     num_blocks = tl.cdiv(V, BLOCK)
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
-        offset = row32.to(tl.int64) * V
+        offset = tl.cast(row32, tl.int64) * V
         dot = tl.full([], 0.0, dtype)
         for col_start in range(0, V, BLOCK):
             cols = col_start + tl.arange(0, BLOCK)
@@ -263,7 +263,7 @@ def _gumbel_softmax_bwd_from_logits_kernel(
     dtype = tl.float64 if FP64 else tl.float32
     num_blocks = tl.cdiv(V, BLOCK)
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
-        row = row32.to(tl.int64)
+        row = tl.cast(row32, tl.int64)
         x_row = x_ptr + row * V
         gy_row = grad_y_ptr + row * V
         # one pass for max m, s = sum(exp(z - m)) and t = sum(gy * exp(z - m)), both rescaled
@@ -337,7 +337,7 @@ def _row_lse_kernel(
 ):
     """lse = logsumexp(z) and argmax(z) of each row (first pass of the embedding forward)."""
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
-        row = row32.to(tl.int64)
+        row = tl.cast(row32, tl.int64)
         shift, s, best_index = _row_stats(
             x_ptr + row * V, row, V, seed, inv_tau_hi, inv_tau_lo, True, BLOCK, FP64, PTX_LOG
         )
@@ -371,7 +371,9 @@ def _embedding_fwd_kernel(
     row_mask = rows < N
     d_mask = dcols < D
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float64 if ACC_FP64 else tl.float32)
+    # out_dtype explicit: triton 3.6 defaults it to float32 even for a float64 accumulator
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
     for col_start in range(0, V, BLOCK_V):
         cols = col_start + tl.arange(0, BLOCK_V)
         v_mask = cols < V
@@ -385,7 +387,7 @@ def _embedding_fwd_kernel(
             mask=v_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(p.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
     tl.store(
         out_ptr + rows[:, None] * D + dcols[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -435,7 +437,9 @@ def _embedding_bwd_logits_kernel(
             mask=v_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        dy = tl.dot(go.to(w.dtype), tl.trans(w), dy, input_precision=DOT_PRECISION)
+        dy = tl.dot(
+            go.to(w.dtype), tl.trans(w), dy, input_precision=DOT_PRECISION, out_dtype=acc_dtype
+        )
         go_dot_out += tl.sum(go.to(acc_dtype) * out.to(acc_dtype), 1)
     mask = row_mask[:, None] & v_mask[None, :]
     z = _z_tile(
@@ -481,7 +485,8 @@ def _embedding_bwd_weight_kernel(
     v_mask = cols < V
     d_mask = dcols < D
     w_dtype = w_ptr.dtype.element_ty  # the dot operands' dtype (the weight is not read)
-    acc = tl.zeros([BLOCK_V, BLOCK_D], tl.float64 if ACC_FP64 else tl.float32)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_V, BLOCK_D], acc_dtype)
     for row_start in range(0, N, BLOCK_N):
         rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
         row_mask = rows < N
@@ -496,7 +501,13 @@ def _embedding_bwd_weight_kernel(
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(tl.trans(y.to(w_dtype)), go.to(w_dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(
+            tl.trans(y.to(w_dtype)),
+            go.to(w_dtype),
+            acc,
+            input_precision=DOT_PRECISION,
+            out_dtype=acc_dtype,
+        )
     tl.store(
         grad_w_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :],
         acc.to(w_dtype),
@@ -510,8 +521,10 @@ def _embedding_bwd_weight_kernel(
 
 # Per-row kernels on a GPU: (largest BLOCK, num_warps at that BLOCK, programs per SM). "noise"
 # kernels (fwd, bwd_from_logits, the embedding statistics) are bound by the arithmetic of the
-# noise; "stream" (bwd) by memory, where one big program per SM keeps few rows in flight.
-GPU_ROW_CONFIG = {"noise": (4096, 8, 2), "stream": (8192, 16, 1)}
+# noise, "stream" (bwd) by memory. Measured on an H200 at [8192, 128256] bf16 (triton 3.6):
+# noise (4096, 8, 2) beat (8192, 16, 1) and (4096, 4, 4); stream (4096, 8, 8) beat (4096, 8, 2)
+# and (8192, 16, 1): keeping few rows in flight for L2 reuse did not pay.
+GPU_ROW_CONFIG = {"noise": (4096, 8, 2), "stream": (4096, 8, 8)}
 # Under the interpreter (CPU tensors): small blocks and 3 programs, so that the tests at small
 # sizes still run the loops over blocks and over rows.
 _INTERPRETER_BLOCK = 128
@@ -562,11 +575,19 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
     d_tile = min(
         {2: 256, 4: 128}.get(weight_dtype.itemsize, 64), max(16, triton.next_power_of_2(D))
     )
-    if weight_dtype.itemsize <= 4:
+    # the noise tiles are kept small (<= 16 elements a thread) next to the accumulators
+    if weight_dtype.itemsize <= 2:
         return {
-            "fwd": (64, 64, d_tile),
-            "logits": (64, 128, 64),
+            "fwd": (64, 32, d_tile),
+            "logits": (64, 64, 64),
             "weight": (64, 64, d_tile),
+            "num_warps": (8,),
+        }
+    if weight_dtype.itemsize == 4:  # float32: three-pass TF32 dots need more registers
+        return {
+            "fwd": (64, 32, d_tile),
+            "logits": (32, 64, 32),
+            "weight": (32, 64, d_tile),
             "num_warps": (8,),
         }
     return {

@@ -31,11 +31,12 @@ def _log(x, PTX_LOG: tl.constexpr):
     """Natural log of positive normal float32 x with an absolute error of a few 1e-7: x is split
     into 2^e * m with m in [1, 2), so the approximate log2 only ever sees [1, 2)."""
     bits = x.to(tl.uint32, bitcast=True)
-    exponent = (bits >> 23).to(tl.int32) - 127
+    # the biased exponent as a float without an int-to-float convert: 2^23 + b - (2^23 + 127)
+    exponent = ((bits >> 23) | 0x4B000000).to(tl.float32, bitcast=True) - 8388735.0
     mantissa = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
     # e * ln2 + log2(m) * ln2 with one rounding of the sum (fma): about 5e-7 worst case in g
     ln2 = 0.6931471805599453
-    return tl.fma(exponent.to(tl.float32), ln2, _log2_mantissa(mantissa, PTX_LOG) * ln2)
+    return tl.fma(exponent, ln2, _log2_mantissa(mantissa, PTX_LOG) * ln2)
 
 
 @triton.jit

@@ -25,6 +25,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -60,6 +62,25 @@ __host__ __device__ __forceinline__ uint32_t mul_hi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
+// Natural log of a positive float, within about 2 ulp whatever the nvcc flags: --use_fast_math
+// (setup.py passes it) turns logf into lg2.approx, whose absolute error makes -log(u) for u near 1
+// (the large Gumbel values that decide the argmax) and its log wrong by far more than the ~1e-6
+// the randomness contract allows. log1pf and frexpf are not remapped, and m - 1 is exact for
+// m in [0.5, 2], so log(m * 2^e) = e * ln2 + log1pf(m - 1) is accurate; ln2 is split so that
+// e * kLn2Hi is exact.
+__host__ __device__ __forceinline__ float accurate_logf(float x) {
+  constexpr float kLn2Hi = 0.693145751953125f;       // 16 significant bits
+  constexpr float kLn2Lo = 1.42860682030941723e-06f;  // ln 2 - kLn2Hi
+  int e = 0;
+  float m = frexpf(x, &e);  // x = m * 2^e, m in [0.5, 1)
+  if (m < 0.70710678f) {
+    m *= 2.0f;
+    e -= 1;
+  }
+  const float ef = static_cast<float>(e);
+  return ef * kLn2Hi + (ef * kLn2Lo + log1pf(m - 1.0f));
+}
+
 // Noise of columns 4 * group .. 4 * group + 3 of `row`: g[j] = -log(-log(u_j)) in float32.
 __host__ __device__ __forceinline__ void gumbel4(uint32_t k0, uint32_t k1, uint64_t row,
                                                  uint32_t group, float g[4]) {
@@ -87,7 +108,7 @@ __host__ __device__ __forceinline__ void gumbel4(uint32_t k0, uint32_t k1, uint6
   for (int j = 0; j < 4; ++j) {
     // (2 * (w >> 9) + 1) < 2^24 is exact in float32; u lies strictly inside (0, 1).
     const float u = static_cast<float>((words[j] >> 9) * 2u + 1u) * 5.9604644775390625e-08f;
-    g[j] = -logf(-logf(u));
+    g[j] = -accurate_logf(-accurate_logf(u));
   }
 }
 
@@ -107,8 +128,12 @@ using acc_of_t = typename AccOf<T>::type;
 
 __host__ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __host__ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__host__ __device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__host__ __device__ __forceinline__ float log_acc(float x) { return accurate_logf(x); }
 __host__ __device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+// Correctly rounded division also under --use_fast_math (which makes float '/' approximate).
+__device__ __forceinline__ float div_acc(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_acc(double a, double b) { return a / b; }
 
 template <typename acc_t>
 __host__ __device__ __forceinline__ acc_t neg_inf() {
@@ -118,7 +143,7 @@ __host__ __device__ __forceinline__ acc_t neg_inf() {
 // z = (x + g) / tau in the compute type (g is float32, cast as the reference does).
 template <typename acc_t>
 __device__ __forceinline__ acc_t perturbed(acc_t x, float g, acc_t tau) {
-  return (x + static_cast<acc_t>(g)) / tau;
+  return div_acc(x + static_cast<acc_t>(g), tau);
 }
 
 // Four consecutive elements, loaded or stored as one aligned vector when the caller allows it.
@@ -332,7 +357,7 @@ __global__ void gumbel_softmax_fwd_kernel(const scalar_t* __restrict__ logits,
         acc_t z[4];
         perturbed4<scalar_t, acc_t>(x_row, row, group, V, vec, tau, k0, k1, z);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = exp_acc(z[j] - st.m) / st.s;
+        for (int j = 0; j < 4; ++j) out[j] = div_acc(exp_acc(z[j] - st.m), st.s);
       }
       store4<scalar_t, acc_t>(y_row, 4 * group, V, vec, out);
     }
@@ -363,7 +388,7 @@ __global__ void gumbel_softmax_bwd_kernel(const scalar_t* __restrict__ grad_y,
       load4<scalar_t, acc_t>(gy_row, 4 * group, V, vec, acc_t(0), gy);
       load4<scalar_t, acc_t>(y_row, 4 * group, V, vec, acc_t(0), yv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) out[j] = yv[j] * (gy[j] - dot) / tau;
+      for (int j = 0; j < 4; ++j) out[j] = div_acc(yv[j] * (gy[j] - dot), tau);
       store4<scalar_t, acc_t>(grad_logits + row * V, 4 * group, V, vec, out);
     }
   }
@@ -380,15 +405,15 @@ __global__ void gumbel_softmax_bwd_from_logits_kernel(const scalar_t* __restrict
     const scalar_t* x_row = logits + row * V;
     const scalar_t* gy_row = grad_y + row * V;
     const RowState<acc_t> st = row_state<scalar_t, acc_t>(x_row, gy_row, row, V, vec, tau, k0, k1);
-    const acc_t dot = st.t / st.s;  // sum_v grad_y * y
+    const acc_t dot = div_acc(st.t, st.s);  // sum_v grad_y * y
     for (int64_t group = threadIdx.x; group < groups; group += blockDim.x) {
       acc_t z[4], gy[4], out[4];
       perturbed4<scalar_t, acc_t>(x_row, row, group, V, vec, tau, k0, k1, z);
       load4<scalar_t, acc_t>(gy_row, 4 * group, V, vec, acc_t(0), gy);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const acc_t yv = exp_acc(z[j] - st.m) / st.s;
-        out[j] = yv * (gy[j] - dot) / tau;
+        const acc_t yv = div_acc(exp_acc(z[j] - st.m), st.s);
+        out[j] = div_acc(yv * (gy[j] - dot), tau);
       }
       store4<scalar_t, acc_t>(grad_logits + row * V, 4 * group, V, vec, out);
     }
@@ -542,7 +567,7 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const acc_t p = exp_acc(z[j] - row_lse);
-      out[j] = p * (static_cast<acc_t>(dy[j]) - dot) / tau;
+      out[j] = div_acc(p * (static_cast<acc_t>(dy[j]) - dot), tau);
     }
     store4<scalar_t, acc_t>(grad_logits + n * V, v, V, false, out);
   }
@@ -621,6 +646,29 @@ __global__ void __launch_bounds__(kTileThreads)
 constexpr int64_t kMaxGridX = 2147483647LL;
 constexpr int64_t kMaxGridY = 65535;
 
+// Error messages are assembled from strings only. Seen on the GPU machine (torch 2.11+cu130,
+// gcc 13): inserting a number into the std::ostream that c10::str builds inside this library
+// segfaults (std::ostream::_M_insert<double>, and IntArrayRef's operator<<), while strings print
+// fine; numbers are therefore formatted with snprintf / std::to_string here.
+std::string num_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string num_str(int64_t v) { return std::to_string(v); }
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+std::string device_str(const Tensor& t) { return t.device().str(); }
+
 cudaStream_t current_stream() {
 #if RLGAF_HAVE_C10_CUDA
   return c10::cuda::getCurrentCUDAStream().stream();
@@ -666,8 +714,9 @@ void check_launch() {
 
 void check_matrix(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "rlgaf_fast_cuda: ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.dim() == 2, "rlgaf_fast_cuda: ", name, " must be 2-D, got shape ", t.sizes());
+              device_str(t));
+  TORCH_CHECK(t.dim() == 2, "rlgaf_fast_cuda: ", name, " must be 2-D, got shape ",
+              shape_str(t.sizes()));
   TORCH_CHECK(t.is_contiguous(), "rlgaf_fast_cuda: ", name, " must be contiguous");
 }
 
@@ -675,21 +724,21 @@ void check_floating(const Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "rlgaf_fast_cuda: ", name,
-              " must be float16, bfloat16, float32 or float64, got ", dt);
+              " must be float16, bfloat16, float32 or float64, got ", c10::toString(dt));
 }
 
 void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "rlgaf_fast_cuda: ", name, " is on ", t.device(),
-              " but logits are on ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), "rlgaf_fast_cuda: ", name, " is on ", device_str(t),
+              " but logits are on ", device_str(ref));
 }
 
 void check_tau(double tau) {
-  TORCH_CHECK(tau > 0, "rlgaf_fast_cuda: tau must be > 0, got ", tau);
+  TORCH_CHECK(tau > 0, "rlgaf_fast_cuda: tau must be > 0, got ", num_str(tau));
 }
 
 // Philox key from the seed: (seed & 0xffffffff, seed >> 32).
 std::pair<uint32_t, uint32_t> philox_key(int64_t seed) {
-  TORCH_CHECK(seed >= 0, "rlgaf_fast_cuda: seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK(seed >= 0, "rlgaf_fast_cuda: seed must be in [0, 2^63), got ", num_str(seed));
   const uint64_t s = static_cast<uint64_t>(seed);
   return {static_cast<uint32_t>(s & 0xffffffffULL), static_cast<uint32_t>(s >> 32)};
 }
@@ -726,7 +775,7 @@ std::tuple<Tensor, Tensor> gumbel_softmax_fwd(const Tensor& logits, double tau, 
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   TORCH_CHECK(V >= 1, "rlgaf_fast_cuda: logits must have at least one column, got shape ",
-              logits.sizes());
+              shape_str(logits.sizes()));
   Tensor y = at::empty_like(logits);
   Tensor index = at::empty({N}, logits.options().dtype(at::kLong));
   if (N == 0) return {y, index};
@@ -750,7 +799,7 @@ Tensor gumbel_softmax_bwd(const Tensor& grad_y, const Tensor& y, double tau) {
   check_matrix(grad_y, "grad_y");
   check_same_device(grad_y, y, "grad_y");
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "rlgaf_fast_cuda: grad_y must have the shape of y ",
-              y.sizes(), ", got ", grad_y.sizes());
+              shape_str(y.sizes()), ", got ", shape_str(grad_y.sizes()));
   check_tau(tau);
   const Tensor gy = grad_y.to(y.scalar_type()).contiguous();
   const int64_t N = y.size(0);
@@ -778,15 +827,15 @@ Tensor gumbel_softmax_bwd_from_logits(const Tensor& grad_y, const Tensor& logits
   check_matrix(grad_y, "grad_y");
   check_same_device(grad_y, logits, "grad_y");
   TORCH_CHECK(grad_y.sizes() == logits.sizes(),
-              "rlgaf_fast_cuda: grad_y must have the shape of logits ", logits.sizes(), ", got ",
-              grad_y.sizes());
+              "rlgaf_fast_cuda: grad_y must have the shape of logits ", shape_str(logits.sizes()),
+              ", got ", shape_str(grad_y.sizes()));
   check_tau(tau);
   const auto key = philox_key(seed);
   const Tensor gy = grad_y.to(logits.scalar_type()).contiguous();
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   TORCH_CHECK(V >= 1, "rlgaf_fast_cuda: logits must have at least one column, got shape ",
-              logits.sizes());
+              shape_str(logits.sizes()));
   Tensor grad_logits = at::empty_like(logits);
   if (N == 0) return grad_logits;
   const DeviceScope device_scope(logits);
@@ -812,10 +861,10 @@ void check_embedding_args(const Tensor& logits, const Tensor& weight, double tau
   check_tau(tau);
   TORCH_CHECK(logits.size(1) >= 1,
               "rlgaf_fast_cuda: logits must have at least one column, got shape ",
-              logits.sizes());
+              shape_str(logits.sizes()));
   TORCH_CHECK(weight.size(0) == logits.size(1), "rlgaf_fast_cuda: weight must have ",
-              logits.size(1), " rows (the vocabulary size of logits), got shape ",
-              weight.sizes());
+              num_str(logits.size(1)), " rows (the vocabulary size of logits), got shape ",
+              shape_str(weight.sizes()));
 }
 
 std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_embedding_fwd(const Tensor& logits,
@@ -879,12 +928,12 @@ std::tuple<Tensor, Tensor> gumbel_softmax_embedding_bwd(const Tensor& grad_out,
   const int64_t V = logits.size(1);
   const int64_t D = weight.size(1);
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == D,
-              "rlgaf_fast_cuda: grad_out must have shape [", N, ", ", D, "], got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.size(0) == N && out.size(1) == D, "rlgaf_fast_cuda: out must have shape [", N,
-              ", ", D, "], got ", out.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "rlgaf_fast_cuda: lse must have shape [", N,
-              "], got ", lse.sizes());
+              "rlgaf_fast_cuda: grad_out must have shape ", shape_str({N, D}), ", got ",
+              shape_str(grad_out.sizes()));
+  TORCH_CHECK(out.size(0) == N && out.size(1) == D, "rlgaf_fast_cuda: out must have shape ",
+              shape_str({N, D}), ", got ", shape_str(out.sizes()));
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "rlgaf_fast_cuda: lse must have shape ",
+              shape_str({N}), ", got ", shape_str(lse.sizes()));
   const Tensor go = grad_out.to(weight.scalar_type()).contiguous();
   const Tensor lse_c = lse.to(lse_dtype(logits)).contiguous();
   Tensor grad_logits = at::empty_like(logits);
