@@ -33,8 +33,9 @@ _NUM_PARAMS = 6  # inv_temp, ratio_low, ratio_high, dual_clip, kl_coef, entropy_
 
 
 @triton.jit
-def _row_statistics(x_row, V, inv_temp, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _row_statistics(x_row, V, inv_temp, BLOCK: tl.constexpr, FP64: tl.constexpr):
     """(m, log_sum, entropy) of one row: logsumexp(x / T) = m + log_sum."""
+    ACC = tl.float64 if FP64 else tl.float32
     cols = tl.arange(0, BLOCK)
     lane_max = tl.full([BLOCK], float("-inf"), ACC)
     lane_sum = tl.zeros([BLOCK], ACC)
@@ -83,12 +84,13 @@ def _ppo_loss_kernel(
     ENTROPY_GRAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
+    FP64: tl.constexpr,
 ):
+    ACC = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * V
     inv_temp = tl.load(params_ptr)
-    m, log_sum, entropy = _row_statistics(x_row, V, inv_temp, BLOCK, ACC)
+    m, log_sum, entropy = _row_statistics(x_row, V, inv_temp, BLOCK, FP64)
     action = tl.load(actions_ptr + row)
     logp = tl.load(x_row + action).to(ACC) * inv_temp - m - log_sum
     tl.store(logprobs_ptr + row, logp)
@@ -158,15 +160,17 @@ def _check(logits: torch.Tensor, actions: torch.Tensor) -> None:
 
 
 def _launch(
-    logits, actions, old, adv, ref, weight, params, grad, kl_estimator, dual_clip, entropy_grad
+    logits, actions, old, adv, ref, weight, params, grad, kl_estimator, dual_clip, entropy_grad,
+    config=None,
 ):
+    """config: (BLOCK, num_warps) instead of the default, for tuning."""
     n, v = logits.shape
     dtype = _compute_dtype(logits)
     logprobs = torch.empty(n, dtype=dtype, device=logits.device)
     entropy = torch.empty(n, dtype=dtype, device=logits.device)
     if n == 0:
         return logprobs, entropy
-    block, num_warps = _block(v, logits.is_cuda)
+    block, num_warps = config or _block(v, logits.is_cuda)
     compute_grad = grad is not None
     dummy = logprobs  # stands in for pointers that the specialisation never reads
     _ppo_loss_kernel[(n,)](
@@ -186,7 +190,7 @@ def _launch(
         ENTROPY_GRAD=entropy_grad,
         COMPUTE_GRAD=compute_grad,
         BLOCK=block,
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        FP64=dtype == torch.float64,
         num_warps=num_warps,
     )
     return logprobs, entropy

@@ -5,14 +5,17 @@
 //
 // Arithmetic is float32 (float64 for float64 logits); the noise is always the contract's float32
 // Gumbel noise, regenerated from (seed, row, column) wherever it is needed, never stored.
-// Rows run in parallel (at::parallel_for); each thread keeps one row of scores in a buffer, which
-// for vocabularies up to ~200k fits in its L2 cache.
+// Rows run in parallel; each thread keeps one row of scores in a buffer (up to ~200k columns fit
+// in its L2 cache) and makes it in three passes: noise, scores and maximum, in L1-sized chunks;
+// exp and sum; the normalised write. The embedding kernels work on tiles of rows times vocabulary
+// blocks instead and hand the [tile, block] x [block, D] products to BLAS (at::mm).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -22,21 +25,25 @@
 #include "fast_math.h"
 #include "philox.h"
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace {
 
 using rlgaf_fast::cpu::exp_shift_sum;
 using rlgaf_fast::cpu::gumbel_noise;
 using rlgaf_fast::cpu::gumbel_noise_accurate;
-using rlgaf_fast::cpu::max_of;
 
 // float for float16/bfloat16/float32 logits, double for float64.
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-constexpr int64_t kScoreChunk = 2048;     // columns whose noise and scores are made together (L1)
-constexpr int64_t kEmbedRows = 32;        // rows of a tile in the embedding kernels
-constexpr int64_t kEmbedFwdColumns = 512;  // vocabulary block of the embedding forward
-constexpr int64_t kEmbedBwdColumns = 256;  // vocabulary block of the embedding backward
+constexpr int64_t kElementsPerTake = 16384;  // work a thread takes at a time in parallel_rows
+constexpr int64_t kScoreChunk = 2048;        // columns whose noise and scores are made together
+constexpr int64_t kEmbedRows = 32;           // rows of a tile in the embedding kernels
+constexpr int64_t kEmbedFwdColumns = 512;    // vocabulary block of the embedding forward
+constexpr int64_t kEmbedBwdColumns = 256;    // vocabulary block of the embedding backward
 
 int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 
@@ -60,13 +67,32 @@ int64_t noise_buffer_size(int64_t count) {
   return std::is_same_v<acc_t, double> ? round_up4(std::min(count, kScoreChunk)) : 0;
 }
 
+// First index of `value` in z[0, n) (0 if absent, e.g. for a row of NaN).
+template <typename acc_t>
+int64_t first_index_of(const acc_t* z, int64_t n, acc_t value) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (z[i] == value) return i;
+  }
+  return 0;
+}
+
+template <typename acc_t>
+struct MaxAndIndex {
+  acc_t max;
+  int64_t index;  // of the first maximum
+};
+
 // z[i] = (x[i] + g) / tau for columns [col_begin, col_begin + count) of `row`, where x points at
 // column col_begin (a multiple of 4). z needs room for round_up4(count) values, noise for
-// noise_buffer_size<acc_t>(count). Returns the largest z.
+// noise_buffer_size<acc_t>(count). Returns the largest z and its first index (relative to
+// col_begin). The index is searched for only in the first chunk holding the maximum: a scalar
+// scan of the whole row would cost as much as the rest of this function.
 template <typename scalar_t, typename acc_t>
-acc_t scores_and_max(const scalar_t* x, int64_t row, int64_t col_begin, int64_t count,
-                     uint64_t seed, acc_t tau, acc_t* z, float* noise) {
-  acc_t result = -std::numeric_limits<acc_t>::infinity();
+MaxAndIndex<acc_t> scores_and_argmax(const scalar_t* x, int64_t row, int64_t col_begin,
+                                     int64_t count, uint64_t seed, acc_t tau, acc_t* z,
+                                     float* noise) {
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  int64_t best_chunk = 0;
   for (int64_t chunk = 0; chunk < count; chunk += kScoreChunk) {
     const int64_t n = std::min(kScoreChunk, count - chunk);
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -75,18 +101,14 @@ acc_t scores_and_max(const scalar_t* x, int64_t row, int64_t col_begin, int64_t 
       gumbel_noise_accurate(seed, row, col_begin + chunk, n, noise);
       std::copy(noise, noise + n, z + chunk);
     }
-    result = std::max(result, noise_to_scores(x + chunk, z + chunk, n, tau));
+    const acc_t chunk_max = noise_to_scores(x + chunk, z + chunk, n, tau);
+    if (chunk_max > best) {  // strict: the first chunk wins on ties
+      best = chunk_max;
+      best_chunk = chunk;
+    }
   }
-  return result;
-}
-
-// First index of `value` in z[0, n) (0 if absent, e.g. for a row of NaN).
-template <typename acc_t>
-int64_t first_index_of(const acc_t* z, int64_t n, acc_t value) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (z[i] == value) return i;
-  }
-  return 0;
+  const int64_t n = std::min(kScoreChunk, count - best_chunk);
+  return {best, best_chunk + first_index_of(z + best_chunk, n, best)};
 }
 
 // z[i] = exp(z[i] - shift) in place; returns the sum.
@@ -109,6 +131,40 @@ acc_t dot_of(const scalar_t* a, const scalar_t* b, int64_t n) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
   return sum;
+}
+
+// at::empty_like for the large [N, V] outputs, which are written exactly once. Buffers this large
+// come straight from mmap, and the first touch of each 4 KiB page is a page fault: measured on
+// the 2-core development VM, ~10-50 ms for a [512, 32000] float32 output, more than the kernel
+// itself. On Linux, asking for transparent huge pages before the first touch turns that into a
+// few 2 MiB faults. Only whole 2 MiB pages inside the tensor are advised; failures are ignored.
+at::Tensor empty_output_like(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge_page = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + huge_page - 1) & ~(huge_page - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(huge_page - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
+// Runs row_body(row) for every row in [0, rows) in parallel, threads taking blocks of rows (at
+// least kElementsPerTake elements) from a shared counter. at::parallel_for gives each thread one
+// fixed share instead, and on a machine shared with other processes one preempted thread then
+// holds up the whole call. make_row_body() runs once per thread, so that the returned callable
+// can own that thread's scratch buffers.
+template <typename MakeRowBody>
+void parallel_rows(int64_t rows, int64_t cols, const MakeRowBody& make_row_body) {
+  const int64_t block = std::max<int64_t>(1, kElementsPerTake / std::max<int64_t>(cols, 1));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto row_body = make_row_body();
+    for (int64_t begin; (begin = next.fetch_add(block, std::memory_order_relaxed)) < rows;) {
+      for (int64_t row = begin; row < std::min(rows, begin + block); ++row) row_body(row);
+    }
+  });
 }
 
 // y[i] *= scale in place; returns sum_i grad_y[i] * y[i] (after scaling).
@@ -159,31 +215,30 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_fwd(const at::Tensor& logits, 
   check_logits(op, "logits", logits);
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1);
-  at::Tensor y = at::empty_like(logits);
+  at::Tensor y = empty_output_like(logits);
   at::Tensor index = at::empty({rows}, logits.options().dtype(at::kLong));
   int64_t* index_data = index.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     using acc_t = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(round_up4(cols));
-      std::vector<float> noise(noise_buffer_size<acc_t>(cols));
-      for (int64_t row = begin; row < end; ++row) {
+    parallel_rows(rows, cols, [&] {
+      // The row body owns its thread's scratch: a row of scores (and the float64 noise chunk).
+      return [&, z = std::vector<acc_t>(round_up4(cols)),
+              noise = std::vector<float>(noise_buffer_size<acc_t>(cols))](int64_t row) mutable {
         const scalar_t* x_row = x + row * cols;
         scalar_t* y_row = out + row * cols;
-        const acc_t z_max = scores_and_max<scalar_t, acc_t>(
+        const auto [z_max, best] = scores_and_argmax<scalar_t, acc_t>(
             x_row, row, 0, cols, seed, static_cast<acc_t>(tau), z.data(), noise.data());
-        const int64_t best = first_index_of(z.data(), cols, z_max);
         index_data[row] = best;
         if (hard) {
           std::fill(y_row, y_row + cols, scalar_t(0));
           y_row[best] = scalar_t(1);
-          continue;
+          return;
         }
         const acc_t inv_sum = acc_t(1) / exp_shift_sum_of(z.data(), cols, z_max);
         for (int64_t i = 0; i < cols; ++i) y_row[i] = static_cast<scalar_t>(z[i] * inv_sum);
-      }
+      };
     });
   });
   return {y, index};
@@ -198,15 +253,15 @@ at::Tensor gumbel_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, dou
   check_like(op, "grad_y", grad_y, y);
   TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
   const int64_t rows = y.size(0), cols = y.size(1);
-  at::Tensor grad = at::empty_like(y);
+  at::Tensor grad = empty_output_like(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
     using acc_t = compute_t<scalar_t>;
     const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* yy = y.const_data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     const acc_t tau_c = static_cast<acc_t>(tau);
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
+    parallel_rows(rows, cols, [&] {
+      return [&](int64_t row) {
         const scalar_t* gy_row = gy + row * cols;
         const scalar_t* y_row = yy + row * cols;
         scalar_t* out_row = out + row * cols;
@@ -215,7 +270,7 @@ at::Tensor gumbel_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, dou
           const acc_t yi = static_cast<acc_t>(y_row[i]);
           out_row[i] = static_cast<scalar_t>(yi * (static_cast<acc_t>(gy_row[i]) - dot) / tau_c);
         }
-      }
+      };
     });
   });
   return grad;
@@ -231,27 +286,27 @@ at::Tensor gumbel_softmax_bwd_from_logits(const at::Tensor& grad_y, const at::Te
   check_like(op, "grad_y", grad_y, logits);
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1);
-  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad = empty_output_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     using acc_t = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const scalar_t* gy = grad_y.const_data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     const acc_t tau_c = static_cast<acc_t>(tau);
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> y(round_up4(cols));
-      std::vector<float> noise(noise_buffer_size<acc_t>(cols));
-      for (int64_t row = begin; row < end; ++row) {
+    parallel_rows(rows, cols, [&] {
+      return [&, y = std::vector<acc_t>(round_up4(cols)),
+              noise = std::vector<float>(noise_buffer_size<acc_t>(cols))](int64_t row) mutable {
         const scalar_t* gy_row = gy + row * cols;
         scalar_t* out_row = out + row * cols;
-        const acc_t z_max = scores_and_max<scalar_t, acc_t>(x + row * cols, row, 0, cols, seed,
-                                                            tau_c, y.data(), noise.data());
+        const acc_t z_max = scores_and_argmax<scalar_t, acc_t>(x + row * cols, row, 0, cols, seed,
+                                                               tau_c, y.data(), noise.data())
+                                .max;
         const acc_t inv_sum = acc_t(1) / exp_shift_sum_of(y.data(), cols, z_max);
         const acc_t dot = scale_and_dot(y.data(), gy_row, cols, inv_sum);
         for (int64_t i = 0; i < cols; ++i) {
           out_row[i] = static_cast<scalar_t>(y[i] * (static_cast<acc_t>(gy_row[i]) - dot) / tau_c);
         }
-      }
+      };
     });
   });
   return grad;
@@ -275,8 +330,10 @@ void check_weight(const char* op, const at::Tensor& logits, const at::Tensor& we
   TORCH_CHECK(weight.size(0) == logits.size(1), op, ": weight must have V = ", logits.size(1),
               " rows (the logits' last size), got shape ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op,
-              ": weight must be a floating-point tensor, got ", weight.scalar_type());
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              op, ": weight must be float16, bfloat16, float32 or float64, got ", dtype);
 }
 
 // Rows [begin, end) of weight in the accumulation dtype: a view when the dtype already matches,
@@ -296,6 +353,8 @@ at::Tensor weight_block(const at::Tensor& weight, int64_t begin, int64_t end, at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
     const at::Tensor& logits, const at::Tensor& weight, double tau, int64_t seed) {
   constexpr const char* op = "gumbel_softmax_embedding_fwd";
+  // The ATen calls below (GEMMs, views, copies) are implementation details: keep autograd out.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_logits(op, "logits", logits);
   check_weight(op, logits, weight);
   check_tau_seed(op, tau, seed);
@@ -317,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
     const acc_t tau_c = static_cast<acc_t>(tau);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
       const auto acc_options = at::TensorOptions().dtype(acc_type);
       at::Tensor probs = at::empty({tile_rows, block_cols}, acc_options);  // p of one tile
       at::Tensor acc = at::empty({tile_rows, dim}, acc_options);           // its sum of p * w
@@ -339,11 +399,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
           for (int64_t r = 0; r < n_rows; ++r) {
             const int64_t row = row0 + r;
             acc_t* p_row = probs_data + r * block_cols;
-            const acc_t block_max = scores_and_max<scalar_t, acc_t>(
+            const auto [block_max, block_index] = scores_and_argmax<scalar_t, acc_t>(
                 x + row * cols + col0, row, col0, n_cols, seed, tau_c, p_row, noise.data());
             if (block_max > best[r]) {  // strict: the first maximum wins on ties
               best[r] = block_max;
-              best_index[r] = col0 + first_index_of(p_row, n_cols, block_max);
+              best_index[r] = col0 + block_index;
             }
             const acc_t new_max = std::max(run_max[r], block_max);
             // An all -inf prefix has nothing to rescale: shift by 0 so that exp gives 0, not NaN.
@@ -382,6 +442,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& weight,
     const at::Tensor& out, const at::Tensor& lse, double tau, int64_t seed) {
   constexpr const char* op = "gumbel_softmax_embedding_bwd";
+  // The ATen calls below (GEMMs, views, copies) are implementation details: keep autograd out.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_logits(op, "logits", logits);
   check_weight(op, logits, weight);
   check_tau_seed(op, tau, seed);
@@ -396,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
                   lse.scalar_type() == acc_type && lse.is_contiguous(),
               op, ": lse must be a contiguous CPU ", acc_type, " tensor of shape [", rows,
               "], got ", lse.scalar_type(), " ", lse.sizes());
-  at::Tensor grad_logits = at::empty_like(logits);
+  at::Tensor grad_logits = empty_output_like(logits);
   at::Tensor grad_weight = at::empty_like(weight);
   // N x D inputs of the GEMMs in the accumulation dtype, and grad_out . out per row.
   const at::Tensor go = grad_out.to(acc_type).contiguous();
@@ -411,6 +473,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
     const acc_t* go_dot_out_data = go_dot_out.const_data_ptr<acc_t>();
     const acc_t tau_c = static_cast<acc_t>(tau);
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per thread
       const auto acc_options = at::TensorOptions().dtype(acc_type);
       const int64_t tile_rows = std::min<int64_t>(kEmbedRows * 2, std::max<int64_t>(rows, 1));
       at::Tensor probs = at::empty({tile_rows, block_cols}, acc_options);
@@ -435,8 +498,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
           for (int64_t r = 0; r < n_rows; ++r) {
             const int64_t row = row0 + r;
             acc_t* p_row = probs_data + r * block_cols;
-            scores_and_max<scalar_t, acc_t>(x + row * cols + col0, row, col0, n_cols, seed,
-                                            tau_c, p_row, noise.data());
+            scores_and_argmax<scalar_t, acc_t>(x + row * cols + col0, row, col0, n_cols, seed,
+                                               tau_c, p_row, noise.data());
             exp_shift_sum_of(p_row, n_cols, lse_data[row]);
             const acc_t* dp_row = dprobs_data + r * block_cols;
             const acc_t c = go_dot_out_data[row];
@@ -456,17 +519,21 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
 
 }  // namespace
 
+// Registered for the CPU dispatch key rather than as catch-all kernels, so that tensors of other
+// devices (meta and fake tensors included) get a dispatcher error instead of reaching the kernels.
 TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
+  const auto cpu = c10::DispatchKey::CPU;
   m.def("gumbel_softmax_fwd(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)",
-        &gumbel_softmax_fwd);
-  m.def("gumbel_softmax_bwd(Tensor grad_y, Tensor y, float tau) -> Tensor", &gumbel_softmax_bwd);
+        torch::dispatch(cpu, &gumbel_softmax_fwd));
+  m.def("gumbel_softmax_bwd(Tensor grad_y, Tensor y, float tau) -> Tensor",
+        torch::dispatch(cpu, &gumbel_softmax_bwd));
   m.def("gumbel_softmax_bwd_from_logits(Tensor grad_y, Tensor logits, float tau, int seed) -> "
         "Tensor",
-        &gumbel_softmax_bwd_from_logits);
+        torch::dispatch(cpu, &gumbel_softmax_bwd_from_logits));
   m.def("gumbel_softmax_embedding_fwd(Tensor logits, Tensor weight, float tau, int seed) -> "
         "(Tensor, Tensor, Tensor)",
-        &gumbel_softmax_embedding_fwd);
+        torch::dispatch(cpu, &gumbel_softmax_embedding_fwd));
   m.def("gumbel_softmax_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor out, "
         "Tensor lse, float tau, int seed) -> (Tensor, Tensor)",
-        &gumbel_softmax_embedding_bwd);
+        torch::dispatch(cpu, &gumbel_softmax_embedding_bwd));
 }

@@ -13,6 +13,7 @@ is rlgaf_fast.reference itself.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,8 +28,8 @@ from rlgaf_fast.reference import KL_ESTIMATORS, LOSS_AGGS, PPOLossOutput
 __all__ = ["PPOLossOutput", "fused_linear_ppo_loss", "gae", "ppo_loss", "value_loss"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-# Bytes of float32 logits that fused_linear_ppo_loss materialises per chunk of tokens.
-_CHUNK_BYTES_CPU = 32 << 20
+# Bytes of logits that fused_linear_ppo_loss materialises per chunk of tokens.
+_CHUNK_BYTES_CPU = 128 << 20
 _CHUNK_BYTES_GPU = 1 << 30
 
 
@@ -153,6 +154,8 @@ def _ppo_loss_setup_context(ctx, inputs, output):
     # Only the loss is differentiable; the saved gradient is an output so that it can be saved.
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
+    compute_grad = inputs[13]
+    ctx.inputs = None if compute_grad else inputs
     ctx.save_for_backward(output[3])
 
 
@@ -160,6 +163,8 @@ def _ppo_loss_backward(ctx, grad_loss, *unused):
     (grad_logits,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 15
+    if ctx.inputs is not None:  # the forward did not expect a gradient: run it again with one
+        grad_logits = _ppo_loss_op(*ctx.inputs[:13], True, ctx.inputs[14])[3]
     return (_scaled(grad_logits, grad_loss),) + (None,) * 14
 
 
@@ -396,9 +401,31 @@ def _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape
 
 # --- fused linear: from hidden states ----------------------------------------------------------
 
-def _default_chunk(V: int, device: torch.device) -> int:
+def _default_chunk(V: int, dtype: torch.dtype, device: torch.device) -> int:
     budget = _CHUNK_BYTES_GPU if device.type == "cuda" else _CHUNK_BYTES_CPU
-    return max(1, budget // (4 * V))
+    return max(1, budget // (dtype.itemsize * V))
+
+
+def _accumulate_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b, with out in a higher precision than a and b when they are float16/bfloat16:
+    on CUDA in one mixed-precision matrix product, elsewhere through a temporary."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif out.is_cuda and _has_mixed_addmm():
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out += a @ b
+
+
+@functools.cache
+def _has_mixed_addmm() -> bool:
+    try:
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        out = torch.ones(2, 2, device="cuda")
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return bool((out == 3).all())
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 @torch.library.custom_op("rlgaf_fast::fused_linear_ppo_loss", mutates_args=())
@@ -421,11 +448,17 @@ def _fused_linear_op(
     # the weight and bias gradients accumulate over chunks in float32 (float64 for float64)
     grad_weight = weight.new_zeros(weight.shape, dtype=dtype) if grad_weight_needed else None
     grad_bias = weight.new_zeros((V,), dtype=dtype) if grad_bias_needed else None
+    # one buffer for every chunk's logits (fresh memory costs page faults on each chunk)
+    buffer = hidden.new_empty((min(chunk_size, n), V))
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h = hidden[start:end]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        logits = logits.to(dtype)  # no copy in float32 / float64
+        # the chunk's logits in hidden's dtype, as an LM head computes them
+        logits = buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
         rows = slice(start, end)
         lp, ent = _fused_rows(
             kernels, logits, actions[rows], old_logprobs[rows], advantages[rows],
@@ -436,25 +469,20 @@ def _fused_linear_op(
         logprobs[rows], entropy[rows] = lp, ent
         if not compute_grad:
             continue
-        grad_logits = logits.to(weight.dtype)
         if grad_hidden_needed:
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            torch.mm(logits, weight, out=grad_hidden[rows])
         if grad_weight_needed:
-            if grad_logits.dtype == dtype:
-                grad_weight.addmm_(grad_logits.t(), h.to(dtype))
-            else:
-                grad_weight += grad_logits.t() @ h
+            _accumulate_product(grad_weight, logits.t(), h)
         if grad_bias_needed:
-            grad_bias += logits.sum(0)
+            grad_bias += logits.sum(0, dtype=dtype)
     token_loss = _token_terms(
         logprobs, entropy, old_logprobs, advantages, ref_logprobs, ratio_low, ratio_high,
         dual_clip, kl_coef, kl_estimator, entropy_coef,
     )[0]
-    empty = weight.new_empty(0)
     return (
         (token_weight * token_loss).sum(), logprobs, entropy, grad_hidden,
-        empty if grad_weight is None else grad_weight.to(weight.dtype),
-        empty if grad_bias is None else grad_bias.to(bias.dtype),
+        weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
+        weight.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
     )
 
 
@@ -478,12 +506,19 @@ def _fused_linear_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[3:])
-    ctx.needed = inputs[16:19]
+    ctx.inputs = inputs
 
 
 def _fused_linear_backward(ctx, grad_loss, *unused):
-    grads = [g if needed else None
-             for g, needed in zip(ctx.saved_tensors, ctx.needed, strict=True)]
+    inputs, saved = ctx.inputs, ctx.saved_tensors
+    # a gradient that the forward did not compute (its input did not require grad then) is
+    # computed now by running the op again
+    wanted = ctx.needs_input_grad[:3]
+    needed = inputs[16:19]
+    if any(w and not n for w, n in zip(wanted, needed, strict=True)):
+        saved = _fused_linear_op(*inputs[:16], *wanted, inputs[19])[3:]
+        needed = wanted
+    grads = [g if n else None for g, n in zip(saved, needed, strict=True)]
     if grad_loss is not None:
         grads = [_scaled(g, grad_loss) for g in grads]
     else:
@@ -518,19 +553,20 @@ def fused_linear_ppo_loss(
 ) -> PPOLossOutput:
     """:func:`ppo_loss` of ``logits = hidden @ weight.T + bias`` without materialising them.
 
-    The tokens are taken ``chunk_size`` at a time: a chunk's logits ``[chunk, V]`` are formed,
-    the fused kernel turns them into per-token values and overwrites them with their gradient,
-    which goes at once into ``grad_hidden = grad_logits @ weight`` and
-    ``grad_weight += grad_logits.T @ hidden`` (accumulated in float32). Peak memory beyond the
-    inputs is one chunk of logits plus the gradients.
+    The tokens are taken ``chunk_size`` at a time: a chunk's logits ``[chunk, V]`` are formed
+    (in hidden's dtype, as the LM head would), the fused kernel turns them into per-token values
+    and overwrites them with their gradient, which goes at once into
+    ``grad_hidden = grad_logits @ weight`` and ``grad_weight += grad_logits.T @ hidden``
+    (accumulated in float32). Peak memory beyond the inputs is one chunk of logits plus the
+    gradients.
 
     Args:
-        hidden: ``[N, H]`` or ``[B, T, H]``, floating; the logits are computed in its dtype and
-            the loss in float32 (float64 for float64).
+        hidden: ``[N, H]`` or ``[B, T, H]``, floating; the loss is computed in float32 (float64
+            for float64).
         weight: the LM head ``[V, H]``, same dtype and device as hidden.
         bias: ``[V]`` or None.
-        chunk_size: tokens per chunk; default: chunks of about 32 MiB of float32 logits on CPU
-            (1 GiB on GPU).
+        chunk_size: tokens per chunk; default: chunks of about 128 MiB of logits on CPU (1 GiB
+            on GPU).
         backend: "auto", "torch" (reference.ppo_loss on the full logits: the readable truth,
             materialises them), "cpp" or "triton" (the per-chunk kernel).
         The other arguments and the result are those of :func:`ppo_loss`; gradients flow to
@@ -586,7 +622,7 @@ def fused_linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(),
         actions.detach().reshape(-1).long().contiguous(), old_f, adv_f, ref_f, token_weight,
-        *options, chunk_size or _default_chunk(V, hidden.device),
+        *options, chunk_size or _default_chunk(V, hidden.dtype, hidden.device),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, name,
     )

@@ -137,5 +137,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(values).__name__}")
+        raise ValueError(f"{path}: expected a YAML mapping at top level, "
+                         f"got {type(values).__name__}")
     return values

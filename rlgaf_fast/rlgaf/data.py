@@ -102,7 +102,8 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def pad_right(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+def pad_right(rows: list[list[int]], pad_id: int,
+              width: int | None = None) -> tuple[Tensor, Tensor]:
     width = max(1, max(len(r) for r in rows)) if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)

@@ -1,19 +1,19 @@
 """Rolling out responses from a causal LM, token by token with a KV cache.
 
-Two ways to draw a token: ordinary sampling from softmax(logits / temperature) with a torch
-generator, or Gumbel-max with the randomness contract's noise (seed, row = b * T + t), which the
-Gumbel mode needs so that its training pass can regenerate the same noise in one go.
+By default a token is drawn from softmax(logits / temperature) with a torch generator; the
+Gumbel mode passes its own ``token_sampler`` (Gumbel-max with the randomness contract's noise),
+so that its training pass can regenerate the very same noise from the seeds.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from rlgaf_fast.rlgaf.data import Batch
-from rlgaf_fast.rlgaf.kernel_ops import gumbel_noise_rows
 
 
 def sequence_inputs(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,7 +32,8 @@ def response_slice(logits: Tensor, prompt_len: int) -> Tensor:
 
 def _cache_keyword(model: torch.nn.Module) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; support both.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -54,13 +55,13 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
-    gumbel_seed: int | None = None,
+    token_sampler: Callable[[Tensor, int], Tensor] | None = None,
 ) -> Batch:
     """Sample ``max_new_tokens`` tokens after left-padded prompts ``[B, P]``.
 
-    With ``gumbel_seed`` the token of sequence b at step t is argmax(logits / temperature + g),
-    g the contract's Gumbel noise of row b * T + t; otherwise it is drawn by torch.multinomial
-    with ``generator``. After an EOS a sequence gets ``pad_token_id`` and mask 0.
+    ``token_sampler(logits / temperature [B, V] float32, t) -> tokens [B]`` chooses the tokens
+    of step t; by default they are sampled from the softmax with ``generator``. After an EOS a
+    sequence gets ``pad_token_id`` and mask 0.
     Returns a Batch whose response_mask is 1 up to and including the EOS.
     """
     batch_size, prompt_len = prompt_ids.shape
@@ -74,12 +75,10 @@ def generate(
                         device=prompt_ids.device)
     mask = torch.zeros_like(tokens)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-    rows = torch.arange(batch_size, device=prompt_ids.device) * max_new_tokens
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float() / temperature
-        if gumbel_seed is not None:
-            noise = gumbel_noise_rows(gumbel_seed, rows + t, logits.shape[-1]).to(logits.device)
-            token = (logits + noise).argmax(-1)
+        if token_sampler is not None:
+            token = token_sampler(logits, t)
         else:
             token = sample_categorical(torch.softmax(logits, dim=-1), generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -106,7 +105,8 @@ def left_align(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return values.gather(1, index), mask
 
 
-def pad_left_to(values: Tensor, mask: Tensor, length: int, pad_value: float = 0) -> tuple[Tensor, Tensor]:
+def pad_left_to(values: Tensor, mask: Tensor, length: int,
+                pad_value: float = 0) -> tuple[Tensor, Tensor]:
     """Left-pad ``values [B, L, ...]`` and ``mask [B, L]`` to ``length`` positions."""
     extra = length - values.shape[1]
     if extra <= 0:

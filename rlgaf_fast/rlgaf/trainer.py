@@ -26,11 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
-from rlgaf_fast.rlgaf.data import (STREAM_DEMOS, STREAM_GUMBEL, STREAM_PROMPTS, STREAM_SAMPLING,
-                                   STREAM_SHUFFLE, Batch, ExampleSampler, load_examples, step_seed,
-                                   torch_generator)
-from rlgaf_fast.rlgaf.discriminator import (discriminator_logit, reward_from_logit,
-                                            sequences_for_discriminator, stack_batches)
+from rlgaf_fast.rlgaf.data import (
+    STREAM_DEMOS,
+    STREAM_GUMBEL,
+    STREAM_PROMPTS,
+    STREAM_SAMPLING,
+    STREAM_SHUFFLE,
+    Batch,
+    ExampleSampler,
+    load_examples,
+    step_seed,
+    torch_generator,
+)
+from rlgaf_fast.rlgaf.discriminator import (
+    discriminator_logit,
+    reward_from_logit,
+    sequences_for_discriminator,
+    stack_batches,
+)
 from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
 from rlgaf_fast.rlgaf.rollout import generate, response_slice, sequence_inputs
 
@@ -118,7 +131,10 @@ class RLGAFTrainer:
         config.validate()
         self.config = config
         self.ops = kernel_ops(config.use_fused_kernels)
-        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        if accelerator is None:
+            # cpu=True on a machine without CUDA makes several processes run DDP over gloo.
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -238,19 +254,24 @@ class RLGAFTrainer:
         if scheduler is not None:
             scheduler.step()
 
-    def rollout(self, sub: int = 0, gumbel_seed: int | None = None) -> Batch:
+    def rollout(self, sub: int = 0, gumbel_seeds: list[int] | None = None) -> Batch:
         """Responses of the current generator to a fresh batch of prompts."""
         c = self.config
         prompts = self.prompts.batch(c.batch_size, self._seed(STREAM_PROMPTS, sub=sub))
         prompts = prompts.to(self.device)
         sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
+        token_sampler = None
+        if gumbel_seeds is not None:
+            def token_sampler(logits: Tensor, t: int) -> Tensor:
+                # Gumbel-max: the hard Gumbel-Softmax sample's one-hot sits at argmax(x + g).
+                return self.ops.gumbel_softmax(logits, 1.0, True, seed=gumbel_seeds[t]).argmax(-1)
         model = self.unwrapped_policy.model
         was_training = model.training
         model.eval()
         batch = generate(model, prompts.prompt_ids, prompts.prompt_mask, c.max_new_tokens,
                          temperature=c.sample_temperature, eos_token_id=self.eos_token_id,
                          pad_token_id=self.pad_token_id, generator=sampler,
-                         gumbel_seed=gumbel_seed)
+                         token_sampler=token_sampler)
         model.train(was_training)
         return batch
 
@@ -371,7 +392,8 @@ class RLGAFTrainer:
             seq_reward = rewards.sum(-1)
             baseline = seq_reward.mean().item()
             if c.baseline_decay > 0 and self.reward_baseline is not None:
-                baseline = c.baseline_decay * self.reward_baseline + (1 - c.baseline_decay) * baseline
+                decay = c.baseline_decay
+                baseline = decay * self.reward_baseline + (1 - decay) * baseline
             self.reward_baseline = baseline
             advantages = (seq_reward - baseline)[:, None].expand_as(old_logprobs) * mask
         logits, _ = self.policy(*sequence_inputs(batch))
@@ -386,22 +408,31 @@ class RLGAFTrainer:
                 "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
 
     def gumbel_step(self) -> dict:
-        """Generate by Gumbel-max with seed s; recompute the relaxed sample from the same seed in
-        one teacher-forced pass; the discriminator reads it through its embedding (soft one-hot
-        @ weight, fused), and the generator ascends the discriminator's reward directly."""
+        """Generate by Gumbel-max, step t with seed s_t; recompute the relaxed samples from the
+        same seeds in one teacher-forced pass; the discriminator reads them through its
+        embedding (soft one-hot @ weight, fused), and the generator ascends the discriminator's
+        reward directly.
+
+        Randomness: token t of sequence b uses noise row b of seed s_t (one seed per time step,
+        not one seed with row b * T + t): generation then draws each step with the fused op, and
+        the training pass regenerates the identical noise, so the relaxed sample's argmax is the
+        generated token and no [T, V] noise is kept between the two passes.
+        """
         c, ops = self.config, self.ops
-        seed = self._seed(STREAM_GUMBEL)
-        batch = self.rollout(gumbel_seed=seed)
-        prompt_len, (batch_size, length) = batch.prompt_ids.shape[1], batch.response_ids.shape
+        seeds = [self._seed(STREAM_GUMBEL, sub=t) for t in range(c.max_new_tokens)]
+        batch = self.rollout(gumbel_seeds=seeds)
+        prompt_len, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
         weight = self.unwrapped_discriminator.get_input_embeddings().weight
-        soft_embeds, tokens = ops.gumbel_softmax_embedding(
-            logits.reshape(batch_size * length, -1), weight, self.tau(), c.straight_through,
-            seed=seed)
+        relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
+                                                c.straight_through, seed=seeds[t])
+                   for t in range(length)]
+        soft_embeds = torch.stack([emb for emb, _ in relaxed], 1)
+        tokens = torch.stack([tok for _, tok in relaxed], 1)
         embeds, mask = sequences_for_discriminator([
             (self._embed(batch.prompt_ids), batch.prompt_mask),
-            (soft_embeds.view(batch_size, length, -1), batch.response_mask)])
+            (soft_embeds, batch.response_mask)])
         reward = reward_from_logit(discriminator_logit(self.discriminator, embeds, mask),
                                    c.reward_type)
         loss = -reward.mean()
@@ -419,7 +450,7 @@ class RLGAFTrainer:
             loss = loss + c.kl_coef * kl
         self._check_finite(loss, "Gumbel generator loss")
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
-        mismatch = ((tokens.view(batch_size, length) != batch.response_ids)
+        mismatch = ((tokens != batch.response_ids)
                     & batch.response_mask.bool()).float().mean().item()
         self._last_rollout = batch
         return {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),

@@ -1,0 +1,125 @@
+"""``rlgaf-fast bench``: the benchmark suite from the command line (registered in
+rlgaf_fast/cli.py). Imports nothing heavy until it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("tiny", "quick", "full", "goals")
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the fused ops against eager PyTorch and torch.compile",
+        description="Time every op x backend (and eager, torch.compile) forward and "
+        "forward+backward; check each against the reference first; write results.json, "
+        "results.md and PNG plots under --out (default benchmarks/results/<device>/).")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                      help="small sizes, the CPU targets of the issues (default; < 3 min on 2 "
+                      "CPU cores)")
+    size.add_argument("--full", dest="preset", action="store_const", const="full",
+                      help="DESIGN.md's sizes (vocabularies 32000-151936, 1k-16k tokens)")
+    size.add_argument("--goals", dest="preset", action="store_const", const="goals",
+                      help="only the cases that carry a target (the GPU targets on a GPU)")
+    size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                      help="seconds; a smoke test of the suite itself")
+    p.add_argument("--ops", nargs="+", metavar="OP",
+                   help="restrict to these ops (gumbel_softmax soft_embedding "
+                   "gumbel_softmax_embedding ppo_loss fused_linear_ppo_loss)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-plots", type=int, help="write at most this many PNG files")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="start no new run after S seconds (the rest become skipped rows)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile baseline")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps of the adversarial loop (ppo and gumbel modes) "
+                   "with use_fused_kernels off and on, instead of the op cases")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="timed steps per configuration for --train")
+    p.add_argument("--docs", metavar="FILE.md",
+                   help="only regenerate this performance section from every "
+                   "benchmarks/results/*/results.json")
+    p.set_defaults(func=run_bench, preset=None)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rlgaf_fast.bench import report, suite
+
+    if args.docs:
+        files = sorted((suite.REPO_ROOT / "benchmarks" / "results").glob("*/results.json"))
+        docs = Path(args.docs)
+        docs.write_text(report.performance_section(files, docs))
+        print(f"wrote {docs} from {len(files)} result file(s)")
+        return 0
+    if args.train:
+        from rlgaf_fast.bench import train
+
+        return train.run(args)
+    preset = args.preset or "quick"
+    doc = suite.run_suite(preset, ops=args.ops, out_dir=args.out, device=args.device,
+                          plots=not args.no_plots, max_plots=args.max_plots,
+                          progress=not args.no_progress, time_limit_s=args.time_limit,
+                          compile_baseline=not args.no_compile)
+    out = Path(args.out) if args.out else None
+    print(summary(doc))
+    where = out or Path(suite.REPO_ROOT / "benchmarks" / "results" /
+                        suite.device_slug(_device(doc)))
+    print(f"\nwrote {where}/results.json, results.md" +
+          "".join(f", {name}" for name in doc.get("plots", [])))
+    failed = [r for r in doc["rows"] if r["check"] is False]
+    return 1 if failed else 0
+
+
+def _device(doc: dict):
+    import torch
+
+    return torch.device(doc["environment"]["device_type"])
+
+
+def summary(doc: dict) -> str:
+    """A short plain-text table: one line per case and provider, then the targets."""
+    lines = [f"{doc['environment']['device']} - preset {doc['preset']} - "
+             f"{doc.get('elapsed_s', 0):.0f} s"]
+    lines.append(f"{'case':<58} {'provider':<13} {'check':<6} {'median ms':>10} "
+                 f"{'peak MiB':>9} {'vs eager':>9} {'vs compile':>10} {'%ceil':>6}")
+    for row in doc["rows"]:
+        def fmt(value, spec):
+            return "-" if value is None else format(value, spec)
+
+        check = {True: "pass", False: "FAIL", None: "n/a"}[row["check"]]
+        if row["status"] != "ok":
+            lines.append(f"{row['case'][:58]:<58} {row['provider']:<13} {row['status']:<6} "
+                         f"{(row['error'] or '')[:60]}")
+            continue
+        lines.append(
+            f"{row['case'][:58]:<58} {row['provider']:<13} {check:<6} "
+            f"{fmt(row['median_ms'], '10.3f')} "
+            f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '9.1f')} "
+            f"{fmt(row.get('speedup_vs_eager'), '8.2f')}x "
+            f"{fmt(row.get('speedup_vs_compile'), '9.2f')}x "
+            f"{fmt(row.get('fraction_of_ceiling') and 100 * row['fraction_of_ceiling'], '5.0f')}%")
+    if doc.get("goals"):
+        lines.append("targets:")
+        for goal in doc["goals"]:
+            met = {True: "MET", False: "NOT MET", None: "not measured"}[goal["met"]]
+            value = "-" if goal["value"] is None else f"{goal['value']:.4g}"
+            lines.append(f"  [{met}] {goal['text']} ({goal['provider_row']}: {goal['metric']} = "
+                         f"{value})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rlgaf_fast.bench ...``: the same as ``rlgaf-fast bench ...``."""
+    parser = argparse.ArgumentParser(prog="python -m rlgaf_fast.bench")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(subparsers)
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

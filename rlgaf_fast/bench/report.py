@@ -1,0 +1,289 @@
+"""Reports of a benchmark run: the raw JSON, a Markdown table, PNG plots, and the README's
+performance section generated from the JSON files (never typed by hand).
+
+    python -m rlgaf_fast.bench.report docs/performance.md benchmarks/results/*/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+MIB = 2**20
+
+
+def write_json(doc: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)  # a reader never sees a half-written file
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _mib(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / MIB:.3g}" if value < 100 * MIB else f"{value / MIB:.0f}"
+
+
+def _throughput(row: dict) -> str:
+    value = row.get("achieved_per_s")
+    if not value:
+        return "-"
+    if row["bound"] == "bytes":
+        return f"{value / 1e9:.3g} GB/s"
+    return f"{value / 1e12:.3g} TFLOP/s" if value >= 1e12 else f"{value / 1e9:.3g} GFLOP/s"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _check(row: dict) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    return {True: "pass", False: "FAIL", None: "n/a"}[row["check"]]
+
+
+def _bandwidth_line(ceilings: dict) -> str:
+    return (f"Ceilings measured in this run: copy bandwidth "
+            f"{ceilings['bytes_per_s'] / 1e9:.3g} GB/s ({ceilings['bytes_method']}); matmul "
+            f"{ceilings['flops_per_s'] / 1e12:.3g} TFLOP/s ({ceilings['flops_method']}).")
+
+
+def _goal_value(goal: dict) -> str:
+    value = goal["value"]
+    if value is None:
+        return "-"
+    if goal["metric"] == "peak_bytes":
+        return f"{value / MIB:.3g} MiB (limit {goal['at_most'] / MIB:.3g})"
+    if goal["metric"] == "fraction_of_ceiling":
+        return _percent(value)
+    return _ratio(value)
+
+
+def goals_table(doc: dict) -> list[str]:
+    if not doc.get("goals"):
+        return []
+    lines = ["| target | provider | measured | met |", "|---|---|---|---|"]
+    for goal in doc["goals"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
+        if goal["note"]:
+            met += f" ({goal['note'][:80]})"
+        lines.append(f"| {goal['text']} | {goal['provider_row']} | {_goal_value(goal)} | {met} |")
+    return lines
+
+
+def case_table(rows: list[dict]) -> list[str]:
+    lines = ["| case | provider | check | median ms (p20-p80) | peak MiB | speed-up vs eager / "
+             "compile | memory vs eager / compile | throughput | % of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["status"] == "ok":
+            timing = f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
+        else:
+            timing = (row["error"] or "")[:90].replace("|", "/")
+        lines.append(
+            f"| {row['case']} | {row['provider']} | {_check(row)} | {timing} | "
+            f"{_mib(row['peak_bytes'])} | {_ratio(row.get('speedup_vs_eager'))} / "
+            f"{_ratio(row.get('speedup_vs_compile'))} | {_ratio(row.get('mem_ratio_vs_eager'))} / "
+            f"{_ratio(row.get('mem_ratio_vs_compile'))} | {_throughput(row)} | "
+            f"{_percent(row.get('fraction_of_ceiling'))} |")
+    return lines
+
+
+def _header(doc: dict) -> list[str]:
+    env = doc["environment"]
+    return [f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
+            f"CUDA {env['cuda']}; backends {', '.join(env['backends'])}; "
+            f"{env['date']}; commit {env['commit']}; preset `{doc['preset']}`"
+            + (f", {doc['elapsed_s']:.0f} s" if doc.get("elapsed_s") else "") + ".",
+            "",
+            _bandwidth_line(doc["ceilings"]),
+            "",
+            f"Peak memory: the extra bytes above the inputs, {doc['memory_method']}. Speed-up: "
+            "the provider's median time divided into the baseline's; memory ratio: the "
+            "provider's peak over the baseline's. Throughput counts the [N, V] bytes a fused "
+            "kernel must move (bandwidth-bound ops) or the matmul FLOPs (the others)."]
+
+
+def markdown(doc: dict, heading: str = "#") -> str:
+    lines = [f"{heading} Benchmark results", "", *_header(doc), ""]
+    goals = goals_table(doc)
+    if goals:
+        lines += [f"{heading}# Targets", "", *goals, ""]
+    ops: dict[str, list[dict]] = {}
+    for row in doc["rows"]:
+        ops.setdefault(row["op"], []).append(row)
+    for op, rows in ops.items():
+        lines += [f"{heading}# {op}", "", *case_table(rows), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(doc: dict, path: Path) -> None:
+    path.write_text(markdown(doc))
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _series(rows: list[dict], axis: str) -> list[tuple[str, dict, list[dict]]]:
+    """Groups of ok rows that differ only in ``axis`` ("v" or "n") with at least 2 values:
+    (title, the fixed fields, rows)."""
+    fixed_fields = [f for f in ("op", "mode", "dtype", "variant", "d", "n", "v") if f != axis]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault(tuple(row[f] for f in fixed_fields), []).append(row)
+    found = []
+    for key, members in groups.items():
+        if len({r[axis] for r in members}) >= 2:
+            fixed = dict(zip(fixed_fields, key, strict=True))
+            other = "n" if axis == "v" else "v"
+            title = (f"{fixed['op']} {fixed['mode']} {fixed['dtype']}"
+                     f"{' ' + fixed['variant'] if fixed['variant'] else ''}, "
+                     f"{other.upper()}={fixed[other]}"
+                     + (f", d={fixed['d']}" if fixed["d"] else ""))
+            found.append((title, fixed, members))
+    return found
+
+
+def write_plots(doc: dict, out: Path, max_plots: int | None = None) -> list[str]:
+    """One PNG per op: time and peak memory against V and against N, one line per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    except ImportError:
+        return []
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    blank = NullFormatter()
+    env = doc["environment"]
+    written = []
+    ops = list(dict.fromkeys(row["op"] for row in doc["rows"]))
+    for op in ops:
+        rows = [r for r in doc["rows"] if r["op"] == op]
+        panels = [(axis, s) for axis in ("v", "n") for s in _series(rows, axis)][:4]
+        if not panels:
+            continue
+        if max_plots is not None and len(written) >= max_plots:
+            break
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+        for (axis, (title, _, members)), (time_ax, mem_ax) in zip(panels, axes, strict=True):
+            providers = list(dict.fromkeys(r["provider"] for r in members))
+            for provider in providers:
+                points = sorted((r[axis], r["median_ms"], r["peak_bytes"]) for r in members
+                                if r["provider"] == provider)
+                xs = [p[0] for p in points]
+                time_ax.plot(xs, [p[1] for p in points], marker="o", label=provider)
+                mem_ax.plot(xs, [(p[2] or math.nan) / MIB for p in points], marker="o",
+                            label=provider)
+            label = "vocabulary size V" if axis == "v" else "tokens N"
+            for ax, ylabel in ((time_ax, "median time (ms)"), (mem_ax, "peak extra memory (MiB)")):
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xticks(sorted({r[axis] for r in members}))  # the measured sizes
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                for axis_ticks in (ax.xaxis, ax.yaxis):
+                    axis_ticks.set_major_formatter(plain)
+                    axis_ticks.set_minor_formatter(blank)
+                ax.set_xlabel(label)
+                ax.set_ylabel(ylabel)
+                ax.set_title(title, fontsize=9)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{op} - {env['device']} - {env['date'][:10]}", fontsize=10)
+        fig.tight_layout()
+        path = out / f"{op}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+# --- the README's performance section ------------------------------------------------------------
+
+def performance_section(result_files: Iterable[Path], docs_path: Path) -> str:
+    """The performance section from the given results.json files: per device its date, the
+    targets, the tables and the plots (linked relative to ``docs_path``)."""
+    lines = ["# Performance", "",
+             "Generated by `python -m rlgaf_fast.bench.report` from the JSON that "
+             "`rlgaf-fast bench` writes under benchmarks/results/; do not edit by hand. "
+             "Reproduce with `rlgaf-fast bench --quick` (CPU, under 3 minutes) or "
+             "`rlgaf-fast bench --full`; on a GPU machine `bash benchmarks/gpu_check.sh`.", ""]
+    for path in sorted(result_files):
+        doc = load(path)
+        env = doc["environment"]
+        lines += [f"## {env['device']} ({env['date'][:10]}, preset {doc['preset']})", "",
+                  *_header(doc), ""]
+        goals = goals_table(doc)
+        if goals:
+            lines += ["### Targets", "", *goals, ""]
+        lines += ["### All cases", "", *case_table(doc["rows"]), ""]
+        for name in doc.get("plots", []):
+            image = Path(path).parent / name
+            rel = os.path.relpath(image, docs_path.parent)
+            lines += [f"![{name} on {env['device']}, {env['date'][:10]}]({rel})", ""]
+        train = Path(path).parent / "train.json"
+        if train.exists():
+            lines += train_section(load(train))
+    return "\n".join(lines)
+
+
+def train_section(doc: dict) -> list[str]:
+    """The training-step table of ``rlgaf-fast bench --train`` (train.json)."""
+    env = doc["environment"]
+    shape = ", ".join(f"{k}={v}" for k, v in doc["shape"].items() if k != "steps")
+    lines = ["### Training steps (`rlgaf-fast bench --train`)", "",
+             f"{env['device']}, {env['date']}, commit {env['commit']}; Llama-shaped model from "
+             f"a config ({shape}); median of {doc['steps']} steps after one warm-up step. "
+             f"Target: {doc['goal']}.", "",
+             "| mode | use_fused_kernels | step s | tokens/s | peak MiB |", "|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | error: "
+                         f"{r['error'][:80].replace('|', '/')} | | |")
+        else:
+            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | {r['step_s']:.3g} | "
+                         f"{r['tokens_per_s']:.4g} | {_mib(r['peak_bytes'])} |")
+    lines.append("")
+    for mode, ratio in doc.get("ratios", {}).items():
+        parts = [f"{k.replace('_', ' ')} {v:.2f}" for k, v in ratio.items() if v is not None]
+        lines.append(f"{mode}: " + "; ".join(parts) + ".")
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m rlgaf_fast.bench.report OUT.md RESULTS.json [RESULTS.json ...]",
+              file=sys.stderr)
+        return 2
+    docs = Path(args[0])
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(performance_section([Path(p) for p in args[1:]], docs))
+    print(f"wrote {docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The ``rlgaf-fast`` command.
+
+Subcommands register themselves in ``SUBCOMMANDS``: a name mapped to a function that adds its
+parser to argparse's subparsers and sets ``func`` (called with the parsed arguments, returning
+an exit status). To add one (e.g. ``bench``), write ``add_bench_parser(subparsers)`` and add it
+to the dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------- rlgaf-fast train
+
+TINY_PRESET: dict[str, Any] = {
+    "generator": {"config": {"model_type": "llama", "vocab_size": 32, "hidden_size": 32,
+                             "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "num_key_value_heads": 2,
+                             "max_position_embeddings": 32}},
+    "discriminator": {"config": {"model_type": "llama", "vocab_size": 32, "hidden_size": 32,
+                                 "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2,
+                                 "max_position_embeddings": 32}},
+    "data": {"synthetic": {"num_examples": 512, "vocab_size": 32}},
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "trainer": {"mode": "ppo", "total_steps": 300, "batch_size": 16, "minibatch_size": 8,
+                "max_new_tokens": 10, "generator_lr": 3e-4, "discriminator_lr": 3e-4,
+                "kl_coef": 0.02},
+}
+
+
+def _build_model(spec: dict, kind: str, pad_token_id: int | None):
+    """A transformers model from ``{"name_or_path": ...}`` or ``{"config": {"model_type": ...,
+    ...}}`` (config-built, random init). kind: "causal_lm" or "classifier" (one logit)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    extra = {} if kind == "causal_lm" else {"num_labels": 1}
+    if "name_or_path" in spec:
+        return auto.from_pretrained(spec["name_or_path"], **extra)
+    if "config" not in spec:
+        raise ValueError(f"{kind} spec needs name_or_path or config, got {sorted(spec)}")
+    values = dict(spec["config"])
+    model_type = values.pop("model_type")
+    if pad_token_id is not None:
+        values.setdefault("pad_token_id", pad_token_id)
+    config = AutoConfig.for_model(model_type, **values, **extra)
+    return auto.from_config(config)
+
+
+def build_from_config(spec: dict, output_dir: str | None = None):
+    """An ``RLGAFTrainer`` from a train config (the YAML's mapping): models, data, trainer."""
+    from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
+    from rlgaf_fast.rlgaf.data import synthetic_examples
+
+    trainer_values = dict(spec.get("trainer", {}))
+    if output_dir is not None:
+        trainer_values["output_dir"] = output_dir
+    config = RLGAFConfig.from_dict(trainer_values)
+    tokenizer = None
+    if spec.get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    pad_id = spec.get("pad_token_id", getattr(tokenizer, "pad_token_id", None))
+    eos_id = spec.get("eos_token_id", getattr(tokenizer, "eos_token_id", None))
+    generator = _build_model(spec["generator"], "causal_lm", pad_id)
+    discriminator = None
+    if config.mode in ("ppo", "reinforce", "gumbel"):
+        if "discriminator" not in spec:
+            raise ValueError(f"mode {config.mode!r} needs a discriminator section in the config")
+        discriminator = _build_model(spec["discriminator"], "classifier", pad_id)
+    data = spec.get("data", {})
+    if "synthetic" in data:
+        demonstrations = synthetic_examples(seed=config.seed, eos_token_id=eos_id or 1,
+                                            pad_token_id=pad_id or 0, **data["synthetic"])
+    else:
+        demonstrations = data.get("demonstrations")
+    reward_fn = None
+    if config.mode == "rlhf":
+        if "reward_model" not in spec:
+            raise ValueError("mode 'rlhf' needs a reward_model section (name_or_path or config)")
+        reward_fn = _reward_model_fn(_build_model(spec["reward_model"], "classifier", pad_id))
+    return RLGAFTrainer(config, generator, discriminator, demonstrations, data.get("prompts"),
+                        reward_fn=reward_fn, tokenizer=tokenizer, eos_token_id=eos_id,
+                        pad_token_id=pad_id)
+
+
+def _reward_model_fn(model):
+    import torch
+
+    from rlgaf_fast.rlgaf.rollout import sequence_inputs
+
+    model.requires_grad_(False).eval()
+
+    def reward(batch):
+        input_ids, mask, _ = sequence_inputs(batch)
+        order = torch.argsort(mask, dim=1, stable=True)  # left-align: the last token is real
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.gather(1, order),
+                           attention_mask=mask.gather(1, order)).logits
+        return logits[:, -1].float()
+
+    return reward
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from rlgaf_fast.rlgaf.config import load_yaml
+
+    if args.config is None and args.preset is None:
+        raise SystemExit("rlgaf-fast train: give --config FILE.yaml or --preset tiny")
+    spec = json.loads(json.dumps(TINY_PRESET)) if args.preset == "tiny" else {}
+    if args.config is not None:
+        spec.update(load_yaml(args.config))
+    if args.mode is not None:
+        spec.setdefault("trainer", {})["mode"] = args.mode
+    if args.steps is not None:
+        spec.setdefault("trainer", {})["total_steps"] = args.steps
+    if args.fused:
+        spec.setdefault("trainer", {})["use_fused_kernels"] = True
+    _set_threads(args.threads)
+    trainer = build_from_config(spec, args.out)
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+    history = trainer.train()
+    if trainer.config.output_dir:
+        path = trainer.save_checkpoint(Path(trainer.config.output_dir) / "final")
+        if trainer.is_main:
+            print(f"saved {path}")
+    trainer.close()
+    if trainer.is_main and history:
+        print(json.dumps(history[-1]))
+    return 0
+
+
+def add_train_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="adversarial fine-tuning from a YAML config",
+                              description="Train a generator LM with RLGAF. The YAML holds "
+                              "generator/discriminator (name_or_path or config), tokenizer, data "
+                              "(demonstrations, prompts: JSON Lines) and trainer (RLGAFConfig).")
+    p.add_argument("--config", help="YAML file (read with yaml.safe_load)")
+    p.add_argument("--preset", choices=["tiny"], help="built-in config: a config-built model on "
+                   "generated data (about a minute); --config then overrides its sections")
+    p.add_argument("--mode", choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
+    p.add_argument("--steps", type=int, help="override trainer.total_steps")
+    p.add_argument("--out", help="output directory (logs, checkpoints)")
+    p.add_argument("--resume", help="checkpoint directory to continue from")
+    p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=run_train)
+
+
+# ---------------------------------------------------------------------- rlgaf-fast oracle
+
+
+def run_oracle_command(args: argparse.Namespace) -> int:
+    from rlgaf_fast.rlgaf.oracle import run_oracle
+
+    _set_threads(args.threads)
+    metrics = run_oracle(args.oracle, args.mode, args.out, preset=args.preset, init=args.init,
+                         seed=args.seed, use_fused_kernels=args.fused)
+    summary = {"mode": args.mode, "time_s": round(metrics["time_s"], 1), **metrics["final"]}
+    if "warm_start" in metrics:
+        summary["warm_start"] = metrics["warm_start"]
+    print(json.dumps(summary))
+    return 0
+
+
+def add_oracle_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("oracle", help="the SeqGAN synthetic benchmark",
+                              description="Train one mode against the SeqGAN oracle; writes "
+                              "OUT/metrics.json, OUT/samples.txt and OUT/curves.png.")
+    p.add_argument("--oracle", required=True, help="target_params_py3.pkl")
+    p.add_argument("--mode", required=True, choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
+    p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")
+    p.set_defaults(func=run_oracle_command)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- entry point
+
+from rlgaf_fast.bench.cli import add_bench_parser  # noqa: E402 - light: imports torch lazily
+
+SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
+    "train": add_train_parser,
+    "oracle": add_oracle_parser,
+    "bench": add_bench_parser,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlgaf-fast", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in SUBCOMMANDS.values():
+        register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+import torch
+
+from rlgaf_fast.rlgaf.data import ExampleSampler, load_examples, synthetic_examples
+
+
+def word_tokenizer():
+    """A word-level tokenizer built in memory (no download): pad 0, eos 1, unk 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "hello", "world", "say", "it", "again"]
+    model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def test_jsonl_text_loads_and_tokenises(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    rows = [{"prompt": "say hello", "response": "hello world"},
+            {"prompt": "say it again", "response": "again"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = load_examples(path, word_tokenizer())
+    assert dataset["prompt_ids"] == [[5, 3], [5, 6, 7]]
+    assert dataset["response_ids"] == [[3, 4, 1], [7, 1]]
+
+
+def test_prompts_only_and_missing_columns(tmp_path):
+    prompts = load_examples([{"prompt_ids": [3, 4]}])
+    assert prompts["response_ids"] == [[]]
+    with pytest.raises(ValueError, match="prompt"):
+        load_examples([{"text": "x"}])
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_examples([{"prompt": "x", "response": "y"}])
+
+
+def test_sampler_pads_and_is_reproducible():
+    sampler = ExampleSampler(synthetic_examples(20, 16), pad_id=0, max_response_len=4)
+    a, b = sampler.batch(6, seed=7), sampler.batch(6, seed=7)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.response_ids, b.response_ids)
+    assert a.response_ids.shape == (6, 4)
+    assert (a.prompt_mask[:, -1] == 1).all()  # prompts are left-padded
+    assert (a.response_mask[:, 0] == 1).all()  # responses right-padded
+    assert not torch.equal(sampler.batch(6, seed=8).prompt_ids, a.prompt_ids)

@@ -1,0 +1,124 @@
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlgaf_fast.rlgaf.oracle import (
+    PARAM_SHAPES,
+    OracleLSTM,
+    OraclePreset,
+    load_oracle_params,
+    run_oracle,
+)
+
+DEFAULT_ORACLE = Path(__file__).parents[3] / "shared/data/seqgan/target_params_py3.pkl"
+ORACLE = Path(os.environ.get("RLGAF_SEQGAN_ORACLE", DEFAULT_ORACLE))
+needs_oracle = pytest.mark.skipif(not ORACLE.exists(), reason=f"{ORACLE} not present")
+
+
+class RunsACommand:
+    """Unpickling this would call os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps([np.zeros(3, np.float32), RunsACommand(marker)]))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*system"):
+        load_oracle_params(path)
+    assert not marker.exists()
+
+
+def test_wrong_arrays_are_refused(tmp_path):
+    path = tmp_path / "wrong.pkl"
+    arrays = [np.zeros(shape, np.float32) for shape in PARAM_SHAPES]
+    arrays[13] = np.zeros((32, 10), np.float32)
+    path.write_bytes(pickle.dumps(arrays))
+    with pytest.raises(ValueError, match="array 13"):
+        load_oracle_params(path)
+    arrays = [np.zeros(shape, np.float64) for shape in PARAM_SHAPES]
+    path.write_bytes(pickle.dumps(arrays))
+    with pytest.raises(ValueError, match="float32"):
+        load_oracle_params(path)
+
+
+def numpy_oracle_log_likelihood(params, tokens):
+    """README's equations, literally, in numpy float64."""
+    emb, wi, ui, bi, wf, uf, bf, wo, uo, bo, wc, uc, bc, w_out, b_out = \
+        [p.astype(np.float64) for p in params]
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    out = np.zeros(tokens.shape)
+    for b, seq in enumerate(tokens):
+        h = c = np.zeros(32)
+        x = emb[0]
+        for t, token in enumerate(seq):
+            i, f = sigmoid(x @ wi + h @ ui + bi), sigmoid(x @ wf + h @ uf + bf)
+            o, cand = sigmoid(x @ wo + h @ uo + bo), np.tanh(x @ wc + h @ uc + bc)
+            c = f * c + i * cand
+            h = o * np.tanh(c)
+            logits = h @ w_out + b_out
+            out[b, t] = logits[token] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            x = emb[token]
+    return out
+
+
+@needs_oracle
+def test_oracle_matches_its_readme():
+    params = load_oracle_params(ORACLE)
+    oracle = OracleLSTM(params)
+    tokens = oracle.sample(3, seed=0)
+    expected = numpy_oracle_log_likelihood(params, tokens.numpy())
+    np.testing.assert_allclose(oracle.log_likelihood(tokens).numpy(), expected, atol=1e-4)
+    # README: the oracle's own samples score 5.749, uniformly random tokens 11.43.
+    assert oracle.nll(oracle.sample(1000, seed=1)) == pytest.approx(5.75, abs=0.1)
+    random = torch.randint(0, 5000, (1000, 20), generator=torch.Generator().manual_seed(0))
+    assert oracle.nll(random) == pytest.approx(11.43, abs=0.05)
+    assert torch.equal(oracle.sample(5, seed=3), oracle.sample(5, seed=3))
+
+
+MICRO = OraclePreset(num_demos=200, num_test=100, num_eval=100, num_final=300, num_sweep=100,
+                     gen_hidden=16, gen_layers=1, sft_steps=4, sft_batch=16, adv_steps=2,
+                     d_pretrain_steps=1, eval_every=1,
+                     trainer={"batch_size": 8, "minibatch_size": 4})
+
+
+@needs_oracle
+def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
+    sft = run_oracle(ORACLE, "sft", tmp_path / "sft", preset=MICRO)
+    assert [row["temperature"] for row in sft["temperature_sweep"]] == [0.8, 0.9, 1.0, 1.1, 1.2]
+    ppo = run_oracle(ORACLE, "ppo", tmp_path / "ppo", preset=MICRO, init=tmp_path / "sft")
+    metrics = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert metrics["warm_start"] == sft["final"]
+    assert {"nll_oracle", "nll_test", "distinct"} <= set(metrics["final"])
+    assert [h["step"] for h in metrics["history"]] == [0, 1, 2]
+    assert metrics["history"] == ppo["history"]
+    lines = (tmp_path / "ppo" / "samples.txt").read_text().splitlines()
+    assert len(lines) == 300
+    rows = np.array([[int(t) for t in line.split(" ")] for line in lines])
+    assert rows.shape == (300, 20) and rows.min() >= 0 and rows.max() < 5000
+    assert (tmp_path / "ppo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # A uniformly random generator scores about 11.4; a few SFT steps cannot go far below.
+    assert 5.0 < metrics["final"]["nll_oracle"] < 12.0
+
+
+@needs_oracle
+@pytest.mark.skipif(not os.environ.get("RLGAF_SLOW_TESTS"), reason="set RLGAF_SLOW_TESTS=1")
+def test_smoke_preset_through_the_cli(tmp_path):
+    from rlgaf_fast.cli import main
+
+    assert main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
+                 "--preset", "smoke", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"]["nll_oracle"] < 11.0
