@@ -17,7 +17,9 @@ GPU (triton):
    products alone (goal: <= 1.15x) and eager's peak memory (goal: <= 1/5).
 --sweep (GPU): kernel time for several (BLOCK, num_warps) of the Triton kernel.
 
-Time: the median of several runs after warm-up (wall clock, CUDA synchronised).
+Time: the median of several runs after warm-up (wall clock, CUDA synchronised), and beside it
+the median CPU time of the process (all threads): on a machine shared with other work the wall
+clock of each variant depends on the load, the CPU time much less.
 Peak memory, CPU: the process's peak resident set (VmHWM in /proc/self/status, reset before the
 measured step by writing 5 to /proc/self/clear_refs) minus the resident set before the step:
 what the step allocates and touches beyond its inputs, the gradients it returns included,
@@ -82,17 +84,24 @@ def peak_extra_mib(step, device: torch.device, clear=None) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
+# CPU time (all threads) of the last median_ms call: a measure of the work that other processes
+# on a shared machine disturb less than the wall clock.
+_last_cpu_ms: list[float] = [0.0]
+
+
 def median_ms(step, device: torch.device, runs: int, warmup: int = 1, prepare=None) -> float:
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + runs):
         if prepare is not None:
             prepare()
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
+    _last_cpu_ms[0] = statistics.median(cpu_times)
     return statistics.median(times)
 
 
@@ -109,8 +118,9 @@ def _tokens(N: int, V: int, device: torch.device, gen: torch.Generator):
 
 
 def _report(results: dict, title: str, name: str, ms: float, peak: float | None) -> None:
-    results[name] = {"ms": round(ms, 2)}
-    line = f"{title}  {name:28s} {ms:10.2f} ms"
+    cpu_ms = _last_cpu_ms[0]  # measured by the median_ms call that produced ms
+    results[name] = {"ms": round(ms, 2), "cpu_ms": round(cpu_ms, 2)}
+    line = f"{title}  {name:28s} {ms:10.2f} ms (cpu {cpu_ms:10.2f} ms)"
     if peak is not None:
         results[name]["peak_extra_mib"] = round(peak, 1)
         line += f"   peak +{peak:9.1f} MiB"

@@ -92,7 +92,9 @@ def _ppo_loss_kernel(
     inv_temp = tl.load(params_ptr)
     m, log_sum, entropy = _row_statistics(x_row, V, inv_temp, BLOCK, FP64)
     action = tl.load(actions_ptr + row)
-    logp = tl.load(x_row + action).to(ACC) * inv_temp - m - log_sum
+    # an action outside [0, V) (unchecked under torch.compile) gives NaN, not a stray read
+    valid = (action >= 0) & (action < V)
+    logp = tl.load(x_row + action, mask=valid, other=float("nan")).to(ACC) * inv_temp - m - log_sum
     tl.store(logprobs_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     if COMPUTE_GRAD:

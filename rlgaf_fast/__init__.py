@@ -6,6 +6,13 @@ value_loss, gae. Each takes ``backend="auto"`` (or "torch", "cpp", "triton", "cu
 
 from rlgaf_fast._backend import available_backends, use_backend
 from rlgaf_fast.ops.gumbel_softmax import gumbel_softmax, gumbel_softmax_embedding
+from rlgaf_fast.ops.ppo_loss import (
+    PPOLossOutput,
+    fused_linear_ppo_loss,
+    gae,
+    ppo_loss,
+    value_loss,
+)
 from rlgaf_fast.ops.soft_embedding import soft_embedding
 from rlgaf_fast.patch import patch_torch, patched_torch, unpatch_torch
 
@@ -17,6 +24,11 @@ __all__ = [
     "gumbel_softmax",
     "gumbel_softmax_embedding",
     "soft_embedding",
+    "ppo_loss",
+    "fused_linear_ppo_loss",
+    "value_loss",
+    "gae",
+    "PPOLossOutput",
     "patch_torch",
     "patched_torch",
     "unpatch_torch",

@@ -101,25 +101,32 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
     Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
     """
+    return _resolve_for_device(backend, tensor.device.type)
+
+
+# The choice depends only on strings, the environment and what is installed, so torch.compile may
+# run it once while tracing and keep the answer, instead of tracing into imports.
+@torch.compiler.assume_constant_result
+def _resolve_for_device(backend: str, device: str) -> str:
     _check_name(backend, "backend")
     if backend == "auto":
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(tensor)
-    _require(backend, tensor)
+        return _auto_backend(device)
+    _require(backend, device)
     return backend
 
 
-def _auto_backend(tensor: torch.Tensor) -> str:
-    if tensor.device.type == "cuda":
+def _auto_backend(device: str) -> str:
+    if device == "cuda":
         if _triton()[0]:
             return "triton"
         if cuda_available():
             return "cuda"
         _say_torch_fallback_once("neither Triton nor the CUDA extension is available")
         return "torch"
-    if tensor.device.type == "cpu":
+    if device == "cpu":
         if cpp_available():
             return "cpp"
         _say_torch_fallback_once(f"the C++ extension was not built ({_extension()[1]}); "
@@ -127,8 +134,7 @@ def _auto_backend(tensor: torch.Tensor) -> str:
     return "torch"
 
 
-def _require(backend: str, tensor: torch.Tensor) -> None:
-    device = tensor.device.type
+def _require(backend: str, device: str) -> None:
     if backend == "cpp":
         if not cpp_available():
             raise RuntimeError(f"backend 'cpp' is not available: the C++ extension was not built "

@@ -9,6 +9,8 @@ same samples on every backend and device.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -129,7 +131,6 @@ def gumbel_softmax_embedding(
 
 # --- PPO: clipped policy loss, clipped value loss, GAE ----------------------------------------
 
-from typing import NamedTuple  # noqa: E402 - this section was appended to the module
 
 
 class PPOLossOutput(NamedTuple):

@@ -11,6 +11,7 @@
 // without it they still compute the right thing, one element at a time.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -89,14 +90,22 @@ static inline float max_of(const float* x, int64_t n) {
 }
 
 // x[i] = exp(x[i] - shift) in place (x[i] - shift <= 88), returns the sum of the new values.
+// Float sums of blocks of 256 values are added up in double, so that the sum stays accurate also
+// where the loop is not vectorised into partial sums (no OpenMP). Summing every value in double
+// instead would halve the vector width of the whole loop.
 static inline float exp_shift_sum(float* x, int64_t n, float shift) {
-  float sum = 0.0f;
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += 256) {
+    const int64_t end = std::min<int64_t>(n, begin + 256);
+    float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = fast_expf(x[i] - shift);
-    sum += x[i];
+    for (int64_t i = begin; i < end; ++i) {
+      x[i] = fast_expf(x[i] - shift);
+      sum += x[i];
+    }
+    total += sum;
   }
-  return sum;
+  return static_cast<float>(total);
 }
 
 }  // namespace cpu

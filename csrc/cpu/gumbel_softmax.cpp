@@ -124,13 +124,14 @@ double exp_shift_sum_of(double* z, int64_t n, double shift) {
   return sum;
 }
 
-// sum_i a[i] * b[i] in acc_t.
+// sum_i a[i] * b[i], products in acc_t, accumulated in double (accurate even where the loop is
+// not vectorised into partial sums).
 template <typename scalar_t, typename acc_t>
 acc_t dot_of(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t sum = 0;
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return sum;
+  return static_cast<acc_t>(sum);
 }
 
 // at::empty_like for the large [N, V] outputs, which are written exactly once. Buffers this large
@@ -167,17 +168,17 @@ void parallel_rows(int64_t rows, int64_t cols, const MakeRowBody& make_row_body)
   });
 }
 
-// y[i] *= scale in place; returns sum_i grad_y[i] * y[i] (after scaling).
+// y[i] *= scale in place; returns sum_i grad_y[i] * y[i] (after scaling), accumulated in double.
 template <typename scalar_t, typename acc_t>
 acc_t scale_and_dot(acc_t* __restrict y, const scalar_t* __restrict grad_y, int64_t n,
                     acc_t scale) {
-  acc_t sum = 0;
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
     y[i] *= scale;
     sum += static_cast<acc_t>(grad_y[i]) * y[i];
   }
-  return sum;
+  return static_cast<acc_t>(sum);
 }
 
 void check_logits(const char* op, const char* name, const at::Tensor& t) {

@@ -171,24 +171,34 @@ acc_t row_max(const scalar_t* x, int64_t V) {
 }
 
 // Sums exp(t_v) and exp(t_v) * t_v over the row; with kStore also writes exp(t_v) to e (which
-// has room for a whole last block).
+// has room for a whole last block). Lane sums of kSumBlock elements are added up in double, so
+// that the sums stay accurate for the largest vocabularies at the cost of one add per block.
+constexpr int64_t kSumBlock = 1024;
+
 template <bool kStore, typename scalar_t, typename acc_t>
 void row_exp(const scalar_t* x, int64_t V, acc_t max_x, acc_t inv_temp, acc_t* __restrict__ e,
              acc_t& sum_e, acc_t& sum_et) {
   constexpr int64_t W = kWidth<acc_t>;
-  vec<acc_t> lane_e{}, lane_et{};
-  auto step = [&](vec<acc_t> block, int64_t i) {
-    const vec<acc_t> t = shifted_logits(block, max_x, inv_temp);
-    const vec<acc_t> exps = exp_of(t);
-    lane_e += exps;
-    lane_et += exps * t;
-    if (kStore) std::memcpy(e + i, &exps, sizeof(exps));
-  };
-  int64_t i = 0;
-  for (; i + W <= V; i += W) step(load<acc_t>(x + i), i);
-  if (i < V) step(load_part(x + i, V - i, -std::numeric_limits<acc_t>::infinity()), i);
-  sum_e = lane_sum<acc_t>(lane_e);
-  sum_et = lane_sum<acc_t>(lane_et);
+  static_assert(kSumBlock % W == 0, "blocks of whole vectors");
+  double total_e = 0, total_et = 0;
+  for (int64_t begin = 0; begin < V; begin += kSumBlock) {
+    const int64_t end = std::min(V, begin + kSumBlock);
+    vec<acc_t> lane_e{}, lane_et{};
+    auto step = [&](vec<acc_t> block, int64_t i) {
+      const vec<acc_t> t = shifted_logits(block, max_x, inv_temp);
+      const vec<acc_t> exps = exp_of(t);
+      lane_e += exps;
+      lane_et += exps * t;
+      if (kStore) std::memcpy(e + i, &exps, sizeof(exps));
+    };
+    int64_t i = begin;
+    for (; i + W <= end; i += W) step(load<acc_t>(x + i), i);
+    if (i < end) step(load_part(x + i, end - i, -std::numeric_limits<acc_t>::infinity()), i);
+    total_e += lane_sum<acc_t>(lane_e);
+    total_et += lane_sum<acc_t>(lane_et);
+  }
+  sum_e = static_cast<acc_t>(total_e);
+  sum_et = static_cast<acc_t>(total_et);
 }
 
 // grad_v = e_v * (alpha + beta * t_v). grad may be the logits buffer itself (in place): each
@@ -308,6 +318,13 @@ void check_rows(const at::Tensor& logits, const at::Tensor& actions) {
   TORCH_CHECK(actions.device().is_cpu() && actions.dim() == 1 && actions.is_contiguous() &&
                   actions.scalar_type() == at::kLong && actions.size(0) == logits.size(0),
               "ppo_loss kernel: actions must be contiguous int64 [N]");
+  // The op layer checks the range in eager mode only; an action outside it would read outside
+  // the row.
+  const int64_t* a = actions.data_ptr<int64_t>();
+  const int64_t V = logits.size(1);
+  bool in_range = true;
+  for (int64_t n = 0; n < actions.size(0); ++n) in_range &= a[n] >= 0 && a[n] < V;
+  TORCH_CHECK(in_range, "ppo_loss kernel: actions must be in [0, ", V, ")");
 }
 
 void check_token(const at::Tensor& t, const at::Tensor& logits, at::ScalarType dtype,

@@ -19,8 +19,8 @@ def add_bench_parser(subparsers: Any) -> None:
         "results.md and PNG plots under --out (default benchmarks/results/<device>/).")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small sizes, the CPU targets of the issues (default; < 3 min on 2 "
-                      "CPU cores)")
+                      help="small sizes, the CPU targets of the issues (default; aims at under "
+                      "3 minutes on an idle 2-core CPU)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="DESIGN.md's sizes (vocabularies 32000-151936, 1k-16k tokens)")
     size.add_argument("--goals", dest="preset", action="store_const", const="goals",
@@ -46,7 +46,7 @@ def add_bench_parser(subparsers: Any) -> None:
                    help="timed steps per configuration for --train")
     p.add_argument("--docs", metavar="FILE.md",
                    help="only regenerate this performance section from every "
-                   "benchmarks/results/*/results.json")
+                   "benchmarks/results/**/results.json (tiny runs left out)")
     p.set_defaults(func=run_bench, preset=None)
 
 
@@ -54,7 +54,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from rlgaf_fast.bench import report, suite
 
     if args.docs:
-        files = sorted((suite.REPO_ROOT / "benchmarks" / "results").glob("*/results.json"))
+        files = sorted((suite.REPO_ROOT / "benchmarks" / "results").glob("**/results.json"))
         docs = Path(args.docs)
         docs.write_text(report.performance_section(files, docs))
         print(f"wrote {docs} from {len(files)} result file(s)")
@@ -68,10 +68,8 @@ def run_bench(args: argparse.Namespace) -> int:
                           plots=not args.no_plots, max_plots=args.max_plots,
                           progress=not args.no_progress, time_limit_s=args.time_limit,
                           compile_baseline=not args.no_compile)
-    out = Path(args.out) if args.out else None
     print(summary(doc))
-    where = out or Path(suite.REPO_ROOT / "benchmarks" / "results" /
-                        suite.device_slug(_device(doc)))
+    where = Path(args.out) if args.out else suite.default_out_dir(_device(doc), preset)
     print(f"\nwrote {where}/results.json, results.md" +
           "".join(f", {name}" for name in doc.get("plots", [])))
     failed = [r for r in doc["rows"] if r["check"] is False]

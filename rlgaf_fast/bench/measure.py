@@ -19,7 +19,6 @@ process's resident-set high-water mark (reset through /proc/self/clear_refs) is 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
 import tempfile
@@ -171,7 +170,6 @@ def _rss_peak_bytes(fn: Callable[[], T]) -> tuple[T, int | None]:
 
 def peak_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int | None, str]:
     """``fn()``, the extra bytes allocated at its peak, and the method used to measure them."""
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -62,6 +62,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def default_out_dir(device: torch.device, preset: str) -> Path:
+    """benchmarks/results/<device>/ for quick and full; a subfolder named after the preset for
+    the others (goals, tiny), so that they do not overwrite the main results."""
+    base = REPO_ROOT / "benchmarks" / "results" / device_slug(device)
+    return base if preset in ("quick", "full") else base / preset
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -121,7 +128,8 @@ def ceilings(device: torch.device, preset: str) -> dict:
         torch.cuda.empty_cache()
     return {
         "bytes_per_s": bandwidth,
-        "bytes_method": f"device-to-device copy of {nbytes >> 20} MiB (read + write)",
+        "bytes_method": (f"{'device-to-device' if device.type == 'cuda' else 'memory-to-memory'} "
+                         f"copy of {nbytes >> 20} MiB, counted as read + write"),
         "flops_per_s": flops,
         "flops_method": f"{size}x{size}x{size} {str(dtype).removeprefix('torch.')} matmul",
     }
@@ -161,8 +169,11 @@ def _base_row(case: Case, provider: str) -> dict:
     return row
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _free(device: torch.device, collect: bool = False) -> None:
+    """Return cached GPU memory; with ``collect`` also run the garbage collector (about 0.4 s
+    in a process holding torch and transformers, so only between cases and after errors)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -201,6 +212,7 @@ def run_provider(case: Case, problem: cases_module.Problem, name: str, provider,
         if os.environ.get("RLGAF_BENCH_TRACEBACK"):
             traceback.print_exc()
         problem.clear_grads()
+        _free(device, collect=True)
     _free(device)
     return row
 
@@ -268,7 +280,7 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     selected, goals = select(preset, dev.type, ops)
-    out = Path(out_dir) if out_dir else REPO_ROOT / "benchmarks" / "results" / device_slug(dev)
+    out = Path(out_dir) if out_dir else default_out_dir(dev, preset)
     out.mkdir(parents=True, exist_ok=True)
     fused = [b for b in rlgaf_fast.available_backends() if b != "torch"
              and (b == "cpp") == (dev.type == "cpu")]
@@ -303,7 +315,7 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
         else:
             if problem_case != case:
                 problem, problem_case = None, None
-                _free(dev)
+                _free(dev, collect=True)
                 try:
                     problem, problem_case = cases_module.make_problem(case, dev), case
                 except Exception as error:  # noqa: BLE001 - e.g. out of memory for the inputs

@@ -33,9 +33,6 @@ _CHUNK_BYTES_CPU = 128 << 20
 _CHUNK_BYTES_GPU = 1 << 30
 
 
-# Dynamo cannot trace the availability probes (imports, caches) of resolve_backend; under
-# torch.compile the choice is made once, while tracing, and kept as a constant of the graph.
-_resolve_backend = torch._dynamo.assume_constant_result(resolve_backend)
 
 
 def _kernels(backend: str):
@@ -340,7 +337,7 @@ def ppo_loss(
     )
     shape, V = logits.shape[:-1], logits.shape[-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, logits.device, V)
-    name = _resolve_backend(backend, logits)
+    name = resolve_backend(backend, logits)
     if name == "torch":
         return reference.ppo_loss(
             logits, actions, old_logprobs, advantages, mask, clip_eps=clip_eps,
@@ -598,7 +595,7 @@ def fused_linear_ppo_loss(
     )
     shape = hidden.shape[:-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, hidden.device, V)
-    name = _resolve_backend(backend, hidden)
+    name = resolve_backend(backend, hidden)
     if name == "torch":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.ppo_loss(

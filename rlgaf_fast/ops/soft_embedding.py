@@ -8,7 +8,6 @@ ATen's fused gather-and-weighted-sum (``embedding_bag``) instead of reading all 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

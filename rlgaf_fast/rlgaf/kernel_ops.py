@@ -15,14 +15,18 @@ OP_NAMES = ("gumbel_softmax", "soft_embedding", "gumbel_softmax_embedding", "ppo
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
     """A namespace with the six ops the loop uses: from ``rlgaf_fast`` (fused, backend "auto")
     when ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``."""
-    if use_fused_kernels:
-        import rlgaf_fast as library
+    if not use_fused_kernels:
+        return SimpleNamespace(**{name: getattr(reference, name) for name in OP_NAMES})
+    import rlgaf_fast
 
-        missing = [name for name in OP_NAMES if not hasattr(library, name)]
-        if missing:
-            raise RuntimeError(f"use_fused_kernels=True but rlgaf_fast does not provide {missing}; "
-                               "set use_fused_kernels=False to run on the reference ops")
-    else:
-        library = reference
-    return SimpleNamespace(**{name: getattr(library, name) for name in OP_NAMES})
+    return SimpleNamespace(**{name: getattr(rlgaf_fast, name, None) or _missing(name)
+                              for name in OP_NAMES})
+
+
+def _missing(name: str):
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"use_fused_kernels=True but this rlgaf_fast has no {name}; "
+                           "rebuild it, or set use_fused_kernels=False for the reference ops")
+
+    return fail
 

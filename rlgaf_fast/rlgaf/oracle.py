@@ -156,7 +156,7 @@ class OraclePreset:
     sft_lr: float = 3e-3
     sft_weight_decay: float = 0.01
     adv_steps: int = 300
-    d_pretrain_steps: int = 100
+    d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
@@ -171,15 +171,21 @@ PRESETS = {
 
 ADVERSARIAL_DEFAULTS: dict[str, dict] = {
     "ppo": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
-                discriminator_lr=1e-4, kl_coef=0.02, reward_type="log_d", d_steps=1),
+                discriminator_lr=1e-3, kl_coef=0.02, reward_type="log_d", d_steps=2),
     "reinforce": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4,
-                      discriminator_lr=1e-4, kl_coef=0.02, reward_type="log_d"),
-    "gumbel": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4, discriminator_lr=1e-4,
+                      discriminator_lr=1e-3, kl_coef=0.02, reward_type="log_d", d_steps=2),
+    "gumbel": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4, discriminator_lr=1e-3,
                    kl_coef=0.02, reward_type="log_d", tau_start=1.0, tau_end=0.5,
-                   tau_schedule="exponential", straight_through=True),
+                   tau_schedule="exponential", straight_through=True, d_steps=2),
     "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
                  kl_coef=0.02),
 }
+
+
+def oracle_batch(tokens: Tensor) -> Batch:
+    """Sequences ``[B, 20]`` as a Batch after the start-token prompt."""
+    prompt = torch.full_like(tokens[:, :1], START_TOKEN)
+    return Batch(prompt, torch.ones_like(prompt), tokens, torch.ones_like(tokens))
 
 
 def oracle_examples(tokens: Tensor) -> list[dict]:
@@ -305,9 +311,14 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                                reward_fn=oracle_reward if mode == "rlhf" else None,
                                eval_fn=lambda tr: eval_fn(tr, mode))
         if discriminator is not None:
-            # Pretrain the discriminator against the warm start, as SeqGAN does.
-            for i in range(p.d_pretrain_steps):
-                trainer.discriminator_step(trainer.rollout(sub=i), sub=i)
+            # Pretrain the discriminator against the warm start, as SeqGAN does: minibatches
+            # from the demonstrations and from a pool of 10,000 generated negatives.
+            negatives = sample_generator(generator, p.num_demos, seed=7000 + seed)
+            draw = torch_generator(8000 + seed)
+            for _ in range(p.d_pretrain_steps):
+                real = demos[torch.randint(len(demos), (64,), generator=draw)]
+                fake = negatives[torch.randint(len(negatives), (64,), generator=draw)]
+                trainer.discriminator_step(oracle_batch(fake), real=oracle_batch(real))
         eval_fn(trainer, mode)
         trainer.train()
         trainer.close()

@@ -459,10 +459,13 @@ class RLGAFTrainer:
 
     # ------------------------------------------------------------------ discriminator update
 
-    def discriminator_step(self, fake: Batch, sub: int = 0) -> dict:
-        """Binary cross-entropy: demonstrations are real (1), generations fake (0)."""
-        real = self.demos.batch(fake.response_ids.shape[0],
-                                self._seed(STREAM_DEMOS, sub=sub + 1)).to(self.device)
+    def discriminator_step(self, fake: Batch, sub: int = 0, real: Batch | None = None) -> dict:
+        """Binary cross-entropy: demonstrations are real (1), generations fake (0). ``real``
+        defaults to a fresh batch of demonstrations as large as ``fake``."""
+        if real is None:
+            real = self.demos.batch(fake.response_ids.shape[0],
+                                    self._seed(STREAM_DEMOS, sub=sub + 1))
+        real = real.to(self.device)
         embeds, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
         labels = torch.cat([torch.ones(real.response_ids.shape[0]),
                             torch.zeros(fake.response_ids.shape[0])]).to(self.device)

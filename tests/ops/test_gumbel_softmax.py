@@ -72,7 +72,7 @@ def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
 def test_hard_sample_frequencies_follow_softmax(backend):
     # Every row holds the same logits, so the row-keyed noise gives independent draws.
     probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04], dtype=torch.float64)
-    rows = 2000 if _interpreted(backend) else 20000
+    rows = 600 if _interpreted(backend) else 20000
     x = probs.log().expand(rows, -1).contiguous().to(_device(backend), torch.float32)
     y = rlgaf_fast.gumbel_softmax(x, 1.0, hard=True, seed=2024, backend=backend)
     counts = y.sum(0).double().cpu()
@@ -83,7 +83,7 @@ def test_hard_sample_frequencies_follow_softmax(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_soft_sample_mean_matches_torch_gumbel_softmax(backend):
-    rows = 1000 if _interpreted(backend) else 10000
+    rows = 400 if _interpreted(backend) else 10000
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5, 2.0])
     x = logits.expand(rows, -1).contiguous().to(_device(backend))
     ours = rlgaf_fast.gumbel_softmax(x, 0.8, seed=77, backend=backend).double().cpu()
@@ -193,7 +193,7 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
 @pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24)])
 def test_embedding_matches_reference_float64(backend, hard, n, v, d):
     if _interpreted(backend) and hard:
-        pytest.skip("hard mode shares the soft kernels; covered by the soft case on the interpreter")
+        pytest.skip("hard mode shares the soft kernels, covered by the soft case here")
     dev = _device(backend)
     dtype = torch.float32 if _interpreted(backend) else torch.float64
     x = _logits(n, v, dtype, backend).requires_grad_()
@@ -226,6 +226,8 @@ def test_embedding_equals_gumbel_softmax_then_soft_embedding(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_embedding_mixed_dtypes_and_empty_batch(backend):
+    if _interpreted(backend):
+        pytest.skip("the Triton interpreter computes tl.dot of bf16 operands wrongly (DESIGN.md)")
     dev = _device(backend)
     x = _logits(3, 40, torch.float32, backend)
     w = torch.randn(40, 8, device=dev, dtype=torch.bfloat16)

@@ -177,8 +177,8 @@ def test_large_vocabulary_cpp(V):
     expected = _call(reference.ppo_loss, b, x64, options)
     (grad_ref,) = torch.autograd.grad(expected.loss, x64)
     torch.testing.assert_close(out.loss.double(), expected.loss.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out.logprobs.double(), expected.logprobs, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out.entropy.double(), expected.entropy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.logprobs.double(), expected.logprobs, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), expected.entropy, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), grad_ref, atol=1e-9, rtol=1e-4)
 
 
@@ -411,6 +411,14 @@ def test_bad_options_raise_naming_the_argument(options, name):
     b = _batch()
     with pytest.raises(ValueError, match=name):
         _call(ops.ppo_loss, b, b["logits"], options)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpp_kernel_refuses_actions_out_of_range():
+    """The op layer's range check is skipped under torch.compile; the kernel's is not."""
+    x = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match="actions"):
+        torch.ops.rlgaf_fast_cpu.ppo_loss_fwd(x, torch.tensor([0, 10, 2]), 1.0)
 
 
 def test_fused_linear_bad_shapes():

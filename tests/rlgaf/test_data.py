@@ -39,7 +39,8 @@ def test_prompts_only_and_missing_columns(tmp_path):
 
 
 def test_sampler_pads_and_is_reproducible():
-    sampler = ExampleSampler(synthetic_examples(20, 16), pad_id=0, max_response_len=4)
+    sampler = ExampleSampler(load_examples(synthetic_examples(20, 16)), pad_id=0,
+                             max_response_len=4)
     a, b = sampler.batch(6, seed=7), sampler.batch(6, seed=7)
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.response_ids, b.response_ids)
     assert a.response_ids.shape == (6, 4)

@@ -147,10 +147,8 @@ def test_mode_requirements_are_clear(demos):
                      make_trainer("sft", demos).unwrapped_policy.model, None, demos)
 
 
-def _fused_ops_available() -> bool:
-    names = ("gumbel_softmax", "soft_embedding", "gumbel_softmax_embedding", "ppo_loss",
-             "value_loss", "gae")
-    return all(hasattr(rlgaf_fast, n) for n in names)
+OPS_OF_MODE = {"ppo": ("ppo_loss", "value_loss", "gae"),
+               "gumbel": ("gumbel_softmax", "gumbel_softmax_embedding")}
 
 
 # Tolerance of the fused-versus-reference comparison: the ops agree to ~1e-6 per call; over 20
@@ -158,9 +156,11 @@ def _fused_ops_available() -> bool:
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-4
 
 
-@pytest.mark.skipif(not _fused_ops_available(), reason="rlgaf_fast's fused ops are not built")
 @pytest.mark.parametrize("mode", ["ppo", "gumbel"])
 def test_fused_kernels_give_the_same_training(mode, demos):
+    missing = [name for name in OPS_OF_MODE[mode] if not hasattr(rlgaf_fast, name)]
+    if missing:
+        pytest.skip(f"rlgaf_fast does not export {missing} yet")
     runs = {}
     for fused in (False, True):
         trainer = make_trainer(mode, demos, total_steps=20, use_fused_kernels=fused,
