@@ -107,7 +107,7 @@ t=$(stage_timeout "${GPU_CHECK_BENCH_S:-300}" 10)
 # the suite stops starting new runs at its own limit and writes after every run; timeout is
 # the backstop
 timeout "$t" python3 -m rlgaf_fast.bench "${BENCH_ARGS[@]}" --out "$OUT/bench" --max-plots 1 \
-  --no-progress --time-limit $((t - 30)) > "$OUT/bench/bench.log" 2>&1
+  --no-progress --time-limit $((t > 60 ? t - 30 : t / 2)) > "$OUT/bench/bench.log" 2>&1
 status=$?
 echo "bench exit status $status (timeout ${t}s)"
 if [ "$status" = 0 ]; then

@@ -196,7 +196,7 @@ def _set_threads(threads: int | None) -> None:
 
 # ---------------------------------------------------------------------- entry point
 
-from rlgaf_fast.bench.cli import add_bench_parser  # noqa: E402 - light: imports torch lazily
+from rlgaf_fast.bench.cli import add_bench_parser  # noqa: E402 - the benchmark suite
 
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "train": add_train_parser,

@@ -10,8 +10,7 @@ Inductor's lowering into an exponentially re-expanded expression tree (seen with
 compiled graph after 7 minutes), and its eager form takes about 50 s for [512, 32000] on two
 cores, so it serves only as the correctness reference, on a few rows.
 ``cpp``, ``triton``, ``cuda``: rlgaf_fast's fused backends. The fused linear loss adds
-``torch-chunked`` (its chunked torch backend) and ``matmuls`` (only the matrix products that
-any implementation must do: the floor for its time).
+``matmuls`` (only the matrix products that any implementation must do: the floor for its time).
 
 Checks. Each provider's output (and in fwd+bwd its gradients) is compared with the reference
 on the same inputs; for the row-wise ops on large problems only the first ``CHECK_ROWS`` rows,
@@ -231,9 +230,8 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
         found["eager"] = lambda p: _loss_outputs(_linear_logits_loss(*args(p)))
         compiled = _compile("fused_linear_ppo_loss", _linear_logits_loss)
         found["compile"] = lambda p: _loss_outputs(compiled(*args(p)))
-        for b in ["torch", *fused_backends]:
-            name = "torch-chunked" if b == "torch" else b
-            found[name] = lambda p, b=b: _loss_outputs(_public("fused_linear_ppo_loss")(
+        for b in fused_backends:  # its torch backend is the eager path itself
+            found[b] = lambda p, b=b: _loss_outputs(_public("fused_linear_ppo_loss")(
                 *args(p), **PPO_OPTIONS, backend=b))
         found["matmuls"] = _matmuls
     else:

@@ -1,5 +1,5 @@
 """``rlgaf-fast bench``: the benchmark suite from the command line (registered in
-rlgaf_fast/cli.py). Imports nothing heavy until it runs."""
+rlgaf_fast/cli.py): its arguments, the run, and the short plain-text summary."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
-
-PRESETS = ("tiny", "quick", "full", "goals")
 
 
 def add_bench_parser(subparsers: Any) -> None:

@@ -74,7 +74,7 @@ def _goal_value(goal: dict) -> str:
     if value is None:
         return "-"
     if goal["metric"] == "peak_bytes":
-        return f"{value / MIB:.3g} MiB (limit {goal['at_most'] / MIB:.3g})"
+        return f"{value / MIB:.4g} MiB (limit {goal['at_most'] / MIB:.4g})"
     if goal["metric"] == "fraction_of_ceiling":
         return _percent(value)
     return _ratio(value)
@@ -127,7 +127,7 @@ def _header(doc: dict) -> list[str]:
             f"CUDA {env['cuda']}; backends {', '.join(env['backends'])}; "
             f"{env['date']}; commit {env['commit']}; preset `{doc['preset']}`"
             + (f", {doc['elapsed_s']:.0f} s" if doc.get("elapsed_s") else "") + "."
-            + _load_note(env),
+            + _load_note(env) + (f" Note: {doc['note']}." if doc.get("note") else ""),
             "",
             _bandwidth_line(doc["ceilings"]),
             "",
@@ -252,12 +252,11 @@ def performance_section(result_files: Iterable[Path], docs_path: Path) -> str:
              "rlgaf_fast.reference for the PPO loss; logits = hidden @ weight.T then the "
              "reference loss for the fused linear loss); **compile** is `torch.compile` of the "
              "same code; **cpp**, **triton**, **cuda** are rlgaf_fast's fused backends; "
-             "**torch-chunked** is the chunked torch backend of `fused_linear_ppo_loss`; "
              "**matmuls** times only the three matrix products of the fused linear loss (its "
              "floor). Every result is compared with rlgaf_fast.reference before it is timed "
              "(the check column; for eager and compile Gumbel-Softmax, which draw torch's own "
              "noise, only sanity: finite, rows sum to 1).", ""]
-    for path in sorted(result_files):
+    for path in sorted(result_files, key=lambda p: (len(Path(p).parts), str(p))):
         doc = load(path)
         if doc.get("preset") == "tiny":  # smoke tests of the suite, not measurements
             continue
@@ -284,15 +283,18 @@ def train_section(doc: dict) -> list[str]:
     shape = ", ".join(f"{k}={v}" for k, v in doc["shape"].items() if k != "steps")
     lines = ["### Training steps (`rlgaf-fast bench --train`)", "",
              f"{env['device']}, {env['date']}, commit {env['commit']}; Llama-shaped model from "
-             f"a config ({shape}); median of {doc['steps']} steps after one warm-up step. "
+             f"a config ({shape}); median of {doc['steps']} steps after "
+             f"{doc.get('warmup_steps', 1)} warm-up step(s). "
              f"Target: {doc['goal']}.", "",
-             "| mode | use_fused_kernels | step s | tokens/s | peak MiB |", "|---|---|---|---|---|"]
+             "| mode | use_fused_kernels | step s (median, best) | tokens/s | peak MiB |",
+             "|---|---|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | error: "
                          f"{r['error'][:80].replace('|', '/')} | | |")
         else:
-            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | {r['step_s']:.3g} | "
+            best = f", {r['best_step_s']:.3g}" if "best_step_s" in r else ""
+            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | {r['step_s']:.3g}{best} | "
                          f"{r['tokens_per_s']:.4g} | {_mib(r['peak_bytes'])} |")
     lines.append("")
     for mode, ratio in doc.get("ratios", {}).items():

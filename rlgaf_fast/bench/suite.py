@@ -186,6 +186,7 @@ def run_provider(case: Case, problem: cases_module.Problem, name: str, provider,
     if reason:
         row.update(status="skipped", error=reason)
         return row
+
     def run():
         return cases_module.step(case, problem, provider)
 

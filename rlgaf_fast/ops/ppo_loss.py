@@ -33,8 +33,6 @@ _CHUNK_BYTES_CPU = 128 << 20
 _CHUNK_BYTES_GPU = 1 << 30
 
 
-
-
 def _kernels(backend: str):
     return kernel_module(backend, "ppo_loss")
 

@@ -21,11 +21,11 @@ from torch import Tensor
 STREAM_DEMOS, STREAM_PROMPTS, STREAM_SAMPLING, STREAM_SHUFFLE, STREAM_GUMBEL = range(5)
 
 
-def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
-    """A 63-bit seed for (run seed, step, process rank, random stream), well mixed (splitmix64
-    finaliser) so that neighbouring steps get unrelated seeds."""
+def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0, sub: int = 0) -> int:
+    """A 63-bit seed for (run seed, step, process rank, random stream, sub-draw within the
+    step), well mixed (splitmix64 finaliser) so that neighbouring inputs get unrelated seeds."""
     x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
-         + stream * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
+         + stream * 0xD6E8FEB86659FD93 + sub * 0xA0761D6478BD642F) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF

@@ -14,7 +14,7 @@ import io
 import json
 import pickle
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -366,10 +366,6 @@ def plot_curves(metrics: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def with_overrides(preset: OraclePreset, **changes: Any) -> OraclePreset:
-    return replace(preset, **changes)
 
 
 SEQGAN_PUBLISHED = {"random": 10.310, "MLE": 9.038, "scheduled sampling": 8.985,

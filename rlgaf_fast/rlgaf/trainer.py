@@ -143,15 +143,16 @@ class RLGAFTrainer:
         self.reward_baseline: float | None = None
         self.eval_fn = eval_fn
         self.reward_fn = reward_fn
+        # Seeds torch's global generator: the value head's initial weights (and dropout, if
+        # any) follow config.seed. Batches and samples use their own per-step seeds.
         torch.manual_seed(config.seed)
 
-        gen_config = getattr(generator, "config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(tokenizer, "pad_token_id", None)
-            pad_token_id = getattr(gen_config, "pad_token_id", None) if pad_token_id is None \
-                else pad_token_id
+        # Special tokens: explicit arguments, else the tokenizer's, else the model config's.
+        for source in (tokenizer, getattr(generator, "config", None)):
+            if eos_token_id is None and isinstance(getattr(source, "eos_token_id", None), int):
+                eos_token_id = source.eos_token_id
+            if pad_token_id is None and isinstance(getattr(source, "pad_token_id", None), int):
+                pad_token_id = source.pad_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
 
@@ -217,7 +218,7 @@ class RLGAFTrainer:
 
     def _seed(self, stream: int, step: int | None = None, sub: int = 0) -> int:
         step = self.step_count if step is None else step
-        return step_seed(self.config.seed, step * 64 + sub, self.rank, stream)
+        return step_seed(self.config.seed, step, self.rank, stream, sub)
 
     @property
     def unwrapped_policy(self) -> PolicyWithValue:
@@ -290,7 +291,9 @@ class RLGAFTrainer:
         if self.mode == "rlhf":
             return self.reward_fn(batch).to(self.device).float()
         embeds, mask = self._hard_sequences(batch)
+        self.discriminator.eval()  # rewards without dropout noise
         logit = discriminator_logit(self.discriminator, embeds, mask)
+        self.discriminator.train()
         return reward_from_logit(logit, self.config.reward_type)
 
     def _token_logprobs(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -407,7 +410,7 @@ class RLGAFTrainer:
         return {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
                 "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
 
-    def gumbel_step(self) -> dict:
+    def gumbel_step(self, batch: Batch, seeds: list[int]) -> dict:
         """Generate by Gumbel-max, step t with seed s_t; recompute the relaxed samples from the
         same seeds in one teacher-forced pass; the discriminator reads them through its
         embedding (soft one-hot @ weight, fused), and the generator ascends the discriminator's
@@ -419,8 +422,6 @@ class RLGAFTrainer:
         generated token and no [T, V] noise is kept between the two passes.
         """
         c, ops = self.config, self.ops
-        seeds = [self._seed(STREAM_GUMBEL, sub=t) for t in range(c.max_new_tokens)]
-        batch = self.rollout(gumbel_seeds=seeds)
         prompt_len, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
@@ -452,7 +453,6 @@ class RLGAFTrainer:
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
         mismatch = ((tokens != batch.response_ids)
                     & batch.response_mask.bool()).float().mean().item()
-        self._last_rollout = batch
         return {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),
                 "tau": self.tau(), "token_mismatch": mismatch,
                 "tokens": int(batch.response_mask.sum())}
@@ -491,8 +491,11 @@ class RLGAFTrainer:
             if self.mode == "sft":
                 out = self.sft_step()
             elif self.mode == "gumbel":
-                out = self.gumbel_step()
-                fakes.append(self._last_rollout)
+                seeds = [self._seed(STREAM_GUMBEL, sub=c.max_new_tokens * g + t)
+                         for t in range(c.max_new_tokens)]
+                batch = self.rollout(sub=g, gumbel_seeds=seeds)
+                fakes.append(batch)
+                out = self.gumbel_step(batch, seeds)
             else:
                 batch = self.rollout(sub=g)
                 fakes.append(batch)

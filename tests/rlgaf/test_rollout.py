@@ -65,6 +65,7 @@ def test_left_align_keeps_token_order():
     assert aligned_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
 
 
-def test_step_seed_differs_per_step_rank_and_stream():
-    seeds = {step_seed(0, s, r, k) for s in range(10) for r in range(2) for k in range(3)}
-    assert len(seeds) == 60 and all(0 <= s < 2**63 for s in seeds)
+def test_step_seed_differs_per_step_rank_stream_and_sub():
+    seeds = {step_seed(0, s, r, k, u) for s in range(10) for r in range(2) for k in range(3)
+             for u in range(4)}
+    assert len(seeds) == 240 and all(0 <= s < 2**63 for s in seeds)
