@@ -29,7 +29,7 @@ TINY_PRESET: dict[str, Any] = {
     "data": {"synthetic": {"num_examples": 512, "vocab_size": 32}},
     "pad_token_id": 0,
     "eos_token_id": 1,
-    "trainer": {"mode": "ppo", "total_steps": 300, "batch_size": 16, "minibatch_size": 8,
+    "trainer": {"mode": "ppo", "total_steps": 1000, "batch_size": 16, "minibatch_size": 8,
                 "max_new_tokens": 10, "generator_lr": 3e-4, "discriminator_lr": 3e-4,
                 "kl_coef": 0.02},
 }

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rlgaf_fast.bench.presets import OPS
+
 
 def add_bench_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -25,9 +27,8 @@ def add_bench_parser(subparsers: Any) -> None:
                       help="only the cases that carry a target (the GPU targets on a GPU)")
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                       help="seconds; a smoke test of the suite itself")
-    p.add_argument("--ops", nargs="+", metavar="OP",
-                   help="restrict to these ops (gumbel_softmax soft_embedding "
-                   "gumbel_softmax_embedding ppo_loss fused_linear_ppo_loss)")
+    p.add_argument("--ops", nargs="+", metavar="OP", choices=OPS,
+                   help=f"restrict to these ops ({' '.join(OPS)})")
     p.add_argument("--out", help="output folder")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-plots", type=int, help="write at most this many PNG files")

@@ -272,9 +272,11 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
               compile_baseline: bool = True) -> dict:
     """Run a preset (tiny, quick, full, goals) and write JSON, Markdown and PNG plots.
 
-    The fused and eager providers of every case run first and the torch.compile baselines
-    (whose compilation can take minutes) after them, so that a time limit or a kill loses the
-    baselines last. Past ``time_limit_s`` the remaining runs become "skipped" rows.
+    The providers of a case run one after the other, so that their ratios compare runs made
+    close in time (on a shared machine the load drifts). With ``time_limit_s`` the fused and
+    eager providers of every case run first and the torch.compile baselines (whose compilation
+    can take minutes) after them, so that the limit (or a kill) loses the baselines first; past
+    the limit the remaining runs become "skipped" rows.
     Returns the results document (also written as ``results.json`` under ``out_dir``).
     """
     import rlgaf_fast
@@ -291,12 +293,10 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
                              else measure.CPU_MEMORY_METHOD),
            "rows": [], "goals": []}
     order = {case.key: i for i, case in enumerate(selected)}
-    jobs = []
-    for compile_pass in (False, True):
-        for case in selected:
-            for name in cases_module.providers(case, fused):
-                if (name == "compile") == compile_pass and (compile_baseline or name != "compile"):
-                    jobs.append((case, name))
+    jobs = [(case, name) for case in selected for name in cases_module.providers(case, fused)
+            if compile_baseline or name != "compile"]
+    if time_limit_s is not None:  # stable sort: every compile baseline after all the rest
+        jobs.sort(key=lambda job: job[1] == "compile")
     bar = _progress(len(jobs), progress)
     problem, problem_case = None, None
 
