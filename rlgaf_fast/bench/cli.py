@@ -55,7 +55,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.docs:
         files = sorted((suite.REPO_ROOT / "benchmarks" / "results").glob("**/results.json"))
         docs = Path(args.docs)
-        docs.write_text(report.performance_section(files, docs))
+        section = report.performance_section(files, docs)
+        text = docs.read_text() if docs.exists() else ""
+        if report.SPLICE_START in text and report.SPLICE_END in text:
+            # A longer document (README.md) keeps everything outside the markers.
+            head, rest = text.split(report.SPLICE_START, 1)
+            tail = rest.split(report.SPLICE_END, 1)[1]
+            nested = "\n".join("#" + line if line.startswith("#") else line
+                               for line in section.splitlines())
+            section = f"{head}{report.SPLICE_START}\n{nested}\n{report.SPLICE_END}{tail}"
+        docs.write_text(section)
         print(f"wrote {docs} from {len(files)} result file(s)")
         return 0
     if args.train:
