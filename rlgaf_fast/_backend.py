@@ -93,7 +93,7 @@ def _check_name(name: str, argument: str) -> None:
 
 @functools.cache
 def _say_torch_fallback_once(reason: str) -> None:
-    warnings.warn(f"rlgaf_fast: running on the torch backend because {reason}", stacklevel=5)
+    warnings.warn(f"rlgaf_fast: running on the torch backend because {reason}", stacklevel=6)
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -1,7 +1,7 @@
 """Reports of a benchmark run: the raw JSON, a Markdown table, PNG plots, and the README's
 performance section generated from the JSON files (never typed by hand).
 
-    python -m rlgaf_fast.bench.report docs/performance.md benchmarks/results/*/results.json
+    rlgaf-fast bench --docs README.md   (writes between the README's performance markers)
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def performance_section(result_files: Iterable[Path], docs_path: Path) -> str:
     targets, the tables and the plots (linked relative to ``docs_path``)."""
     lines = ["# Performance", "",
              "Generated from the JSON that `rlgaf-fast bench` writes under benchmarks/results/ "
-             "(`rlgaf-fast bench --docs README.md` or `--docs docs/performance.md`, or `python -m "
+             "(`rlgaf-fast bench --docs README.md`, or `python -m "
              "rlgaf_fast.bench.report OUT.md benchmarks/results/*/results.json`, which links the "
              "plots relative to OUT.md); do not edit by hand. Reproduce with "
              "`rlgaf-fast bench --quick` (small sizes and the CPU targets; aims at under 3 "
