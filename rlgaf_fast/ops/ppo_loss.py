@@ -259,6 +259,20 @@ def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().reshape(-1).to(dtype).contiguous()
 
 
+def _token_inputs(
+    mask: Tensor | None, shape: torch.Size, source: Tensor, loss_agg: str, old_logprobs: Tensor,
+    advantages: Tensor, ref_logprobs: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The fused paths' flat per-token inputs in the compute dtype of ``source`` (the logits or
+    hidden states): (mask, aggregation weights, old_logprobs, advantages, ref_logprobs)."""
+    dtype = _compute_dtype(source.dtype)
+    mask_c = torch.ones(shape, dtype=dtype, device=source.device) if mask is None else (
+        mask.detach().to(dtype))
+    weight = _token_weights(mask_c, loss_agg).reshape(-1).contiguous()
+    ref_f = None if ref_logprobs is None else _flat(ref_logprobs, dtype)
+    return mask_c.reshape(-1), weight, _flat(old_logprobs, dtype), _flat(advantages, dtype), ref_f
+
+
 # --- public: ppo_loss -------------------------------------------------------------------------
 
 def ppo_loss(
@@ -345,13 +359,9 @@ def ppo_loss(
         )
     if name == "cuda":
         raise RuntimeError("ppo_loss has no 'cuda' kernel: use backend='triton' on GPUs")
-    dtype = _compute_dtype(logits.dtype)
-    mask_c = torch.ones(shape, dtype=dtype, device=logits.device) if mask is None else (
-        mask.detach().to(dtype))
-    weight = _token_weights(mask_c, loss_agg).reshape(-1).contiguous()
+    mask_f, weight, old_f, adv_f, ref_f = _token_inputs(
+        mask, shape, logits, loss_agg, old_logprobs, advantages, ref_logprobs)
     actions_f = actions.detach().reshape(-1).long().contiguous()
-    old_f, adv_f = _flat(old_logprobs, dtype), _flat(advantages, dtype)
-    ref_f = None if ref_logprobs is None else _flat(ref_logprobs, dtype)
     options = (ratio_low, ratio_high, dual, float(kl_coef), kl_estimator, float(entropy_coef),
                temperature)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -370,8 +380,7 @@ def ppo_loss(
             logits.reshape(-1, V).contiguous(), actions_f, old_f, adv_f, ref_f, weight, *options,
             compute_grad, name,
         )
-    return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_c.reshape(-1), options,
-                   shape)
+    return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape)
 
 
 def _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape):
@@ -604,12 +613,8 @@ def fused_linear_ppo_loss(
         )
     if name == "cuda":
         raise RuntimeError("fused_linear_ppo_loss has no 'cuda' kernel: use backend='triton'")
-    dtype = _compute_dtype(hidden.dtype)
-    mask_c = torch.ones(shape, dtype=dtype, device=hidden.device) if mask is None else (
-        mask.detach().to(dtype))
-    token_weight = _token_weights(mask_c, loss_agg).reshape(-1).contiguous()
-    old_f, adv_f = _flat(old_logprobs, dtype), _flat(advantages, dtype)
-    ref_f = None if ref_logprobs is None else _flat(ref_logprobs, dtype)
+    mask_f, token_weight, old_f, adv_f, ref_f = _token_inputs(
+        mask, shape, hidden, loss_agg, old_logprobs, advantages, ref_logprobs)
     options = (ratio_low, ratio_high, dual, float(kl_coef), kl_estimator, float(entropy_coef),
                temperature)
     grad_on = torch.is_grad_enabled()
@@ -621,8 +626,7 @@ def fused_linear_ppo_loss(
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, name,
     )
-    return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_c.reshape(-1), options,
-                   shape)
+    return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape)
 
 
 # --- value loss and GAE (plain torch) -----------------------------------------------------------
