@@ -45,6 +45,17 @@ def _scale_by_inv_tau(v, inv_tau_hi, inv_tau_lo, FP64: tl.constexpr):
 
 
 @triton.jit
+def _z_of(x, g, mask, inv_tau_hi, inv_tau_lo, FP64: tl.constexpr):
+    """z = (x + g) / tau in the compute dtype; -inf where masked."""
+    if FP64:
+        xg = x.to(tl.float64) + g.to(tl.float64)
+    else:
+        xg = x.to(tl.float32) + g
+    z = _scale_by_inv_tau(xg, inv_tau_hi, inv_tau_lo, FP64)
+    return tl.where(mask, z, float("-inf"))
+
+
+@triton.jit
 def _z_row(
     x_row,
     row,
@@ -62,12 +73,7 @@ def _z_row(
     cols = col_start + tl.arange(0, BLOCK)
     x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy=EVICT)
     g = gumbel_noise_row(seed, row, col_start, BLOCK, PTX_LOG)
-    if FP64:
-        xg = x.to(tl.float64) + g.to(tl.float64)
-    else:
-        xg = x.to(tl.float32) + g
-    z = _scale_by_inv_tau(xg, inv_tau_hi, inv_tau_lo, FP64)
-    return tl.where(mask, z, float("-inf"))
+    return _z_of(x, g, mask, inv_tau_hi, inv_tau_lo, FP64)
 
 
 @triton.jit
@@ -89,12 +95,7 @@ def _z_tile(
     cols = col_start + tl.arange(0, BLOCK_V)
     x = tl.load(x_ptr + rows[:, None] * V + cols[None, :], mask=mask, other=0.0)
     g = gumbel_noise_tile(seed, rows, col_start, BLOCK_V, PTX_LOG)
-    if FP64:
-        xg = x.to(tl.float64) + g.to(tl.float64)
-    else:
-        xg = x.to(tl.float32) + g
-    z = _scale_by_inv_tau(xg, inv_tau_hi, inv_tau_lo, FP64)
-    return tl.where(mask, z, float("-inf"))
+    return _z_of(x, g, mask, inv_tau_hi, inv_tau_lo, FP64)
 
 
 @triton.jit
