@@ -160,11 +160,24 @@ def add_train_parser(subparsers: Any) -> None:
 
 
 def run_oracle_command(args: argparse.Namespace) -> int:
-    from rlgaf_fast.rlgaf.oracle import run_oracle
+    import dataclasses
+
+    import yaml
+
+    from rlgaf_fast.rlgaf.oracle import PRESETS, run_oracle
 
     _set_threads(args.threads)
-    metrics = run_oracle(args.oracle, args.mode, args.out, preset=args.preset, init=args.init,
-                         seed=args.seed, use_fused_kernels=args.fused)
+    preset = PRESETS[args.preset]
+    if args.discriminator:
+        preset = dataclasses.replace(preset, discriminator=args.discriminator)
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    metrics = run_oracle(args.oracle, args.mode, args.out, preset=preset, init=args.init,
+                         seed=args.seed, use_fused_kernels=args.fused, overrides=overrides)
     summary = {"mode": args.mode, "time_s": round(metrics["time_s"], 1), **metrics["final"]}
     if "warm_start" in metrics:
         summary["warm_start"] = metrics["warm_start"]
@@ -183,6 +196,11 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
+    p.add_argument("--discriminator", choices=["lm", "cnn"],
+                   help="lm (default): a frozen copy of the warm start with a small head; "
+                   "cnn: SeqGAN's CNN")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an RLGAFConfig field of the adversarial phase (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")
     p.set_defaults(func=run_oracle_command)
 

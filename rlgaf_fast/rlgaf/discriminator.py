@@ -6,6 +6,7 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -61,6 +62,56 @@ class CNNDiscriminator(nn.Module):
         gate = torch.sigmoid(gate)
         h = gate * F.relu(transform) + (1 - gate) * h
         return SimpleNamespace(logits=self.out(self.dropout(h)))
+
+
+class LMDiscriminator(nn.Module):
+    """A discriminator that judges a sequence by how a causal LM finds it.
+
+    The LM (typically a copy of the generator's MLE warm start, as RLHF reward models start from
+    the SFT model) reads the sequence; each token t >= 1 is scored by a small MLP of two
+    features of the LM's prediction for it: the token's log-probability log p(x_t | x_<t) and
+    the entropy of that prediction, both divided by log V. The logit is the masked sum of the
+    scores plus a bias: a learned log density ratio of demonstrations to generations.
+
+    With the LM frozen (the default) the discriminator has a few hundred parameters and cannot
+    memorise the demonstrations, so it generalises to sequences it never saw. It needs tied
+    input and output embeddings: the log-probability of a soft token (Gumbel mode, a convex
+    combination of embedding rows) is then the same combination of the tokens' log-probabilities.
+    """
+
+    def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False) -> None:
+        super().__init__()
+        head = lm.get_output_embeddings()
+        if head is None or head.weight is not lm.get_input_embeddings().weight:
+            raise ValueError("lm must tie its input and output embeddings "
+                             "(tie_word_embeddings=True)")
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("lm's output layer must have no bias")
+        self.lm = lm.requires_grad_(train_lm)
+        self.head = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> SimpleNamespace:
+        x = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is None:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm.model(inputs_embeds=x, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        weight = self.get_input_embeddings().weight
+        logits = (hidden[:, :-1] @ weight.T).float()  # [B, L-1, V]: predictions of x_1..
+        lse = torch.logsumexp(logits, -1)
+        entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        # <h_{t-1}, e_t> - logsumexp: the token's log-probability, linear in a soft token.
+        token_logp = (hidden[:, :-1] * x[:, 1:]).float().sum(-1) - lse
+        scale = math.log(weight.shape[0])
+        features = torch.stack([token_logp / scale, entropy / scale], -1)
+        scores = self.head(features).squeeze(-1)  # [B, L-1]
+        valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(scores.dtype)
+        return SimpleNamespace(logits=(scores * valid).sum(-1, keepdim=True))
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:

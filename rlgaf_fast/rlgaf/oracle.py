@@ -10,6 +10,7 @@ oracle samples; it rises when the generator drops modes). See ../shared/data/seq
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pickle
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import Batch, torch_generator
-from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator
+from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, LMDiscriminator
 from rlgaf_fast.rlgaf.models import build_causal_lm
 from rlgaf_fast.rlgaf.rollout import generate, sample_categorical
 
@@ -158,6 +159,9 @@ class OraclePreset:
     adv_steps: int = 300
     d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
+    # "lm": LMDiscriminator on a frozen copy of the warm start; "cnn": SeqGAN's CNN, which
+    # memorises the 10,000 demonstrations and is at chance on unseen sequences (README).
+    discriminator: str = "lm"
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
 
@@ -305,7 +309,10 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
             # The ideal judge: the oracle's mean log-likelihood per token of the response.
             return oracle.log_likelihood(batch.response_ids).mean(-1)
 
-        discriminator = None if mode == "rlhf" else CNNDiscriminator(VOCAB_SIZE)
+        discriminator = None
+        if mode != "rlhf":
+            discriminator = LMDiscriminator(copy.deepcopy(generator)) \
+                if p.discriminator == "lm" else CNNDiscriminator(VOCAB_SIZE)
         trainer = RLGAFTrainer(config, generator, discriminator,
                                demonstrations=oracle_examples(demos),
                                reward_fn=oracle_reward if mode == "rlhf" else None,

@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlgaf_fast.rlgaf.discriminator import LMDiscriminator, discriminator_logit
+from rlgaf_fast.rlgaf.models import build_causal_lm
+
+VOCAB = 40
+
+
+def tied_lm(seed=0):
+    torch.manual_seed(seed)
+    return build_causal_lm(VOCAB, hidden_size=16, num_layers=1, num_heads=2, tie_embeddings=True)
+
+
+def features_by_hand(lm, ids):
+    """log p(x_t | x_<t) and the entropy of that prediction, from the LM's own logits."""
+    logp = torch.log_softmax(lm(input_ids=ids).logits[:, :-1].double(), -1)
+    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+def test_lm_discriminator_scores_tokens_by_the_lms_features():
+    lm = tied_lm()
+    d = LMDiscriminator(lm, hidden=8)
+    ids = torch.randint(VOCAB, (3, 7))
+    token_logp, entropy = features_by_hand(lm, ids)
+    scale = torch.log(torch.tensor(float(VOCAB), dtype=torch.float64))
+    features = torch.stack([token_logp / scale, entropy / scale], -1).float()
+    expected = d.head(features).squeeze(-1).sum(-1)
+    got = discriminator_logit(d, d.get_input_embeddings()(ids), torch.ones_like(ids))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lm_discriminator_masks_padding():
+    d = LMDiscriminator(tied_lm(), hidden=8)
+    ids = torch.randint(VOCAB, (2, 6))
+    full = discriminator_logit(d, d.get_input_embeddings()(ids[:, :4]), torch.ones(2, 4))
+    padded_ids = torch.cat([ids[:, :4], torch.randint(VOCAB, (2, 2))], 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2)
+    padded = discriminator_logit(d, d.get_input_embeddings()(padded_ids), mask)
+    torch.testing.assert_close(padded, full, rtol=1e-4, atol=1e-4)
+
+
+def test_soft_tokens_score_as_the_mixture_of_log_probabilities():
+    """A soft token (convex combination of embedding rows) gets the same combination of the
+    tokens' log-probabilities: the Gumbel mode's gradient is that of an expectation."""
+    lm = tied_lm()
+    d = LMDiscriminator(lm, hidden=8)
+    ids = torch.randint(VOCAB, (1, 5))
+    weight = d.get_input_embeddings().weight
+    probs = torch.softmax(torch.randn(VOCAB), -1).requires_grad_(True)
+    embeds = weight[ids].detach().clone()
+    embeds[0, -1] = probs @ weight
+    d.head = torch.nn.Linear(2, 1)  # the score of a token is its log-probability / log V
+    with torch.no_grad():
+        d.head.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        d.head.bias.zero_()
+    captured = {}
+    d.head.register_forward_pre_hook(lambda module, args: captured.setdefault("f", args[0]))
+    discriminator_logit(d, embeds, torch.ones(1, 5)).sum().backward()
+    logp = torch.log_softmax(lm(input_ids=ids).logits[0, -2].double(), -1)
+    scale = torch.log(torch.tensor(float(VOCAB)))
+    expected = (probs.detach().double() @ logp).float() / scale
+    torch.testing.assert_close(captured["f"][0, -1, 0], expected, rtol=1e-4, atol=1e-5)
+    # On the simplex the gradient is log p / log V up to a constant (the logits).
+    expected_grad = (logp / scale).float()
+    torch.testing.assert_close(probs.grad - probs.grad.mean(),
+                               expected_grad - expected_grad.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_lm_discriminator_trains_only_its_head_by_default():
+    d = LMDiscriminator(tied_lm(), hidden=8)
+    trainable = [n for n, p in d.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    assert all(p.requires_grad for p in LMDiscriminator(tied_lm(), train_lm=True).parameters())
+
+
+def test_lm_discriminator_learns_to_separate_likely_from_unlikely_sequences():
+    """Real = sequences the LM finds likely, fake = uniform tokens: a few head steps suffice,
+    and the separation holds on sequences it never saw."""
+    torch.manual_seed(1)
+    lm = tied_lm(seed=1)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.mul_(8)  # a peaked LM, so likely sequences stand out
+    d = LMDiscriminator(lm, hidden=8)
+
+    def likely(n):
+        ids = torch.zeros(n, 1, dtype=torch.int64)
+        for _ in range(6):
+            logits = lm(input_ids=ids).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        return ids
+
+    def logit(ids):
+        return discriminator_logit(d, d.get_input_embeddings()(ids), torch.ones_like(ids))
+
+    opt = torch.optim.Adam(d.head.parameters(), lr=1e-2)
+    labels = torch.cat([torch.ones(16), torch.zeros(16)])
+    with torch.no_grad():
+        real_pool = likely(1)
+    for _ in range(60):
+        fake = torch.randint(VOCAB, (16, 7))
+        loss = F.binary_cross_entropy_with_logits(
+            logit(torch.cat([real_pool.expand(16, -1), fake])), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (logit(torch.randint(VOCAB, (64, 7))) < logit(real_pool)).float().mean() > 0.95
+
+
+def test_lm_discriminator_needs_tied_embeddings():
+    untied = build_causal_lm(VOCAB, hidden_size=16, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match="tie"):
+        LMDiscriminator(untied)
