@@ -175,7 +175,13 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        overrides[key] = parsed
     metrics = run_oracle(args.oracle, args.mode, args.out, preset=preset, init=args.init,
                          seed=args.seed, use_fused_kernels=args.fused, overrides=overrides)
     summary = {"mode": args.mode, "time_s": round(metrics["time_s"], 1), **metrics["final"]}
@@ -196,9 +202,9 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
-    p.add_argument("--discriminator", choices=["lm", "cnn"],
+    p.add_argument("--discriminator", choices=["lm", "lm-tuned", "cnn"],
                    help="lm (default): a frozen copy of the warm start with a small head; "
-                   "cnn: SeqGAN's CNN")
+                   "lm-tuned: the copy trained too; cnn: SeqGAN's CNN")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an RLGAFConfig field of the adversarial phase (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")

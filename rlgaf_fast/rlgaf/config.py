@@ -50,7 +50,8 @@ class RLGAFConfig:
     g_steps: int = 1
     reward_type: str = "log_d"
 
-    # KL penalty to the frozen reference model (per token, k1 estimator in the reward).
+    # KL penalty to the frozen reference model, summed over each sequence's tokens: k1 per
+    # token in the PPO and REINFORCE rewards, the exact KL over the vocabulary in Gumbel mode.
     kl_coef: float = 0.05
 
     # PPO.

@@ -159,8 +159,9 @@ class OraclePreset:
     adv_steps: int = 300
     d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
-    # "lm": LMDiscriminator on a frozen copy of the warm start; "cnn": SeqGAN's CNN, which
-    # memorises the 10,000 demonstrations and is at chance on unseen sequences (README).
+    # "lm": LMDiscriminator on a frozen copy of the warm start; "lm-tuned": the same with the
+    # copy trained too; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is
+    # at chance on unseen sequences (README).
     discriminator: str = "lm"
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
@@ -311,8 +312,11 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
         discriminator = None
         if mode != "rlhf":
-            discriminator = LMDiscriminator(copy.deepcopy(generator)) \
-                if p.discriminator == "lm" else CNNDiscriminator(VOCAB_SIZE)
+            if p.discriminator not in ("lm", "lm-tuned", "cnn"):
+                raise ValueError("discriminator must be lm, lm-tuned or cnn, "
+                                 f"got {p.discriminator!r}")
+            discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
+                LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned")
         trainer = RLGAFTrainer(config, generator, discriminator,
                                demonstrations=oracle_examples(demos),
                                reward_fn=oracle_reward if mode == "rlhf" else None,

@@ -439,7 +439,8 @@ class RLGAFTrainer:
         loss = -reward.mean()
         kl = torch.zeros(())
         if self.reference is not None and c.kl_coef > 0:
-            # Exact KL(policy || reference) per token over the vocabulary, differentiable.
+            # Exact KL(policy || reference) over the vocabulary, differentiable, summed over
+            # each sequence's tokens as in PPO's reward: the same kl_coef, the same objective.
             input_ids, attention_mask, position_ids = sequence_inputs(batch)
             with torch.no_grad():
                 ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask,
@@ -447,7 +448,8 @@ class RLGAFTrainer:
             ref_logits = response_slice(ref_logits, prompt_len)
             logp = torch.log_softmax(logits.float(), -1)
             ref_logp = torch.log_softmax(ref_logits.float() / c.sample_temperature, -1)
-            kl = masked_mean((logp.exp() * (logp - ref_logp)).sum(-1), batch.response_mask)
+            token_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * batch.response_mask
+            kl = token_kl.sum(-1).mean()
             loss = loss + c.kl_coef * kl
         self._check_finite(loss, "Gumbel generator loss")
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)

@@ -122,3 +122,25 @@ def test_smoke_preset_through_the_cli(tmp_path):
     assert main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
                  "--preset", "smoke", "--threads", "1"]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["final"]["nll_oracle"] < 11.0
+
+
+@needs_oracle
+@pytest.mark.parametrize("discriminator", ["cnn", "lm-tuned"])
+def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
+    import dataclasses
+
+    preset = dataclasses.replace(MICRO, discriminator=discriminator)
+    metrics = run_oracle(ORACLE, "gumbel", tmp_path, preset=preset)
+    assert metrics["preset"]["discriminator"] == discriminator
+    assert len(metrics["history"]) == 3 + 4  # sft evaluations, then steps 0, 1, 2
+    with pytest.raises(ValueError, match="discriminator must be lm, lm-tuned or cnn"):
+        run_oracle(ORACLE, "ppo", tmp_path / "bad", init=tmp_path,
+                   preset=dataclasses.replace(MICRO, discriminator="mlp"))
+
+
+def test_oracle_cli_refuses_a_malformed_override(tmp_path):
+    from rlgaf_fast.cli import main
+
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
+              "--set", "kl_coef"])
