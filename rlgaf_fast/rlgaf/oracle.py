@@ -232,6 +232,12 @@ def generator_nll(model: nn.Module, tokens: Tensor, temperature: float = 1.0,
     return total / tokens.numel()
 
 
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by order)."""
+    ranks = [x.argsort().argsort().double() for x in (a.flatten(), b.flatten())]
+    return torch.corrcoef(torch.stack(ranks))[0, 1].item()
+
+
 def distinct_fraction(tokens: Tensor) -> float:
     return len({tuple(row) for row in tokens.tolist()}) / max(1, tokens.shape[0])
 
@@ -276,8 +282,13 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
     def eval_fn(trainer: RLGAFTrainer, phase: str) -> dict:
         model = trainer.unwrapped_policy.model
-        result, _ = evaluate(model, oracle, test[: p.num_eval], p.num_eval,
-                             seed=3000 + trainer.step_count)
+        result, samples = evaluate(model, oracle, test[: p.num_eval], p.num_eval,
+                                   seed=3000 + trainer.step_count)
+        if trainer.discriminator is not None:
+            # Does the discriminator's judgement track the oracle's? Rank correlation of its
+            # logit with the oracle log-likelihood of the generated samples.
+            logit = trainer.score(oracle_batch(samples).to(trainer.device)).cpu()
+            result["d_oracle_spearman"] = spearman(logit, oracle.log_likelihood(samples).sum(-1))
         history.append({"phase": phase, "step": trainer.step_count, **result})
         return result
 

@@ -13,6 +13,7 @@ from rlgaf_fast.rlgaf.oracle import (
     OraclePreset,
     load_oracle_params,
     run_oracle,
+    spearman,
 )
 
 DEFAULT_ORACLE = Path(__file__).parents[3] / "shared/data/seqgan/target_params_py3.pkl"
@@ -104,6 +105,7 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
     assert metrics["warm_start"] == sft["final"]
     assert {"nll_oracle", "nll_test", "distinct"} <= set(metrics["final"])
     assert [h["step"] for h in metrics["history"]] == [0, 1, 2]
+    assert all(-1 <= h["d_oracle_spearman"] <= 1 for h in metrics["history"])
     assert metrics["history"] == ppo["history"]
     lines = (tmp_path / "ppo" / "samples.txt").read_text().splitlines()
     assert len(lines) == 300
@@ -144,3 +146,12 @@ def test_oracle_cli_refuses_a_malformed_override(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
               "--set", "kl_coef"])
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+
+    a, b = torch.randn(200), torch.randn(200)
+    b = a + b  # correlated
+    assert spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-9)
+    assert spearman(a, -a) == pytest.approx(-1.0)
