@@ -5,8 +5,12 @@ gumbel, rlhf), ``oracle`` holds the SeqGAN synthetic benchmark.
 """
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
-from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, build_transformer_discriminator
+from rlgaf_fast.rlgaf.discriminator import (
+    CNNDiscriminator,
+    LMDiscriminator,
+    build_transformer_discriminator,
+)
 from rlgaf_fast.rlgaf.trainer import NonFiniteLossError, RLGAFTrainer
 
 __all__ = ["RLGAFConfig", "RLGAFTrainer", "NonFiniteLossError", "CNNDiscriminator",
-           "build_transformer_discriminator"]
+           "LMDiscriminator", "build_transformer_discriminator"]

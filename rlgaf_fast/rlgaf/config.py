@@ -46,6 +46,9 @@ class RLGAFConfig:
 
     # Discriminator: its optimiser and how many of its steps per generator step.
     discriminator_lr: float = 1e-4
+    # AdamW's decoupled weight decay of the discriminator; it pulls the discriminator toward
+    # "cannot tell", which damps the generator-discriminator oscillation.
+    discriminator_weight_decay: float = 0.01
     d_steps: int = 1
     g_steps: int = 1
     reward_type: str = "log_d"
@@ -103,7 +106,8 @@ class RLGAFConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         non_negative = ("total_steps", "d_steps", "g_steps", "kl_coef", "warmup_steps",
-                        "save_every", "entropy_coef", "baseline_decay")
+                        "save_every", "entropy_coef", "baseline_decay",
+                        "discriminator_weight_decay")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

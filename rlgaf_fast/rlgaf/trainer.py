@@ -194,7 +194,8 @@ class RLGAFTrainer:
         self.d_opt = self.d_sched = None
         if self.discriminator is not None:
             self.d_opt = torch.optim.AdamW(self.discriminator.parameters(),
-                                           lr=config.discriminator_lr)
+                                           lr=config.discriminator_lr,
+                                           weight_decay=config.discriminator_weight_decay)
             self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
             self.policy, self.discriminator, self.g_opt, self.d_opt = self.accelerator.prepare(
                 self.policy, self.discriminator, self.g_opt, self.d_opt)
