@@ -61,20 +61,32 @@ static inline float philox_uniform(uint32_t word) {
 
 constexpr int kNoiseCounters = 64;  // Philox counters per batch: 256 columns, kept in L1
 
-// Gumbel noise of row `row`, columns [col_begin, col_begin + count), into g[0, count) and, when
-// count is not a multiple of 4, up to g[round_up(count, 4)) (the rest of the last group: g must
-// have room for it). col_begin must be a multiple of 4. Uses fast_logf: within ~1e-6 of the
-// reference's float32 noise.
-static inline void gumbel_noise(uint64_t seed, int64_t row, int64_t col_begin, int64_t count,
-                                float* g) {
+// Philox words of row `row` for columns [col_begin, col_begin + count), col_begin a multiple of
+// 4, in batches of at most kNoiseCounters counters: emit(start, n, word) gets the words of
+// columns col_begin + start + [0, 4 n), word[j][i] for column start + 4 i + j.
+template <typename Emit>
+static inline void philox_row_batches(uint64_t seed, int64_t row, int64_t col_begin,
+                                      int64_t count, Emit&& emit) {
   uint32_t word[4][kNoiseCounters];
-  float noise[4][kNoiseCounters];
   const uint32_t row_lo = static_cast<uint32_t>(row);
   const uint32_t row_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
   for (int64_t start = 0; start < count; start += 4 * kNoiseCounters) {
     const int n = static_cast<int>(std::min<int64_t>(kNoiseCounters, (count - start + 3) / 4));
     const uint32_t first_c0 = static_cast<uint32_t>((col_begin + start) >> 2);
     philox4x32_10(first_c0, row_lo, row_hi, 0u, seed, n, word[0], word[1], word[2], word[3]);
+    emit(start, n, word);
+  }
+}
+
+// Gumbel noise of row `row`, columns [col_begin, col_begin + count), into g[0, count) and, when
+// count is not a multiple of 4, up to g[round_up(count, 4)) (the rest of the last group: g must
+// have room for it). col_begin must be a multiple of 4. Uses fast_logf: within ~1e-6 of the
+// reference's float32 noise.
+static inline void gumbel_noise(uint64_t seed, int64_t row, int64_t col_begin, int64_t count,
+                                float* g) {
+  philox_row_batches(seed, row, col_begin, count,
+                     [g](int64_t start, int n, const uint32_t (&word)[4][kNoiseCounters]) {
+    float noise[4][kNoiseCounters];
     for (int j = 0; j < 4; ++j) {
       for (int i = 0; i < n; ++i) {
         noise[j][i] = -fast_logf(-fast_logf(philox_uniform(word[j][i])));
@@ -87,7 +99,7 @@ static inline void gumbel_noise(uint64_t seed, int64_t row, int64_t col_begin, i
       out[4 * i + 2] = noise[2][i];
       out[4 * i + 3] = noise[3][i];
     }
-  }
+  });
 }
 
 // gumbel_noise with the logarithms taken in double and rounded to float at the same two points
@@ -95,13 +107,8 @@ static inline void gumbel_noise(uint64_t seed, int64_t row, int64_t col_begin, i
 // correctly rounded. Slow; used by the float64 kernels, where exactness matters more than speed.
 static inline void gumbel_noise_accurate(uint64_t seed, int64_t row, int64_t col_begin,
                                          int64_t count, float* g) {
-  uint32_t word[4][kNoiseCounters];
-  const uint32_t row_lo = static_cast<uint32_t>(row);
-  const uint32_t row_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
-  for (int64_t start = 0; start < count; start += 4 * kNoiseCounters) {
-    const int n = static_cast<int>(std::min<int64_t>(kNoiseCounters, (count - start + 3) / 4));
-    const uint32_t first_c0 = static_cast<uint32_t>((col_begin + start) >> 2);
-    philox4x32_10(first_c0, row_lo, row_hi, 0u, seed, n, word[0], word[1], word[2], word[3]);
+  philox_row_batches(seed, row, col_begin, count,
+                     [g](int64_t start, int n, const uint32_t (&word)[4][kNoiseCounters]) {
     for (int i = 0; i < n; ++i) {
       for (int j = 0; j < 4; ++j) {
         const double u = philox_uniform(word[j][i]);
@@ -109,7 +116,7 @@ static inline void gumbel_noise_accurate(uint64_t seed, int64_t row, int64_t col
         g[start + 4 * i + j] = static_cast<float>(-std::log(static_cast<double>(minus_log_u)));
       }
     }
-  }
+  });
 }
 
 }  // namespace cpu

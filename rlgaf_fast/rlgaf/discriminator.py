@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlgaf_fast.rlgaf.rollout import left_align, pad_left_to
+from rlgaf_fast.rlgaf.rollout import left_align, pad_left_to, position_ids
 
 
 def build_transformer_discriminator(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
@@ -70,11 +70,11 @@ class LMDiscriminator(nn.Module):
     The LM (typically a copy of the generator's MLE warm start, as RLHF reward models start from
     the SFT model) reads the sequence; each token t >= 1 is scored by a small MLP of two
     features of the LM's prediction for it: the token's log-probability log p(x_t | x_<t) and
-    the entropy of that prediction, both divided by log V. The logit is the masked sum of the
-    scores plus a bias: a learned log density ratio of demonstrations to generations.
+    the entropy of that prediction, both divided by log V. The logit is the sum of the scores
+    over the real tokens: a learned log density ratio of demonstrations to generations.
 
-    With the LM frozen (the default) the discriminator has a few hundred parameters and cannot
-    memorise the demonstrations, so it generalises to sequences it never saw. It needs tied
+    With the LM frozen (the default) only the MLP trains (4 * hidden + 1 parameters: 129) and it
+    cannot memorise the demonstrations, so it generalises to sequences it never saw. It needs tied
     input and output embeddings: the log-probability of a soft token (Gumbel mode, a convex
     combination of embedding rows) is then the same combination of the tokens' log-probabilities.
     """
@@ -98,9 +98,9 @@ class LMDiscriminator(nn.Module):
         x = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.lm.model(inputs_embeds=x, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+                               position_ids=position_ids(attention_mask),
+                               use_cache=False).last_hidden_state
         weight = self.get_input_embeddings().weight
         logits = (hidden[:, :-1] @ weight.T).float()  # [B, L-1, V]: predictions of x_1..
         lse = torch.logsumexp(logits, -1)

@@ -16,13 +16,16 @@ from torch import Tensor
 from rlgaf_fast.rlgaf.data import Batch
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions ``[B, L]`` that count real tokens only, so left padding does not shift them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def sequence_inputs(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, position_ids)`` of prompt + response, each ``[B, P + T]``.
-    Positions count real tokens only, so left padding does not shift them."""
+    """``(input_ids, attention_mask, position_ids)`` of prompt + response, each ``[B, P + T]``."""
     input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
+    return input_ids, attention_mask, position_ids(attention_mask)
 
 
 def response_slice(logits: Tensor, prompt_len: int) -> Tensor:
@@ -67,7 +70,7 @@ def generate(
     batch_size, prompt_len = prompt_ids.shape
     cache_keyword = _cache_keyword(model)
     attention_mask = prompt_mask
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
                 use_cache=True)
     next_position = positions[:, -1:] + 1

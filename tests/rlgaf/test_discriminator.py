@@ -78,16 +78,16 @@ def test_lm_discriminator_trains_only_its_head_by_default():
 
 
 def test_lm_discriminator_learns_to_separate_likely_from_unlikely_sequences():
-    """Real = sequences the LM finds likely, fake = uniform tokens: a few head steps suffice,
-    and the separation holds on sequences it never saw."""
+    """Real = the LM's greedy sequence, fake = uniform tokens: a few head steps suffice, and the
+    separation holds on fresh uniform sequences it never saw."""
     torch.manual_seed(1)
     lm = tied_lm(seed=1)
     with torch.no_grad():
         lm.get_input_embeddings().weight.mul_(8)  # a peaked LM, so likely sequences stand out
     d = LMDiscriminator(lm, hidden=8)
 
-    def likely(n):
-        ids = torch.zeros(n, 1, dtype=torch.int64)
+    def greedy():
+        ids = torch.zeros(1, 1, dtype=torch.int64)
         for _ in range(6):
             logits = lm(input_ids=ids).logits[:, -1]
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
@@ -99,7 +99,7 @@ def test_lm_discriminator_learns_to_separate_likely_from_unlikely_sequences():
     opt = torch.optim.Adam(d.head.parameters(), lr=1e-2)
     labels = torch.cat([torch.ones(16), torch.zeros(16)])
     with torch.no_grad():
-        real_pool = likely(1)
+        real_pool = greedy()
     for _ in range(60):
         fake = torch.randint(VOCAB, (16, 7))
         loss = F.binary_cross_entropy_with_logits(
