@@ -33,3 +33,25 @@ def test_explicit_backend_on_the_wrong_device_is_an_error():
         pytest.skip("needs the C++ extension and a GPU")
     with pytest.raises(RuntimeError, match="runs on CPU tensors"):
         resolve_backend("cpp", torch.randn(2, device="cuda"))
+
+
+def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
+    # The kernels' own checks (reached by direct calls that skip the op layer) format numbers
+    # as strings; streaming them crashed the process on the GPU image (csrc/error_format.h).
+    if "cpp" not in rlgaf_fast.available_backends():
+        pytest.skip("C++ extension not built")
+    ops = torch.ops.rlgaf_fast_cpu
+    logits = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match=r"tau must be > 0, got -1\.5"):
+        ops.gumbel_softmax_fwd(logits, -1.5, False, 0)
+    with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\^63\), got -7"):
+        ops.gumbel_softmax_fwd(logits, 1.0, False, -7)
+    with pytest.raises(RuntimeError, match=r"must be 2-D \[N, V\], got shape \[5\]"):
+        ops.gumbel_softmax_fwd(torch.randn(5), 1.0, False, 0)
+    with pytest.raises(RuntimeError, match=r"must be float16, bfloat16, float32 or float64, "
+                                           r"got Long"):
+        ops.gumbel_softmax_fwd(torch.ones(3, 5, dtype=torch.long), 1.0, False, 0)
+    with pytest.raises(RuntimeError, match=r"weight must have V = 5 rows .* got shape \[4, 2\]"):
+        ops.gumbel_softmax_embedding_fwd(logits, torch.randn(4, 2), 1.0, 0)
+    with pytest.raises(RuntimeError, match=r"actions must be in \[0, 5\)"):
+        torch.ops.rlgaf_fast_cpu.ppo_loss_fwd(logits, torch.tensor([0, 5, 1]), 1.0)

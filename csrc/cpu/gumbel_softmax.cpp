@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../error_format.h"
 #include "fast_math.h"
 #include "philox.h"
 
@@ -31,6 +32,10 @@
 
 namespace {
 
+using rlgaf_fast::device_str;
+using rlgaf_fast::dtype_str;
+using rlgaf_fast::num_str;
+using rlgaf_fast::shape_str;
 using rlgaf_fast::cpu::exp_shift_sum;
 using rlgaf_fast::cpu::gumbel_noise;
 using rlgaf_fast::cpu::gumbel_noise_accurate;
@@ -182,29 +187,31 @@ acc_t scale_and_dot(acc_t* __restrict y, const scalar_t* __restrict grad_y, int6
 }
 
 void check_logits(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [N, V], got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", device_str(t));
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [N, V], got shape ",
+              shape_str(t.sizes()));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                   dtype == at::kDouble,
-              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
+              dtype_str(dtype));
   TORCH_CHECK(t.size(1) >= 1, op, ": ", name, " must have at least one column, got shape ",
-              t.sizes());
+              shape_str(t.sizes()));
 }
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
-              ", got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", device_str(t));
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ",
+              shape_str(like.sizes()), ", got ", shape_str(t.sizes()));
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
+              dtype_str(like.scalar_type()), ", got ", dtype_str(t.scalar_type()));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void check_tau_seed(const char* op, double tau, int64_t seed) {
-  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
-  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", num_str(tau));
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", num_str(seed));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,7 +259,7 @@ at::Tensor gumbel_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, dou
   constexpr const char* op = "gumbel_softmax_bwd";
   check_logits(op, "y", y);
   check_like(op, "grad_y", grad_y, y);
-  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
+  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", num_str(tau));
   const int64_t rows = y.size(0), cols = y.size(1);
   at::Tensor grad = empty_output_like(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), op, [&] {
@@ -326,15 +333,18 @@ at::ScalarType compute_type(const at::Tensor& logits) {
 
 void check_weight(const char* op, const at::Tensor& logits, const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got ",
-              weight.device());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, D], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(0) == logits.size(1), op, ": weight must have V = ", logits.size(1),
-              " rows (the logits' last size), got shape ", weight.sizes());
+              device_str(weight));
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, D], got shape ",
+              shape_str(weight.sizes()));
+  TORCH_CHECK(weight.size(0) == logits.size(1), op, ": weight must have V = ",
+              num_str(logits.size(1)), " rows (the logits' last size), got shape ",
+              shape_str(weight.sizes()));
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
   const at::ScalarType dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                   dtype == at::kDouble,
-              op, ": weight must be float16, bfloat16, float32 or float64, got ", dtype);
+              op, ": weight must be float16, bfloat16, float32 or float64, got ",
+              dtype_str(dtype));
 }
 
 // Rows [begin, end) of weight in the accumulation dtype: a view when the dtype already matches,
@@ -451,14 +461,15 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == rows &&
                   out.size(1) == dim,
-              op, ": out must be a CPU tensor of shape [", rows, ", ", dim, "], got ",
-              out.sizes());
+              op, ": out must be a CPU tensor of shape [", num_str(rows), ", ", num_str(dim),
+              "], got ", shape_str(out.sizes()));
   check_like(op, "grad_out", grad_out, out);
   const at::ScalarType acc_type = compute_type(logits);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == rows &&
                   lse.scalar_type() == acc_type && lse.is_contiguous(),
-              op, ": lse must be a contiguous CPU ", acc_type, " tensor of shape [", rows,
-              "], got ", lse.scalar_type(), " ", lse.sizes());
+              op, ": lse must be a contiguous CPU ", dtype_str(acc_type), " tensor of shape [",
+              num_str(rows), "], got ", dtype_str(lse.scalar_type()), " ",
+              shape_str(lse.sizes()));
   at::Tensor grad_logits = empty_output_like(logits);
   at::Tensor grad_weight = at::empty_like(weight);
   // N x D inputs of the GEMMs in the accumulation dtype, and grad_out . out per row.

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "../error_format.h"
 #include "fast_math.h"
 
 #ifdef __linux__
@@ -325,9 +326,7 @@ void check_rows(const at::Tensor& logits, const at::Tensor& actions) {
   const int64_t V = logits.size(1);
   bool in_range = true;
   for (int64_t n = 0; n < actions.size(0); ++n) in_range &= a[n] >= 0 && a[n] < V;
-  // Formatted with std::to_string: on the GPU image, streaming a number into an extension's
-  // error message crashed the process (see csrc/cuda/gumbel_softmax.cu).
-  TORCH_CHECK(in_range, "ppo_loss kernel: actions must be in [0, " + std::to_string(V) + ")");
+  TORCH_CHECK(in_range, "ppo_loss kernel: actions must be in [0, ", rlgaf_fast::num_str(V), ")");
 }
 
 void check_token(const at::Tensor& t, const at::Tensor& logits, at::ScalarType dtype,

@@ -19,6 +19,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../error_format.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,6 +49,9 @@ namespace rlgaf_fast_cuda {
 namespace {
 
 using at::Tensor;
+using rlgaf_fast::device_str;
+using rlgaf_fast::num_str;
+using rlgaf_fast::shape_str;
 
 // ------------------------------------------------------------------------------------------------
 // Philox4x32-10 and the Gumbel noise of one group of four columns.
@@ -646,28 +651,6 @@ __global__ void __launch_bounds__(kTileThreads)
 constexpr int64_t kMaxGridX = 2147483647LL;
 constexpr int64_t kMaxGridY = 65535;
 
-// Error messages are assembled from strings only. Seen on the GPU machine (torch 2.11+cu130,
-// gcc 13): inserting a number into the std::ostream that c10::str builds inside this library
-// segfaults (std::ostream::_M_insert<double>, and IntArrayRef's operator<<), while strings print
-// fine; numbers are therefore formatted with snprintf / std::to_string here.
-std::string num_str(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%g", v);
-  return buf;
-}
-
-std::string num_str(int64_t v) { return std::to_string(v); }
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) out += ", ";
-    out += std::to_string(sizes[i]);
-  }
-  return out + "]";
-}
-
-std::string device_str(const Tensor& t) { return t.device().str(); }
 
 cudaStream_t current_stream() {
 #if RLGAF_HAVE_C10_CUDA
@@ -724,7 +707,7 @@ void check_floating(const Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "rlgaf_fast_cuda: ", name,
-              " must be float16, bfloat16, float32 or float64, got ", c10::toString(dt));
+              " must be float16, bfloat16, float32 or float64, got ", rlgaf_fast::dtype_str(dt));
 }
 
 void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {

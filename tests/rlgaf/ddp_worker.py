@@ -34,9 +34,12 @@ def run(out_dir: str, mode: str) -> None:
     history = trainer.train()
     rollout = trainer.rollout()
     result = {"rank": trainer.rank, "world": trainer.accelerator.num_processes,
+              "distributed_type": str(trainer.accelerator.distributed_type),
               "initial": initial, "generator": fingerprint(trainer.unwrapped_policy),
               "discriminator": fingerprint(trainer.unwrapped_discriminator),
-              "rollout": rollout.response_ids.tolist(), "history": history}
+              "rollout": rollout.response_ids.tolist(), "history": history,
+              # DTensor under FSDP2: each rank holds a shard of every parameter.
+              "param_types": sorted({type(p).__name__ for p in trainer.policy.parameters()})}
     with open(f"{out_dir}/{mode}-rank{trainer.rank}.json", "w") as f:
         json.dump(result, f)
 

@@ -27,6 +27,7 @@ def test_two_processes_train_and_stay_in_sync(tmp_path):
     for mode in MODES:
         ranks = [json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
         assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
+        assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
         # Trained: the weights moved, every logged value is finite.
         assert ranks[0]["generator"][: len(ranks[0]["initial"])] != ranks[0]["initial"]
         assert all(len(r["history"]) == 3 for r in ranks)
