@@ -74,12 +74,16 @@ class LMDiscriminator(nn.Module):
     over the real tokens: a learned log density ratio of demonstrations to generations.
 
     With the LM frozen (the default) only the MLP trains (4 * hidden + 1 parameters: 129) and it
-    cannot memorise the demonstrations, so it generalises to sequences it never saw. It needs tied
+    cannot memorise the demonstrations, so it generalises to sequences it never saw. With
+    ``context_features=True`` the MLP also reads the LM's final hidden state before the token (the
+    context it was predicted from), so it can learn where the LM is over- or under-confident
+    ((d + 4) * hidden + 1 parameters for model width d). It needs tied
     input and output embeddings: the log-probability of a soft token (Gumbel mode, a convex
     combination of embedding rows) is then the same combination of the tokens' log-probabilities.
     """
 
-    def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False) -> None:
+    def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False,
+                 context_features: bool = False) -> None:
         super().__init__()
         head = lm.get_output_embeddings()
         if head is None or head.weight is not lm.get_input_embeddings().weight:
@@ -88,7 +92,9 @@ class LMDiscriminator(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ValueError("lm's output layer must have no bias")
         self.lm = lm.requires_grad_(train_lm)
-        self.head = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.context_features = context_features
+        inputs = 2 + (head.weight.shape[1] if context_features else 0)
+        self.head = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
@@ -109,6 +115,8 @@ class LMDiscriminator(nn.Module):
         token_logp = (hidden[:, :-1] * x[:, 1:]).float().sum(-1) - lse
         scale = math.log(weight.shape[0])
         features = torch.stack([token_logp / scale, entropy / scale], -1)
+        if self.context_features:
+            features = torch.cat([features, hidden[:, :-1].float()], -1)
         scores = self.head(features).squeeze(-1)  # [B, L-1]
         valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(scores.dtype)
         return SimpleNamespace(logits=(scores * valid).sum(-1, keepdim=True))

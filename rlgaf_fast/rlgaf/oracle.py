@@ -159,12 +159,14 @@ class OraclePreset:
     adv_steps: int = 300
     d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
-    # "lm": LMDiscriminator on a frozen copy of the warm start; "lm-tuned": the same with the
-    # copy trained too; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is
-    # at chance on unseen sequences (README).
+    # "lm": LMDiscriminator on a frozen copy of the warm start; "lm-context": the same reading
+    # the LM's hidden state too; "lm-tuned": the copy trained too; "cnn": SeqGAN's CNN, which
+    # memorises the 10,000 demonstrations and is at chance on unseen sequences (README).
     discriminator: str = "lm"
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
+
+DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "cnn")
 
 PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
@@ -323,11 +325,12 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
         discriminator = None
         if mode != "rlhf":
-            if p.discriminator not in ("lm", "lm-tuned", "cnn"):
-                raise ValueError("discriminator must be lm, lm-tuned or cnn, "
+            if p.discriminator not in DISCRIMINATORS:
+                raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
                                  f"got {p.discriminator!r}")
             discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
-                LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned")
+                LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned",
+                                context_features=p.discriminator == "lm-context")
         trainer = RLGAFTrainer(config, generator, discriminator,
                                demonstrations=oracle_examples(demos),
                                reward_fn=oracle_reward if mode == "rlhf" else None,

@@ -33,6 +33,23 @@ def test_lm_discriminator_scores_tokens_by_the_lms_features():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_context_features_add_the_hidden_state_before_each_token():
+    lm = tied_lm()
+    d = LMDiscriminator(lm, hidden=8, context_features=True)
+    assert d.head[0].in_features == 2 + 16
+    ids = torch.randint(VOCAB, (3, 7))
+    token_logp, entropy = features_by_hand(lm, ids)
+    scale = torch.log(torch.tensor(float(VOCAB), dtype=torch.float64))
+    context = lm.model(input_ids=ids).last_hidden_state[:, :-1]
+    features = torch.cat([torch.stack([token_logp / scale, entropy / scale], -1).float(),
+                          context.float()], -1)
+    expected = d.head(features).squeeze(-1).sum(-1)
+    got = discriminator_logit(d, d.get_input_embeddings()(ids), torch.ones_like(ids))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    trainable = [n for n, p in d.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") for n in trainable)
+
+
 def test_lm_discriminator_masks_padding():
     d = LMDiscriminator(tied_lm(), hidden=8)
     ids = torch.randint(VOCAB, (2, 6))
