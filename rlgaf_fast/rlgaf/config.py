@@ -43,6 +43,12 @@ class RLGAFConfig:
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    # Decay of an exponential moving average of the generator's weights, updated after every
+    # generator step (0: off). GAN generators oscillate around the equilibrium; the average
+    # (Polyak averaging, from the weights after the first step) sits near its centre. It is what
+    # evaluations see and what is shipped (RLGAFTrainer.evaluation_model); rollouts still come
+    # from the live generator.
+    generator_ema: float = 0.0
 
     # Discriminator: its optimiser and how many of its steps per generator step.
     discriminator_lr: float = 1e-4
@@ -111,6 +117,8 @@ class RLGAFConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.generator_ema < 1:
+            raise ValueError(f"generator_ema must be in [0, 1), got {self.generator_ema!r}")
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide "
                              f"batch_size ({self.batch_size})")

@@ -283,7 +283,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                                "oracle_samples_nll_oracle": oracle.nll(test)}
 
     def eval_fn(trainer: RLGAFTrainer, phase: str) -> dict:
-        model = trainer.unwrapped_policy.model
+        model = trainer.evaluation_model
         result, samples = evaluate(model, oracle, test[: p.num_eval], p.num_eval,
                                    seed=3000 + trainer.step_count)
         if trainer.discriminator is not None:
@@ -347,7 +347,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         eval_fn(trainer, mode)
         trainer.train()
         trainer.close()
-        generator = trainer.unwrapped_policy.model
+        generator = trainer.evaluation_model
 
     final, samples = evaluate(generator, oracle, test, p.num_final, seed=5000)
     metrics["final"] = final

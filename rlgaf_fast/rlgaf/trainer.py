@@ -185,6 +185,12 @@ class RLGAFTrainer:
         if self.reference is not None:
             self.reference.requires_grad_(False).eval().to(self.device)
         self.discriminator = discriminator if needs_discriminator else None
+        self.ema = None
+        if config.generator_ema > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                generator, device=self.device,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.generator_ema))
+            self.ema.requires_grad_(False).eval()
 
         total = max(1, config.total_steps)
         self.g_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.generator_lr,
@@ -228,6 +234,12 @@ class RLGAFTrainer:
     @property
     def unwrapped_discriminator(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.discriminator)
+
+    @property
+    def evaluation_model(self) -> nn.Module:
+        """The generator to evaluate and ship: the weight average when ``generator_ema`` > 0,
+        else the live generator."""
+        return self.unwrapped_policy.model if self.ema is None else self.ema.module
 
     def tau(self, step: int | None = None) -> float:
         """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
@@ -505,6 +517,8 @@ class RLGAFTrainer:
                 out = self.ppo_step(batch) if self.mode in ("ppo", "rlhf") \
                     else self.reinforce_step(batch)
             logs.update(out)
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped_policy.model)
         if self.discriminator is not None:
             for d in range(c.d_steps):
                 # The first discriminator steps use this iteration's rollouts (made before the
@@ -568,6 +582,8 @@ class RLGAFTrainer:
             save_model(self.unwrapped_policy, str(path / "generator.safetensors"))
             if self.discriminator is not None:
                 save_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"))
+            if self.ema is not None:  # the average and its count (n_averaged)
+                save_model(self.ema, str(path / "generator_ema.safetensors"))
             state = {"g_opt": self.g_opt.state_dict(), "g_sched": self.g_sched.state_dict()}
             if self.d_opt is not None:
                 state.update(d_opt=self.d_opt.state_dict(), d_sched=self.d_sched.state_dict())
@@ -592,6 +608,8 @@ class RLGAFTrainer:
         if self.discriminator is not None:
             load_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"),
                        device=str(self.device))
+        if self.ema is not None:
+            load_model(self.ema, str(path / "generator_ema.safetensors"), device=str(self.device))
         state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
         self.g_opt.load_state_dict(state["g_opt"])
         self.g_sched.load_state_dict(state["g_sched"])

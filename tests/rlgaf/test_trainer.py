@@ -129,6 +129,35 @@ def test_resume_continues_exactly(mode, demos, tmp_path):
     assert steps[0] == steps[1]
 
 
+def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
+    decay = 0.6
+    trainer = make_trainer("ppo", demos, generator_ema=decay)
+    expected = None
+    for _ in range(3):
+        trainer.step()
+        live = params(trainer.unwrapped_policy.model)
+        # torch's AveragedModel starts from the weights after the first step.
+        expected = live if expected is None else \
+            [decay * e + (1 - decay) * p for e, p in zip(expected, live, strict=True)]
+    averaged = params(trainer.evaluation_model)
+    for e, a, p in zip(expected, averaged, live, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, p) for a, p in zip(averaged, live, strict=True))
+    assert trainer.evaluation_model is not trainer.unwrapped_policy.model
+    assert make_trainer("ppo", demos).evaluation_model is not None
+
+    # A checkpoint carries the average; resuming restores it.
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "generator_ema.safetensors").exists()
+    resumed = make_trainer("ppo", demos, generator_ema=decay)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    for a, b in zip(params(resumed.evaluation_model), averaged, strict=True):
+        assert torch.equal(a, b)
+    assert resumed.ema.n_averaged.item() == trainer.ema.n_averaged.item() == 3
+    with pytest.raises(ValueError, match="generator_ema must be in"):
+        RLGAFConfig(generator_ema=1.0)
+
+
 def test_checkpoint_files_are_safe_formats(demos, tmp_path):
     trainer = make_trainer("ppo", demos)
     path = trainer.save_checkpoint(tmp_path / "ckpt")
