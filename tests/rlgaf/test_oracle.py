@@ -135,7 +135,7 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     metrics = run_oracle(ORACLE, "gumbel", tmp_path, preset=preset)
     assert metrics["preset"]["discriminator"] == discriminator
     assert len(metrics["history"]) == 3 + 4  # sft evaluations, then steps 0, 1, 2
-    with pytest.raises(ValueError, match="discriminator must be one of lm, lm-context, lm-tuned, cnn"):
+    with pytest.raises(ValueError, match="discriminator must be one of lm, lm-context, lm-tuned"):
         run_oracle(ORACLE, "ppo", tmp_path / "bad", init=tmp_path,
                    preset=dataclasses.replace(MICRO, discriminator="mlp"))
 

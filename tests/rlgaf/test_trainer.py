@@ -140,7 +140,7 @@ def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
         expected = live if expected is None else \
             [decay * e + (1 - decay) * p for e, p in zip(expected, live, strict=True)]
     averaged = params(trainer.evaluation_model)
-    for e, a, p in zip(expected, averaged, live, strict=True):
+    for e, a in zip(expected, averaged, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, p) for a, p in zip(averaged, live, strict=True))
     assert trainer.evaluation_model is not trainer.unwrapped_policy.model
