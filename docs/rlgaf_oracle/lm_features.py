@@ -1,0 +1,69 @@
+"""Where the LM discriminator's equilibrium lies: the warm start's mean log-probability per
+token of its training demonstrations, of held-out oracle samples, and of its own samples at
+temperatures 0.8 to 1.2 (with their NLL_oracle).
+
+LMDiscriminator scores tokens by these log-probabilities (and the prediction entropy), so the
+generator is pushed until its samples' mean log-probability matches the demonstrations'.
+
+    python docs/rlgaf_oracle/lm_features.py --oracle ../shared/data/seqgan/target_params_py3.pkl \
+        --init runs/oracle/sft --out docs/rlgaf_oracle/lm_features.json
+"""
+
+import argparse
+import json
+
+import torch
+from safetensors.torch import load_model
+
+from rlgaf_fast.rlgaf.models import build_causal_lm
+from rlgaf_fast.rlgaf.oracle import (
+    PRESETS,
+    SEQ_LEN,
+    START_TOKEN,
+    VOCAB_SIZE,
+    OracleLSTM,
+    sample_generator,
+)
+
+
+@torch.no_grad()
+def token_features(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
+    ids = torch.cat([torch.full_like(tokens[:, :1], START_TOKEN), tokens], 1)
+    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+    token_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return {"mean_logp": token_logp.mean().item(), "mean_entropy": entropy.mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--init", required=True, help="an sft run's directory (seed 0)")
+    parser.add_argument("--num", type=int, default=5000, help="sequences per row")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    p = PRESETS["full"]
+    oracle = OracleLSTM.from_file(args.oracle)
+    demos = oracle.sample(p.num_demos, seed=1000)  # run_oracle's demonstrations and test set
+    test = oracle.sample(p.num_test, seed=2000)
+    model = build_causal_lm(VOCAB_SIZE, hidden_size=p.gen_hidden, num_layers=p.gen_layers,
+                            num_heads=4, max_positions=SEQ_LEN + 1, tie_embeddings=True)
+    load_model(model, f"{args.init}/generator.safetensors")
+    model.eval()
+    rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},
+            {"sequences": "held-out oracle samples", **token_features(model, test[: args.num])}]
+    for t in (0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.2):
+        samples = sample_generator(model, args.num, seed=9000, temperature=t)
+        rows.append({"sequences": f"warm start at temperature {t}",
+                     **token_features(model, samples),
+                     "nll_oracle": -oracle.log_likelihood(samples).mean().item()})
+    for row in rows:
+        print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
