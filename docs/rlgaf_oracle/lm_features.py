@@ -15,13 +15,11 @@ import json
 import torch
 from safetensors.torch import load_model
 
-from rlgaf_fast.rlgaf.models import build_causal_lm
 from rlgaf_fast.rlgaf.oracle import (
     PRESETS,
-    SEQ_LEN,
     START_TOKEN,
-    VOCAB_SIZE,
     OracleLSTM,
+    build_oracle_generator,
     sample_generator,
 )
 
@@ -47,8 +45,7 @@ def main() -> None:
     oracle = OracleLSTM.from_file(args.oracle)
     demos = oracle.sample(p.num_demos, seed=1000)  # run_oracle's demonstrations and test set
     test = oracle.sample(p.num_test, seed=2000)
-    model = build_causal_lm(VOCAB_SIZE, hidden_size=p.gen_hidden, num_layers=p.gen_layers,
-                            num_heads=4, max_positions=SEQ_LEN + 1, tie_embeddings=True)
+    model = build_oracle_generator(p)
     load_model(model, f"{args.init}/generator.safetensors")
     model.eval()
     rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},

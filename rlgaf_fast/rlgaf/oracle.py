@@ -189,6 +189,13 @@ ADVERSARIAL_DEFAULTS: dict[str, dict] = {
 }
 
 
+def build_oracle_generator(preset: OraclePreset) -> nn.Module:
+    """The preset's generator, randomly initialised: a Llama with tied embeddings."""
+    return build_causal_lm(VOCAB_SIZE, hidden_size=preset.gen_hidden,
+                           num_layers=preset.gen_layers, num_heads=4,
+                           max_positions=SEQ_LEN + 1, tie_embeddings=True)
+
+
 def oracle_batch(tokens: Tensor) -> Batch:
     """Sequences ``[B, 20]`` as a Batch after the start-token prompt."""
     prompt = torch.full_like(tokens[:, :1], START_TOKEN)
@@ -276,8 +283,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     oracle = OracleLSTM.from_file(oracle_path)
     demos = oracle.sample(p.num_demos, seed=1000 + seed)
     test = oracle.sample(p.num_test, seed=2000 + seed)
-    generator = build_causal_lm(VOCAB_SIZE, hidden_size=p.gen_hidden, num_layers=p.gen_layers,
-                                num_heads=4, max_positions=SEQ_LEN + 1, tie_embeddings=True)
+    generator = build_oracle_generator(p)
     history: list[dict] = []
     metrics: dict[str, Any] = {"mode": mode, "seed": seed, "preset": p.__dict__,
                                "oracle_samples_nll_oracle": oracle.nll(test)}
@@ -331,6 +337,8 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
             discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
                 LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned",
                                 context_features=p.discriminator == "lm-context")
+            metrics["discriminator_trainable_params"] = sum(
+                t.numel() for t in discriminator.parameters() if t.requires_grad)
         trainer = RLGAFTrainer(config, generator, discriminator,
                                demonstrations=oracle_examples(demos),
                                reward_fn=oracle_reward if mode == "rlhf" else None,

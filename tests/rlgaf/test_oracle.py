@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +12,7 @@ from rlgaf_fast.rlgaf.oracle import (
     PARAM_SHAPES,
     OracleLSTM,
     OraclePreset,
+    build_oracle_generator,
     load_oracle_params,
     run_oracle,
     spearman,
@@ -134,7 +136,24 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     preset = dataclasses.replace(MICRO, discriminator=discriminator)
     metrics = run_oracle(ORACLE, "gumbel", tmp_path, preset=preset)
     assert metrics["preset"]["discriminator"] == discriminator
-    assert len(metrics["history"]) == 3 + 4  # sft evaluations, then steps 0, 1, 2
+    adversarial = [h for h in metrics["history"] if h["phase"] == "gumbel"]
+    assert len(metrics["history"]) == 4 + 3  # sft steps 1..4, then gumbel steps 0, 1, 2
+    assert [h["step"] for h in adversarial] == [0, 1, 2]
+    assert all(-1 <= h["d_oracle_spearman"] <= 1 for h in adversarial)
+    # The discriminator built is the one asked for: the MLP head alone (width 32, inputs 2 or
+    # 2 + 32), the LM copy too, or the CNN.
+    generator_params = sum(t.numel() for t in build_oracle_generator(MICRO).parameters())
+    head = {"lm-context": (2 + MICRO.gen_hidden) * 32 + 32 + 33, "lm-tuned": 2 * 32 + 32 + 33}
+    trainable = metrics["discriminator_trainable_params"]
+    if discriminator == "cnn":
+        assert trainable > 10**5
+    else:
+        assert trainable == head[discriminator] + (discriminator == "lm-tuned") * generator_params
+    logs = [json.loads(line) for line in
+            (tmp_path / "gumbel" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logs if "d_loss" in row] == [1, 2]
+    assert all(math.isfinite(row["d_loss"]) and 0 <= row["d_acc_real"] <= 1 for row in logs
+               if "d_loss" in row)
     with pytest.raises(ValueError, match="discriminator must be one of lm, lm-context, lm-tuned"):
         run_oracle(ORACLE, "ppo", tmp_path / "bad", init=tmp_path,
                    preset=dataclasses.replace(MICRO, discriminator="mlp"))
