@@ -269,7 +269,9 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
     ``sft`` trains the MLE warm start (and reports the temperature sweep 0.8 .. 1.2); the other
     modes start from ``init`` (an sft run's directory) or, without it, train their own warm
-    start first. Returns the metrics dictionary.
+    start first. The demonstrations and the test set are drawn with the warm start's seed
+    (``init``'s metrics.json), so that the discriminator's "real" sequences are the ones the
+    warm start was trained on; ``seed`` sets everything else. Returns the metrics dictionary.
     """
     from safetensors.torch import load_model, save_model
 
@@ -280,13 +282,17 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
+    warm = None
+    if init is not None and mode != "sft":
+        warm = json.loads((Path(init) / "metrics.json").read_text())
+    data_seed = seed if warm is None else warm.get("data_seed", warm["seed"])
     oracle = OracleLSTM.from_file(oracle_path)
-    demos = oracle.sample(p.num_demos, seed=1000 + seed)
-    test = oracle.sample(p.num_test, seed=2000 + seed)
+    demos = oracle.sample(p.num_demos, seed=1000 + data_seed)
+    test = oracle.sample(p.num_test, seed=2000 + data_seed)
     generator = build_oracle_generator(p)
     history: list[dict] = []
-    metrics: dict[str, Any] = {"mode": mode, "seed": seed, "preset": p.__dict__,
-                               "oracle_samples_nll_oracle": oracle.nll(test)}
+    metrics: dict[str, Any] = {"mode": mode, "seed": seed, "data_seed": data_seed,
+                               "preset": p.__dict__, "oracle_samples_nll_oracle": oracle.nll(test)}
 
     def eval_fn(trainer: RLGAFTrainer, phase: str) -> dict:
         model = trainer.evaluation_model
@@ -302,9 +308,8 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
     base = dict(seed=seed, use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
                 progress_bar=True, tensorboard=False)
-    if init is not None and mode != "sft":
+    if warm is not None:
         load_model(generator, str(Path(init) / "generator.safetensors"))
-        warm = json.loads((Path(init) / "metrics.json").read_text())
         metrics["warm_start"] = warm["final"]
     else:
         sft = RLGAFConfig(mode="sft", total_steps=p.sft_steps, batch_size=p.sft_batch,

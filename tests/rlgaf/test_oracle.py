@@ -105,6 +105,11 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
     ppo = run_oracle(ORACLE, "ppo", tmp_path / "ppo", preset=MICRO, init=tmp_path / "sft")
     metrics = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert metrics["warm_start"] == sft["final"]
+    # Another seed from the same warm start keeps the demonstrations it was trained on.
+    other = run_oracle(ORACLE, "ppo", tmp_path / "ppo1", preset=MICRO, init=tmp_path / "sft",
+                       seed=1)
+    assert (other["seed"], other["data_seed"]) == (1, 0)
+    assert other["oracle_samples_nll_oracle"] == metrics["oracle_samples_nll_oracle"]
     assert {"nll_oracle", "nll_test", "distinct"} <= set(metrics["final"])
     assert [h["step"] for h in metrics["history"]] == [0, 1, 2]
     assert all(-1 <= h["d_oracle_spearman"] <= 1 for h in metrics["history"])
