@@ -329,6 +329,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         values = {**ADVERSARIAL_DEFAULTS[mode], **(p.trainer or {}), **(overrides or {})}
         config = RLGAFConfig(mode=mode, total_steps=p.adv_steps, output_dir=str(out_dir / mode),
                              extra={"eval_every": p.eval_every}, **{**base, **values})
+        metrics["config"] = config.to_dict()
 
         def oracle_reward(batch: Batch) -> Tensor:
             # The ideal judge: the oracle's mean log-likelihood per token of the response.
