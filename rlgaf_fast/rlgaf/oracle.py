@@ -176,14 +176,20 @@ PRESETS = {
     "full": OraclePreset(),
 }
 
+# The adversarial modes evaluate (and ship) a moving average of the generator's weights: the
+# generator and the discriminator oscillate, and the live generator's NLL_oracle at a given
+# iteration depends on the phase (README).
 ADVERSARIAL_DEFAULTS: dict[str, dict] = {
     "ppo": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
-                discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2),
+                discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
+                generator_ema=0.99),
     "reinforce": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4,
-                      discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2),
+                      discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
+                      generator_ema=0.99),
     "gumbel": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4, discriminator_lr=1e-3,
                    kl_coef=0.02, reward_type="log_d", tau_start=1.0, tau_end=0.5,
-                   tau_schedule="exponential", straight_through=True, d_steps=2),
+                   tau_schedule="exponential", straight_through=True, d_steps=2,
+                   generator_ema=0.99),
     "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
                  kl_coef=0.02),
 }
