@@ -1,6 +1,7 @@
 """Where the LM discriminator's equilibrium lies: the warm start's mean log-probability per
 token of its training demonstrations, of held-out oracle samples, and of its own samples at
-temperatures 0.8 to 1.2 (with their NLL_oracle).
+temperatures 0.8 to 1.2, with their NLL_oracle and NLL_test (the quality-diversity frontier at
+a finer grid than run_oracle's sweep, with the same sample seed).
 
 LMDiscriminator scores tokens by these log-probabilities (and the prediction entropy), so the
 generator is pushed until its samples' mean log-probability matches the demonstrations'.
@@ -20,7 +21,7 @@ from rlgaf_fast.rlgaf.oracle import (
     START_TOKEN,
     OracleLSTM,
     build_oracle_generator,
-    sample_generator,
+    evaluate,
 )
 
 
@@ -50,11 +51,10 @@ def main() -> None:
     model.eval()
     rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},
             {"sequences": "held-out oracle samples", **token_features(model, test[: args.num])}]
-    for t in (0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.2):
-        samples = sample_generator(model, args.num, seed=9000, temperature=t)
+    for t in (0.8, 0.85, 0.9, 0.93, 0.95, 1.0, 1.1, 1.2):
+        scores, samples = evaluate(model, oracle, test, p.num_sweep, seed=6000, temperature=t)
         rows.append({"sequences": f"warm start at temperature {t}",
-                     **token_features(model, samples),
-                     "nll_oracle": -oracle.log_likelihood(samples).mean().item()})
+                     **token_features(model, samples[: args.num]), **scores})
     for row in rows:
         print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
     if args.out:
