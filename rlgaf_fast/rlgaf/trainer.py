@@ -134,6 +134,12 @@ class RLGAFTrainer:
         if accelerator is None:
             # cpu=True on a machine without CUDA makes several processes run DDP over gloo.
             accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if getattr(accelerator, "distributed_type", None) == "FSDP":
+            # Rollouts, old log-probabilities and the Gumbel mode's embedding matrix use the
+            # unwrapped modules' weights, which FSDP leaves sharded outside its own forward.
+            raise NotImplementedError(
+                "RLGAFTrainer does not support FSDP yet (accelerate launch --use_fsdp); "
+                "run it under DDP (accelerate launch --multi_gpu) instead")
         self.accelerator = accelerator
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index

@@ -158,6 +158,18 @@ def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
         RLGAFConfig(generator_ema=1.0)
 
 
+def test_fsdp_is_refused_with_a_clear_message(demos):
+    # accelerate only builds an FSDP accelerator on a GPU machine; its distributed_type is
+    # what the trainer reads.
+    from accelerate.utils import DistributedType
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    generator = make_trainer("sft", demos).unwrapped_policy.model
+    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+        RLGAFTrainer(RLGAFConfig(mode="sft", batch_size=4, minibatch_size=4), generator,
+                     demonstrations=demos, accelerator=fsdp)
+
+
 def test_checkpoint_files_are_safe_formats(demos, tmp_path):
     trainer = make_trainer("ppo", demos)
     path = trainer.save_checkpoint(tmp_path / "ckpt")
