@@ -59,3 +59,67 @@ def test_invalid_inputs_raise_clear_errors():
         rlgaf_fast.soft_embedding(torch.ones(3, 10, dtype=torch.int32), torch.randn(10, 4))
     with pytest.raises(ValueError, match="same device"):
         rlgaf_fast.soft_embedding(probs, torch.randn(10, 4, device="meta"))
+
+
+needs_cpp = pytest.mark.skipif("cpp" not in rlgaf_fast.available_backends(),
+                               reason="C++ extension not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize(("probs_dtype", "weight_dtype"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_cpp_top_k_in_low_precision_matches_the_float64_reference(probs_dtype, weight_dtype):
+    # Distinct probabilities (exact in every dtype), so that the k largest are unambiguous.
+    raw = torch.stack([torch.randperm(200) + 1 for _ in range(6)]).double()
+    probs = (raw / raw.sum(-1, keepdim=True)).to(probs_dtype).requires_grad_()
+    w = torch.randn(200, 24).to(weight_dtype).requires_grad_()
+    out = rlgaf_fast.soft_embedding(probs, w, top_k=17, backend="cpp")
+    p64 = probs.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    ref = reference.soft_embedding(p64, w64, top_k=17)
+    assert out.dtype == weight_dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if torch.bfloat16 in (probs_dtype, weight_dtype) else \
+        dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    grad = torch.randn(6, 24, dtype=torch.float64)
+    gp, gw = torch.autograd.grad(out, (probs, w), grad.to(weight_dtype))
+    gp_ref, gw_ref = torch.autograd.grad(ref, (p64, w64), grad)
+    assert (gp.dtype, gw.dtype) == (probs_dtype, weight_dtype)
+    # Relative to the largest entry: the probability gradient is (w_j - out) . g / S with S ~ 0.2.
+    for got, want in ((gp, gp_ref), (gw, gw_ref)):
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, **tol)
+
+
+@needs_cpp
+def test_cpp_top_k_selects_the_same_rows_as_topk_at_a_large_vocabulary():
+    probs = torch.softmax(torch.randn(3, 151936) * 4, -1)
+    w = torch.randn(151936, 8)
+    _, index, coef, row_sum = torch.ops.rlgaf_fast.soft_embedding_topk(probs, w, 64)
+    values, expected = probs.topk(64, -1)
+    assert torch.equal(index, expected)
+    torch.testing.assert_close(row_sum, values.sum(-1))
+    torch.testing.assert_close(coef, values / values.sum(-1, keepdim=True))
+
+
+@needs_cpp
+def test_cpp_top_k_ties_go_to_the_lower_column():
+    probs = torch.full((2, 40), 0.025)
+    probs[1, 30] = 0.5
+    _, index, coef, _ = torch.ops.rlgaf_fast.soft_embedding_topk(probs, torch.randn(40, 3), 4)
+    assert index.tolist() == [[0, 1, 2, 3], [30, 0, 1, 2]]
+    torch.testing.assert_close(coef[0], torch.full((4,), 0.25))
+
+
+@needs_cpp
+def test_cpp_top_k_custom_op_passes_opcheck_and_compiles():
+    probs = torch.softmax(torch.randn(4, 33), -1).requires_grad_()
+    w = torch.randn(33, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.rlgaf_fast.soft_embedding_topk.default, (probs, w, 5))
+
+    def embed(p):
+        return rlgaf_fast.soft_embedding(p, w, top_k=5, backend="cpp").sum()
+
+    compiled = torch.compile(embed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(probs), embed(probs))
