@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../error_format.h"
+#include "checks.h"
 #include "fast_math.h"
 #include "philox.h"
 
@@ -36,13 +37,12 @@ using rlgaf_fast::device_str;
 using rlgaf_fast::dtype_str;
 using rlgaf_fast::num_str;
 using rlgaf_fast::shape_str;
+using rlgaf_fast::cpu::check_float_matrix;
+using rlgaf_fast::cpu::check_weight;
+using rlgaf_fast::cpu::compute_t;
 using rlgaf_fast::cpu::exp_shift_sum;
 using rlgaf_fast::cpu::gumbel_noise;
 using rlgaf_fast::cpu::gumbel_noise_accurate;
-
-// float for float16/bfloat16/float32 logits, double for float64.
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 constexpr int64_t kElementsPerTake = 16384;  // work a thread takes at a time in parallel_rows
 constexpr int64_t kScoreChunk = 2048;        // columns whose noise and scores are made together
@@ -187,15 +187,7 @@ acc_t scale_and_dot(acc_t* __restrict y, const scalar_t* __restrict grad_y, int6
 }
 
 void check_logits(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", device_str(t));
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [N, V], got shape ",
-              shape_str(t.sizes()));
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  const at::ScalarType dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                  dtype == at::kDouble,
-              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
-              dtype_str(dtype));
+  check_float_matrix(op, name, t, "[N, V]");
   TORCH_CHECK(t.size(1) >= 1, op, ": ", name, " must have at least one column, got shape ",
               shape_str(t.sizes()));
 }
@@ -331,22 +323,6 @@ at::ScalarType compute_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_weight(const char* op, const at::Tensor& logits, const at::Tensor& weight) {
-  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got ",
-              device_str(weight));
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, D], got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(weight.size(0) == logits.size(1), op, ": weight must have V = ",
-              num_str(logits.size(1)), " rows (the logits' last size), got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
-  const at::ScalarType dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                  dtype == at::kDouble,
-              op, ": weight must be float16, bfloat16, float32 or float64, got ",
-              dtype_str(dtype));
-}
-
 // Rows [begin, end) of weight in the accumulation dtype: a view when the dtype already matches,
 // otherwise a conversion into `buffer` (at least [end - begin, D]).
 at::Tensor weight_block(const at::Tensor& weight, int64_t begin, int64_t end, at::Tensor& buffer) {
@@ -367,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
   // The ATen calls below (GEMMs, views, copies) are implementation details: keep autograd out.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_logits(op, "logits", logits);
-  check_weight(op, logits, weight);
+  check_weight(op, weight, logits.size(1), "logits");
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
   const at::ScalarType acc_type = compute_type(logits);
@@ -456,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
   // The ATen calls below (GEMMs, views, copies) are implementation details: keep autograd out.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_logits(op, "logits", logits);
-  check_weight(op, logits, weight);
+  check_weight(op, weight, logits.size(1), "logits");
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == rows &&

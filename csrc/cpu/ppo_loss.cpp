@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../error_format.h"
+#include "checks.h"
 #include "fast_math.h"
 
 #ifdef __linux__
@@ -344,11 +345,7 @@ at::ScalarType compute_dtype(const at::Tensor& logits) {
 template <typename Fn>
 void dispatch_logits(const at::Tensor& logits, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ppo_loss",
-                                  [&] {
-                                    using acc_t = std::conditional_t<
-                                        std::is_same<scalar_t, double>::value, double, float>;
-                                    fn(scalar_t(), acc_t());
-                                  });
+                                  [&] { fn(scalar_t(), compute_t<scalar_t>()); });
 }
 
 // logprobs and entropy of each row's action under softmax(logits / temperature).

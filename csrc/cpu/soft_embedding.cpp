@@ -20,35 +20,24 @@
 #include <vector>
 
 #include "../error_format.h"
+#include "checks.h"
 
 namespace {
 
-using rlgaf_fast::dtype_str;
 using rlgaf_fast::num_str;
 using rlgaf_fast::shape_str;
-
-template <typename scalar_t>
-using acc_of_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using rlgaf_fast::cpu::check_float_matrix;
+using rlgaf_fast::cpu::check_weight;
+using rlgaf_fast::cpu::compute_t;
 
 constexpr int64_t kBlock = 16;
 
-void check_floating(const char* name, const at::Tensor& t) {
-  const at::ScalarType dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                  dtype == at::kDouble,
-              "soft_embedding_topk: ", name, " must be float16, bfloat16, float32 or float64, got ",
-              dtype_str(dtype));
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), "soft_embedding_topk: ",
-              name, " must be a contiguous 2-D CPU tensor, got shape ", shape_str(t.sizes()));
-}
-
 void check_inputs(const at::Tensor& probs, const at::Tensor& weight, int64_t k) {
-  check_floating("probs", probs);
-  check_floating("weight", weight);
-  TORCH_CHECK(weight.size(0) == probs.size(1), "soft_embedding_topk: weight must have V = ",
-              num_str(probs.size(1)), " rows, got shape ", shape_str(weight.sizes()));
-  TORCH_CHECK(k >= 1 && k <= probs.size(1), "soft_embedding_topk: k must be in [1, ",
-              num_str(probs.size(1)), "], got ", num_str(k));
+  constexpr const char* op = "soft_embedding_topk";
+  check_float_matrix(op, "probs", probs, "[N, V]");
+  check_weight(op, weight, probs.size(1), "probs");
+  TORCH_CHECK(k >= 1 && k <= probs.size(1), op, ": k must be in [1, ", num_str(probs.size(1)),
+              "], got ", num_str(k));
 }
 
 // The k largest values of row[0, V) with their columns, largest first (ties: lower column).
@@ -90,7 +79,6 @@ void top_k_of_row(const scalar_t* row, int64_t V, int64_t k,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_embedding_topk_fwd(
     const at::Tensor& probs, const at::Tensor& weight, int64_t k) {
   check_inputs(probs, weight, k);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = probs.size(0), V = probs.size(1), D = weight.size(1);
   const auto acc_type = probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor index = at::empty({N, k}, probs.options().dtype(at::kLong));
@@ -99,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_embedding_topk_f
   at::Tensor out = at::empty({N, D}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "topk", [&] {
     using p_t = scalar_t;
-    using acc_t = acc_of_t<p_t>;
+    using acc_t = compute_t<p_t>;
     const p_t* p = probs.data_ptr<p_t>();
     int64_t* idx = index.data_ptr<int64_t>();
     acc_t* c = coef.data_ptr<acc_t>();
@@ -137,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> soft_embedding_topk_bwd(
     const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& index, const at::Tensor& coef, const at::Tensor& row_sum,
     at::ScalarType probs_dtype) {
-  check_floating("weight", weight);
+  check_float_matrix("soft_embedding_topk_bwd", "weight", weight, "[V, D]");
   const int64_t N = index.size(0), k = index.size(1), V = weight.size(0), D = weight.size(1);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == N &&
                   out.size(1) == D,

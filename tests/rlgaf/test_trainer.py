@@ -144,7 +144,8 @@ def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, p) for a, p in zip(averaged, live, strict=True))
     assert trainer.evaluation_model is not trainer.unwrapped_policy.model
-    assert make_trainer("ppo", demos).evaluation_model is not None
+    plain = make_trainer("ppo", demos)  # without the average, evaluations see the live model
+    assert plain.ema is None and plain.evaluation_model is plain.unwrapped_policy.model
 
     # A checkpoint carries the average; resuming restores it.
     trainer.save_checkpoint(tmp_path / "ckpt")
