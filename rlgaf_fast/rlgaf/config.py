@@ -62,6 +62,11 @@ class RLGAFConfig:
     # KL penalty to the frozen reference model, summed over each sequence's tokens: k1 per
     # token in the PPO and REINFORCE rewards, the exact KL over the vocabulary in Gumbel mode.
     kl_coef: float = 0.05
+    # Weight of an MLE term on fresh demonstrations added to every generator update of ppo,
+    # reinforce and gumbel (InstructGPT's pretraining-mix term). The KL penalty above keeps the
+    # policy near the reference where the policy samples; this term keeps probability on the
+    # demonstrations' tokens, which the adversarial reward alone lets the policy drop.
+    mle_coef: float = 0.0
 
     # PPO.
     ppo_epochs: int = 2
@@ -112,7 +117,7 @@ class RLGAFConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         non_negative = ("total_steps", "d_steps", "g_steps", "kl_coef", "warmup_steps",
-                        "save_every", "entropy_coef", "baseline_decay",
+                        "save_every", "entropy_coef", "baseline_decay", "mle_coef",
                         "discriminator_weight_decay")
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-STREAM_DEMOS, STREAM_PROMPTS, STREAM_SAMPLING, STREAM_SHUFFLE, STREAM_GUMBEL = range(5)
+STREAM_DEMOS, STREAM_PROMPTS, STREAM_SAMPLING, STREAM_SHUFFLE, STREAM_GUMBEL, STREAM_MLE = range(6)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0, sub: int = 0) -> int:

@@ -29,6 +29,7 @@ from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import (
     STREAM_DEMOS,
     STREAM_GUMBEL,
+    STREAM_MLE,
     STREAM_PROMPTS,
     STREAM_SAMPLING,
     STREAM_SHUFFLE,
@@ -169,6 +170,8 @@ class RLGAFTrainer:
             raise ValueError("mode 'rlhf' needs reward_fn (a fixed reward function or model)")
         if demonstrations is None and self.mode != "rlhf":
             raise ValueError(f"mode {self.mode!r} needs demonstrations")
+        if demonstrations is None and config.mle_coef > 0:
+            raise ValueError(f"mle_coef > 0 (got {config.mle_coef}) needs demonstrations")
         if demonstrations is None and prompts is None:
             raise ValueError("give prompts (or demonstrations, whose prompts are used)")
 
@@ -329,17 +332,30 @@ class RLGAFTrainer:
 
     # ------------------------------------------------------------------ generator updates
 
-    def sft_step(self) -> dict:
-        """MLE on a batch of demonstrations: cross-entropy of the response tokens."""
-        batch = self.demos.batch(self.config.batch_size, self._seed(STREAM_DEMOS)).to(self.device)
+    def demonstration_nll(self, size: int, stream: int = STREAM_DEMOS,
+                          sub: int = 0) -> tuple[Tensor, int]:
+        """MLE loss: mean cross-entropy per response token of ``size`` fresh demonstrations,
+        and their number of response tokens."""
+        batch = self.demos.batch(size, self._seed(stream, sub=sub)).to(self.device)
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, batch.prompt_ids.shape[1]).float()
         token_nll = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten(),
                                     reduction="none").view_as(batch.response_mask.float())
-        loss = masked_mean(token_nll, batch.response_mask)
+        return masked_mean(token_nll, batch.response_mask), int(batch.response_mask.sum())
+
+    def _with_mle(self, loss: Tensor, size: int, sub: int = 0) -> tuple[Tensor, float | None]:
+        """``loss`` plus ``mle_coef`` times the MLE loss of fresh demonstrations (when > 0)."""
+        if self.config.mle_coef == 0:
+            return loss, None
+        mle, _ = self.demonstration_nll(size, STREAM_MLE, sub)
+        return loss + self.config.mle_coef * mle, mle.item()
+
+    def sft_step(self) -> dict:
+        """MLE on a batch of demonstrations: cross-entropy of the response tokens."""
+        loss, tokens = self.demonstration_nll(self.config.batch_size)
         self._check_finite(loss, "SFT loss")
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
-        return {"g_loss": loss.item(), "tokens": int(batch.response_mask.sum())}
+        return {"g_loss": loss.item(), "tokens": tokens}
 
     def ppo_step(self, batch: Batch) -> dict:
         """PPO with a value head and GAE on one batch of rollouts (``ppo`` and ``rlhf``)."""
@@ -375,7 +391,8 @@ class RLGAFTrainer:
                                    temperature=c.sample_temperature)
                 v_loss = ops.value_loss(response_slice(mb_values, prompt_len), old_values[mb],
                                         returns[mb], mask[mb].float(), clip=c.value_clip)
-                loss = out.loss + c.vf_coef * v_loss
+                loss, mle = self._with_mle(out.loss + c.vf_coef * v_loss, c.minibatch_size,
+                                           sub=len(stats["g_loss"]))
                 self._check_finite(loss, "PPO loss")
                 self._optimizer_step(loss, self.policy, self.g_opt)
                 stats["g_loss"].append(out.loss.item())
@@ -383,6 +400,8 @@ class RLGAFTrainer:
                 stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
                 stats["clipfrac"].append(out.clipfrac.item())
                 stats["approx_kl"].append(out.approx_kl.item())
+                if mle is not None:
+                    stats.setdefault("mle_loss", []).append(mle)
         self.g_sched.step()
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         result.update(reward=score.mean().item(), kl=kl, tokens=int(mask.sum()))
@@ -424,10 +443,12 @@ class RLGAFTrainer:
         out = ops.ppo_loss(response_slice(logits, batch.prompt_ids.shape[1]), batch.response_ids,
                            old_logprobs, advantages, mask, clip_eps=c.clip_eps,
                            entropy_coef=c.entropy_coef, temperature=c.sample_temperature)
-        self._check_finite(out.loss, "REINFORCE loss")
-        self._optimizer_step(out.loss, self.policy, self.g_opt, self.g_sched)
-        return {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
-                "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
+        loss, mle = self._with_mle(out.loss, c.batch_size)
+        self._check_finite(loss, "REINFORCE loss")
+        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        result = {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
+                  "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
+        return result if mle is None else {**result, "mle_loss": mle}
 
     def gumbel_step(self, batch: Batch, seeds: list[int]) -> dict:
         """One generator update on ``batch``, generated by Gumbel-max with ``seeds[t]`` at step
@@ -470,13 +491,15 @@ class RLGAFTrainer:
             token_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * batch.response_mask
             kl = token_kl.sum(-1).mean()
             loss = loss + c.kl_coef * kl
+        loss, mle = self._with_mle(loss, c.batch_size)
         self._check_finite(loss, "Gumbel generator loss")
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
         mismatch = ((tokens != batch.response_ids)
                     & batch.response_mask.bool()).float().mean().item()
-        return {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),
-                "tau": self.tau(), "token_mismatch": mismatch,
-                "tokens": int(batch.response_mask.sum())}
+        result = {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),
+                  "tau": self.tau(), "token_mismatch": mismatch,
+                  "tokens": int(batch.response_mask.sum())}
+        return result if mle is None else {**result, "mle_loss": mle}
 
     # ------------------------------------------------------------------ discriminator update
 

@@ -180,6 +180,23 @@ def test_checkpoint_files_are_safe_formats(demos, tmp_path):
     torch.load(path / "optimizer.pt", weights_only=True)  # tensors and plain values only
 
 
+@pytest.mark.parametrize("mode", ["ppo", "reinforce", "gumbel"])
+def test_mle_coef_adds_the_demonstrations_likelihood(mode, demos):
+    def train(mle_coef):
+        trainer = make_trainer(mode, demos, total_steps=8, generator_lr=3e-3, mle_coef=mle_coef)
+        history = trainer.train()
+        with torch.no_grad():
+            nll, tokens = trainer.demonstration_nll(64)  # the same batch for both runs
+        assert tokens > 0
+        return history, nll.item()
+
+    plain_history, plain = train(0.0)
+    history, with_mle = train(5.0)
+    assert "mle_loss" not in plain_history[-1]
+    assert all(math.isfinite(h["mle_loss"]) for h in history)
+    assert with_mle < plain - 0.1, (with_mle, plain)
+
+
 def test_mode_requirements_are_clear(demos):
     with pytest.raises(ValueError, match="discriminator"):
         RLGAFTrainer(RLGAFConfig(mode="ppo", batch_size=4, minibatch_size=4),
@@ -187,6 +204,10 @@ def test_mode_requirements_are_clear(demos):
     with pytest.raises(ValueError, match="reward_fn"):
         RLGAFTrainer(RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4),
                      make_trainer("sft", demos).unwrapped_policy.model, None, demos)
+    with pytest.raises(ValueError, match="mle_coef"):
+        RLGAFTrainer(RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4, mle_coef=1.0),
+                     make_trainer("sft", demos).unwrapped_policy.model, None, None, demos,
+                     reward_fn=lambda batch: batch.response_ids.float().sum(-1))
 
 
 OPS_OF_MODE = {"ppo": ("ppo_loss", "value_loss", "gae"),
