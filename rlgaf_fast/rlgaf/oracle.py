@@ -257,6 +257,13 @@ def distinct_fraction(tokens: Tensor) -> float:
     return len({tuple(row) for row in tokens.tolist()}) / max(1, tokens.shape[0])
 
 
+def copied_fraction(tokens: Tensor, demos: Tensor) -> float:
+    """Fraction of the sequences ``tokens`` found verbatim among ``demos``: memorisation, which
+    NLL_oracle rewards (a copied demonstration is an oracle sample)."""
+    seen = {tuple(row) for row in demos.tolist()}
+    return sum(tuple(row) in seen for row in tokens.tolist()) / max(1, tokens.shape[0])
+
+
 def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed: int,
              temperature: float = 1.0) -> tuple[dict, Tensor]:
     samples = sample_generator(model, num, seed, temperature)
@@ -370,6 +377,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         generator = trainer.evaluation_model
 
     final, samples = evaluate(generator, oracle, test, p.num_final, seed=5000)
+    final["copied"] = copied_fraction(samples, demos)
     metrics["final"] = final
     if mode == "sft":
         metrics["temperature_sweep"] = [

@@ -13,6 +13,7 @@ from rlgaf_fast.rlgaf.oracle import (
     OracleLSTM,
     OraclePreset,
     build_oracle_generator,
+    copied_fraction,
     load_oracle_params,
     run_oracle,
     spearman,
@@ -110,7 +111,8 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
                        seed=1)
     assert (other["seed"], other["data_seed"]) == (1, 0)
     assert other["oracle_samples_nll_oracle"] == metrics["oracle_samples_nll_oracle"]
-    assert {"nll_oracle", "nll_test", "distinct"} <= set(metrics["final"])
+    assert {"nll_oracle", "nll_test", "distinct", "copied"} <= set(metrics["final"])
+    assert 0 <= metrics["final"]["copied"] <= 1
     assert [h["step"] for h in metrics["history"]] == [0, 1, 2]
     assert all(-1 <= h["d_oracle_spearman"] <= 1 for h in metrics["history"])
     assert metrics["history"] == ppo["history"]
@@ -170,6 +172,13 @@ def test_oracle_cli_refuses_a_malformed_override(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
               "--set", "kl_coef"])
+
+
+def test_copied_fraction_counts_verbatim_demonstrations():
+    demos = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    samples = torch.tensor([[1, 2, 3], [1, 2, 4], [4, 5, 6], [6, 5, 4]])
+    assert copied_fraction(samples, demos) == 0.5
+    assert copied_fraction(samples[1:2], demos) == 0.0
 
 
 def test_spearman_matches_scipy():
