@@ -491,12 +491,13 @@ class RLGAFTrainer:
             token_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * batch.response_mask
             kl = token_kl.sum(-1).mean()
             loss = loss + c.kl_coef * kl
+        g_loss = loss.item()
         loss, mle = self._with_mle(loss, c.batch_size)
         self._check_finite(loss, "Gumbel generator loss")
         self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
         mismatch = ((tokens != batch.response_ids)
                     & batch.response_mask.bool()).float().mean().item()
-        result = {"g_loss": loss.item(), "reward": reward.mean().item(), "kl": kl.item(),
+        result = {"g_loss": g_loss, "reward": reward.mean().item(), "kl": kl.item(),
                   "tau": self.tau(), "token_mismatch": mismatch,
                   "tokens": int(batch.response_mask.sum())}
         return result if mle is None else {**result, "mle_loss": mle}
