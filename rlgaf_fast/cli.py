@@ -202,10 +202,11 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
-    p.add_argument("--discriminator", choices=["lm", "lm-context", "lm-tuned", "cnn"],
+    p.add_argument("--discriminator", choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn"],
                    help="lm (default): a frozen copy of the warm start with a small head; "
                    "lm-context: the head reads the LM's hidden state too; "
-                   "lm-tuned: the copy trained too; cnn: SeqGAN's CNN")
+                   "lm-tuned: the copy trained too; lm-bigram: bigram counts of half the "
+                   "demonstrations as one more feature; cnn: SeqGAN's CNN")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an RLGAFConfig field of the adversarial phase (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")

@@ -80,10 +80,19 @@ class LMDiscriminator(nn.Module):
     ((d + 4) * hidden + 1 parameters for model width d). It needs tied
     input and output embeddings: the log-probability of a soft token (Gumbel mode, a convex
     combination of embedding rows) is then the same combination of the tokens' log-probabilities.
+
+    ``bigram_sequences`` ``[N, L]`` (int64 token ids) adds a third feature: log(1 + the number of
+    times the bigram (x_{t-1}, x_t) occurs in them), divided by log V. It is knowledge the LM
+    lacks: a small LM spreads probability over transitions the data never shows. Give sequences
+    other than the discriminator's real examples, so that for those the count is what a fresh
+    sequence would see rather than the sequence's own. The token ids then travel as one more
+    channel of the input embeddings (:class:`TokenIdEmbedding`). In Gumbel mode this needs
+    ``straight_through=True``: the channel then holds the hard token's id, and the feature is a
+    constant without gradient.
     """
 
     def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False,
-                 context_features: bool = False) -> None:
+                 context_features: bool = False, bigram_sequences: Tensor | None = None) -> None:
         super().__init__()
         head = lm.get_output_embeddings()
         if head is None or head.weight is not lm.get_input_embeddings().weight:
@@ -93,33 +102,83 @@ class LMDiscriminator(nn.Module):
             raise ValueError("lm's output layer must have no bias")
         self.lm = lm.requires_grad_(train_lm)
         self.context_features = context_features
-        inputs = 2 + (head.weight.shape[1] if context_features else 0)
+        self.embedding: nn.Module = lm.get_input_embeddings()
+        self.bigrams = bigram_sequences is not None
+        if self.bigrams:
+            self.embedding = TokenIdEmbedding(self.embedding)
+            keys, counts = bigram_keys(bigram_sequences, head.weight.shape[0]).unique(
+                return_counts=True)
+            self.register_buffer("bigram_keys", keys, persistent=False)
+            self.register_buffer("bigram_log_counts", counts.float().log1p(), persistent=False)
+        inputs = 2 + self.bigrams + (head.weight.shape[1] if context_features else 0)
         self.head = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.lm.get_input_embeddings()
+        return self.embedding
+
+    def bigram_feature(self, ids: Tensor) -> Tensor:
+        """log(1 + count) ``[B, L-1]`` of each bigram of ``ids`` ``[B, L]`` in the table."""
+        keys = bigram_keys(ids, self.lm.get_input_embeddings().weight.shape[0])
+        index = torch.searchsorted(self.bigram_keys, keys).clamp(max=len(self.bigram_keys) - 1)
+        found = self.bigram_keys[index] == keys
+        return torch.where(found, self.bigram_log_counts[index], 0.0)
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> SimpleNamespace:
         x = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.bigrams:  # the last channel is the token id (TokenIdEmbedding)
+            ids, x = x[..., -1].detach().round().long(), x[..., :-1]
         if attention_mask is None:
             attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
         hidden = self.lm.model(inputs_embeds=x, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask),
                                use_cache=False).last_hidden_state
-        weight = self.get_input_embeddings().weight
+        weight = self.lm.get_input_embeddings().weight
         logits = (hidden[:, :-1] @ weight.T).float()  # [B, L-1, V]: predictions of x_1..
         lse = torch.logsumexp(logits, -1)
         entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
         # <h_{t-1}, e_t> - logsumexp: the token's log-probability, linear in a soft token.
         token_logp = (hidden[:, :-1] * x[:, 1:]).float().sum(-1) - lse
         scale = math.log(weight.shape[0])
-        features = torch.stack([token_logp / scale, entropy / scale], -1)
+        features = [token_logp / scale, entropy / scale]
+        if self.bigrams:
+            features.append(self.bigram_feature(ids) / scale)
+        features = torch.stack(features, -1)
         if self.context_features:
             features = torch.cat([features, hidden[:, :-1].float()], -1)
         scores = self.head(features).squeeze(-1)  # [B, L-1]
         valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(scores.dtype)
         return SimpleNamespace(logits=(scores * valid).sum(-1, keepdim=True))
+
+
+class TokenIdEmbedding(nn.Module):
+    """An embedding whose output carries the token id as one more channel: ``[..., D + 1]``.
+
+    Its ``weight`` (``[V, D + 1]``, the last column the ids 0 .. V-1) makes the soft-embedding op
+    of Gumbel mode carry the id of a hard or straight-through token in that channel too.
+    """
+
+    def __init__(self, embedding: nn.Module) -> None:
+        super().__init__()
+        if embedding.weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError("TokenIdEmbedding needs a float32 or float64 embedding to carry "
+                             f"token ids exactly, got {embedding.weight.dtype}")
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.embedding.weight
+        ids = torch.arange(w.shape[0], device=w.device, dtype=w.dtype)
+        return torch.cat([w, ids[:, None]], 1)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embedding(input_ids)
+        return torch.cat([x, input_ids.to(x.dtype)[..., None]], -1)
+
+
+def bigram_keys(ids: Tensor, vocab_size: int) -> Tensor:
+    """``x_{t-1} * V + x_t`` ``[B, L-1]`` of the bigrams of ``ids`` ``[B, L]``."""
+    return ids[:, :-1] * vocab_size + ids[:, 1:]
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:

@@ -160,13 +160,15 @@ class OraclePreset:
     d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
     # "lm": LMDiscriminator on a frozen copy of the warm start; "lm-context": the same reading
-    # the LM's hidden state too; "lm-tuned": the copy trained too; "cnn": SeqGAN's CNN, which
-    # memorises the 10,000 demonstrations and is at chance on unseen sequences (README).
+    # the LM's hidden state too; "lm-tuned": the copy trained too; "lm-bigram": the same with
+    # bigram counts of half the demonstrations as a third feature, the other half its real
+    # examples; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is at chance
+    # on unseen sequences (README).
     discriminator: str = "lm"
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
 
-DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "cnn")
+DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn")
 
 PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
@@ -348,18 +350,26 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
             # The ideal judge: the oracle's mean log-likelihood per token of the response.
             return oracle.log_likelihood(batch.response_ids).mean(-1)
 
-        discriminator = None
+        discriminator, real_demos = None, demos
         if mode != "rlhf":
             if p.discriminator not in DISCRIMINATORS:
                 raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
                                  f"got {p.discriminator!r}")
+            bigram_sequences = None
+            if p.discriminator == "lm-bigram":
+                # Counts from one half, real examples from the other: a real example's count is
+                # then what a fresh oracle sequence would see, not its own.
+                table, real_demos = demos.chunk(2)
+                bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table],
+                                             1)
             discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
                 LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned",
-                                context_features=p.discriminator == "lm-context")
+                                context_features=p.discriminator == "lm-context",
+                                bigram_sequences=bigram_sequences)
             metrics["discriminator_trainable_params"] = sum(
                 t.numel() for t in discriminator.parameters() if t.requires_grad)
         trainer = RLGAFTrainer(config, generator, discriminator,
-                               demonstrations=oracle_examples(demos),
+                               demonstrations=oracle_examples(real_demos),
                                reward_fn=oracle_reward if mode == "rlhf" else None,
                                eval_fn=lambda tr: eval_fn(tr, mode))
         if discriminator is not None:
@@ -368,7 +378,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
             negatives = sample_generator(generator, p.num_demos, seed=7000 + seed)
             draw = torch_generator(8000 + seed)
             for _ in range(p.d_pretrain_steps):
-                real = demos[torch.randint(len(demos), (64,), generator=draw)]
+                real = real_demos[torch.randint(len(real_demos), (64,), generator=draw)]
                 fake = negatives[torch.randint(len(negatives), (64,), generator=draw)]
                 trainer.discriminator_step(oracle_batch(fake), real=oracle_batch(real))
         eval_fn(trainer, mode)

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlgaf_fast.rlgaf.discriminator import LMDiscriminator, discriminator_logit
+import rlgaf_fast
+from rlgaf_fast.rlgaf.discriminator import LMDiscriminator, TokenIdEmbedding, discriminator_logit
 from rlgaf_fast.rlgaf.models import build_causal_lm
 
 VOCAB = 40
@@ -48,6 +49,48 @@ def test_context_features_add_the_hidden_state_before_each_token():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     trainable = [n for n, p in d.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("head.") for n in trainable)
+
+
+def test_bigram_feature_counts_the_tables_bigrams():
+    table = torch.tensor([[1, 2, 3, 1, 2], [1, 2, 4, 4, 0]])  # (1, 2) three times, (4, 4) once
+    lm = tied_lm()
+    d = LMDiscriminator(lm, hidden=8, bigram_sequences=table)
+    assert d.head[0].in_features == 3
+    ids = torch.tensor([[1, 2, 4, 4, 5, 3]])
+    expected = torch.tensor([[4.0, 2.0, 2.0, 1.0, 1.0]]).log()  # log(1 + count): 3, 1, 1, 0, 0
+    torch.testing.assert_close(d.bigram_feature(ids), expected)
+    # The logit: the head over the LM's two features and this one, summed over the tokens.
+    token_logp, entropy = features_by_hand(lm, ids)
+    scale = torch.log(torch.tensor(float(VOCAB), dtype=torch.float64))
+    features = torch.stack([token_logp / scale, entropy / scale, expected.double() / scale], -1)
+    want = d.head(features.float()).squeeze(-1).sum(-1)
+    embeds = d.get_input_embeddings()(ids)
+    assert embeds.shape == (1, 6, 17) and torch.equal(embeds[..., -1], ids.float())
+    got = discriminator_logit(d, embeds, torch.ones_like(ids))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_token_ids_travel_through_the_soft_embedding_of_a_hard_token():
+    # Gumbel mode with straight_through: the fused op's embedding of the hard one-hot carries the
+    # sampled token's id in the last channel, so the bigram feature sees the generated tokens.
+    d = LMDiscriminator(tied_lm(), hidden=8, bigram_sequences=torch.randint(VOCAB, (4, 6)))
+    weight = d.get_input_embeddings().weight
+    assert weight.shape == (VOCAB, 17)
+    torch.testing.assert_close(weight[:, -1], torch.arange(VOCAB, dtype=torch.float32))
+    logits = torch.randn(5, VOCAB, requires_grad=True)
+    embeds, tokens = rlgaf_fast.gumbel_softmax_embedding(logits, weight, 0.7, True,
+                                                               seed=3)
+    torch.testing.assert_close(embeds, d.get_input_embeddings()(tokens))
+    # (token 0 is the LM's padding: its zero embedding would make h_0, the gradient, zero)
+    soft = torch.cat([d.get_input_embeddings()(torch.ones(5, 1, dtype=torch.int64)),
+                      embeds[:, None]], 1)
+    discriminator_logit(d, soft, torch.ones(5, 2)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0  # through the LM features
+
+
+def test_token_id_embedding_needs_exact_ids():
+    with pytest.raises(ValueError, match="float32"):
+        TokenIdEmbedding(torch.nn.Embedding(VOCAB, 4).to(torch.bfloat16))
 
 
 def test_lm_discriminator_masks_padding():

@@ -136,7 +136,7 @@ def test_smoke_preset_through_the_cli(tmp_path):
 
 
 @needs_oracle
-@pytest.mark.parametrize("discriminator", ["cnn", "lm-context", "lm-tuned"])
+@pytest.mark.parametrize("discriminator", ["cnn", "lm-context", "lm-tuned", "lm-bigram"])
 def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     import dataclasses
 
@@ -147,10 +147,11 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     assert len(metrics["history"]) == 4 + 3  # sft steps 1..4, then gumbel steps 0, 1, 2
     assert [h["step"] for h in adversarial] == [0, 1, 2]
     assert all(-1 <= h["d_oracle_spearman"] <= 1 for h in adversarial)
-    # The discriminator built is the one asked for: the MLP head alone (width 32, inputs 2 or
-    # 2 + 32), the LM copy too, or the CNN.
+    # The discriminator built is the one asked for: the MLP head alone (width 32, inputs 2,
+    # 2 + 32 or 3), the LM copy too, or the CNN.
     generator_params = sum(t.numel() for t in build_oracle_generator(MICRO).parameters())
-    head = {"lm-context": (2 + MICRO.gen_hidden) * 32 + 32 + 33, "lm-tuned": 2 * 32 + 32 + 33}
+    head = {"lm-context": (2 + MICRO.gen_hidden) * 32 + 32 + 33, "lm-tuned": 2 * 32 + 32 + 33,
+            "lm-bigram": 3 * 32 + 32 + 33}
     trainable = metrics["discriminator_trainable_params"]
     if discriminator == "cnn":
         assert trainable > 10**5
