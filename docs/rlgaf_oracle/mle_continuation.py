@@ -1,0 +1,60 @@
+"""Control for ``mle_coef``: continue MLE alone from the warm start, with the adversarial runs'
+generator optimiser (learning rate 2e-4, weight average 0.99) and as many updates of 32
+demonstrations as a 300-iteration ``ppo`` run makes (2 epochs of 2 minibatches: 1200).
+
+It tells how much of an ``mle_coef`` run's result the extra MLE alone would give.
+
+    python docs/rlgaf_oracle/mle_continuation.py \
+        --oracle ../shared/data/seqgan/target_params_py3.pkl --init runs/oracle/sft \
+        --out docs/rlgaf_oracle/seeds/mle-continuation-control.json
+"""
+
+import argparse
+import json
+
+import torch
+from safetensors.torch import load_model
+
+from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
+from rlgaf_fast.rlgaf.oracle import (
+    PRESETS,
+    OracleLSTM,
+    build_oracle_generator,
+    copied_fraction,
+    evaluate,
+    oracle_examples,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--init", required=True, help="the sft run's directory")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    oracle = OracleLSTM.from_file(args.oracle)
+    warm = json.loads(open(f"{args.init}/metrics.json").read())
+    data_seed = warm.get("data_seed", warm["seed"])
+    demos = oracle.sample(10_000, seed=1000 + data_seed)  # as run_oracle draws them
+    test = oracle.sample(10_000, seed=2000 + data_seed)
+    generator = build_oracle_generator(PRESETS["full"])
+    load_model(generator, f"{args.init}/generator.safetensors")
+    config = RLGAFConfig(mode="sft", total_steps=args.steps, batch_size=args.batch,
+                         minibatch_size=args.batch, generator_lr=2e-4, generator_ema=0.99,
+                         progress_bar=True, tensorboard=False)
+    trainer = RLGAFTrainer(config, generator, demonstrations=oracle_examples(demos))
+    trainer.train()
+    final, samples = evaluate(trainer.evaluation_model, oracle, test, 10_000, seed=5000)
+    final["copied"] = copied_fraction(samples, demos)
+    result = {"steps": args.steps, "batch": args.batch, "warm_start": warm["final"],
+              "final": final}
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
