@@ -1,0 +1,52 @@
+"""What the lm-bigram discriminator's feature sees: the fraction of bigram positions of a set
+of sequences whose bigram occurs in the 10,000 training demonstrations, for held-out oracle
+samples and for the warm start's own samples at temperatures 1.0 to 0.8 (5,000 each).
+
+    python docs/rlgaf_oracle/bigram_coverage.py \
+        --oracle ../shared/data/seqgan/target_params_py3.pkl --init runs/oracle/sft \
+        --out docs/rlgaf_oracle/bigram_coverage.json
+"""
+
+import argparse
+import json
+
+import torch
+from safetensors.torch import load_model
+
+from rlgaf_fast.rlgaf.oracle import PRESETS, OracleLSTM, build_oracle_generator, sample_generator
+
+
+def coverage(tokens: torch.Tensor, seen: set[tuple[int, int]]) -> float:
+    rows = tokens.tolist()
+    hits = sum((a, b) in seen for row in rows for a, b in zip(row, row[1:], strict=False))
+    return hits / (len(rows) * (len(rows[0]) - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--init", required=True, help="the sft run's directory")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    oracle = OracleLSTM.from_file(args.oracle)
+    warm = json.loads(open(f"{args.init}/metrics.json").read())
+    data_seed = warm.get("data_seed", warm["seed"])
+    demos = oracle.sample(10_000, seed=1000 + data_seed)  # as run_oracle draws them
+    test = oracle.sample(10_000, seed=2000 + data_seed)
+    seen = {(a, b) for row in demos.tolist() for a, b in zip(row, row[1:], strict=False)}
+    generator = build_oracle_generator(PRESETS["full"])
+    load_model(generator, f"{args.init}/generator.safetensors")
+    rows = [{"sequences": "held-out oracle samples", "coverage": coverage(test[:5000], seen)}]
+    for temperature in (1.0, 0.9, 0.85, 0.8):
+        samples = sample_generator(generator, 5000, seed=6000, temperature=temperature)
+        rows.append({"sequences": f"warm start at temperature {temperature}",
+                     "coverage": coverage(samples, seen)})
+    for row in rows:
+        print(f"{row['sequences']:40s} {row['coverage']:.4f}")
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
