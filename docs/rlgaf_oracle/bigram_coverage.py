@@ -11,9 +11,8 @@ import argparse
 import json
 
 import torch
-from safetensors.torch import load_model
 
-from rlgaf_fast.rlgaf.oracle import PRESETS, OracleLSTM, build_oracle_generator, sample_generator
+from rlgaf_fast.rlgaf.oracle import OracleLSTM, load_warm_start, oracle_data, sample_generator
 
 
 def coverage(tokens: torch.Tensor, seen: set[tuple[int, int]]) -> float:
@@ -30,13 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     oracle = OracleLSTM.from_file(args.oracle)
-    warm = json.loads(open(f"{args.init}/metrics.json").read())
-    data_seed = warm.get("data_seed", warm["seed"])
-    demos = oracle.sample(10_000, seed=1000 + data_seed)  # as run_oracle draws them
-    test = oracle.sample(10_000, seed=2000 + data_seed)
+    generator, warm = load_warm_start(args.init)
+    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]))
     seen = {(a, b) for row in demos.tolist() for a, b in zip(row, row[1:], strict=False)}
-    generator = build_oracle_generator(PRESETS["full"])
-    load_model(generator, f"{args.init}/generator.safetensors")
     rows = [{"sequences": "held-out oracle samples", "coverage": coverage(test[:5000], seen)}]
     for temperature in (1.0, 0.9, 0.85, 0.8):
         samples = sample_generator(generator, 5000, seed=6000, temperature=temperature)

@@ -14,14 +14,14 @@ import argparse
 import json
 
 import torch
-from safetensors.torch import load_model
 
 from rlgaf_fast.rlgaf.oracle import (
     PRESETS,
     START_TOKEN,
     OracleLSTM,
-    build_oracle_generator,
     evaluate,
+    load_warm_start,
+    oracle_data,
 )
 
 
@@ -44,10 +44,8 @@ def main() -> None:
     torch.set_num_threads(1)
     p = PRESETS["full"]
     oracle = OracleLSTM.from_file(args.oracle)
-    demos = oracle.sample(p.num_demos, seed=1000)  # run_oracle's demonstrations and test set
-    test = oracle.sample(p.num_test, seed=2000)
-    model = build_oracle_generator(p)
-    load_model(model, f"{args.init}/generator.safetensors")
+    model, warm = load_warm_start(args.init, p)
+    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]), p.num_demos, p.num_test)
     model.eval()
     rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},
             {"sequences": "held-out oracle samples", **token_features(model, test[: args.num])}]

@@ -13,15 +13,14 @@ import argparse
 import json
 
 import torch
-from safetensors.torch import load_model
 
 from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
 from rlgaf_fast.rlgaf.oracle import (
-    PRESETS,
     OracleLSTM,
-    build_oracle_generator,
     copied_fraction,
     evaluate,
+    load_warm_start,
+    oracle_data,
     oracle_examples,
 )
 
@@ -36,12 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     oracle = OracleLSTM.from_file(args.oracle)
-    warm = json.loads(open(f"{args.init}/metrics.json").read())
-    data_seed = warm.get("data_seed", warm["seed"])
-    demos = oracle.sample(10_000, seed=1000 + data_seed)  # as run_oracle draws them
-    test = oracle.sample(10_000, seed=2000 + data_seed)
-    generator = build_oracle_generator(PRESETS["full"])
-    load_model(generator, f"{args.init}/generator.safetensors")
+    generator, warm = load_warm_start(args.init)
+    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]))
     config = RLGAFConfig(mode="sft", total_steps=args.steps, batch_size=args.batch,
                          minibatch_size=args.batch, generator_lr=2e-4, generator_ema=0.99,
                          progress_bar=True, tensorboard=False)

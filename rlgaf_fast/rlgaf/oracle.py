@@ -204,6 +204,24 @@ def build_oracle_generator(preset: OraclePreset) -> nn.Module:
                            max_positions=SEQ_LEN + 1, tie_embeddings=True)
 
 
+def oracle_data(oracle: OracleLSTM, data_seed: int, num_demos: int = 10_000,
+                num_test: int = 10_000) -> tuple[Tensor, Tensor]:
+    """The demonstrations and the held-out test set ``[N, 20]`` that run_oracle draws for
+    ``data_seed``."""
+    return (oracle.sample(num_demos, seed=1000 + data_seed),
+            oracle.sample(num_test, seed=2000 + data_seed))
+
+
+def load_warm_start(init: str | Path, preset: OraclePreset | None = None) -> tuple[nn.Module, dict]:
+    """The generator an sft run saved in directory ``init``, and that run's metrics.json."""
+    from safetensors.torch import load_model
+
+    metrics = json.loads((Path(init) / "metrics.json").read_text())
+    generator = build_oracle_generator(preset or PRESETS["full"])
+    load_model(generator, str(Path(init) / "generator.safetensors"))
+    return generator, metrics
+
+
 def oracle_batch(tokens: Tensor) -> Batch:
     """Sequences ``[B, 20]`` as a Batch after the start-token prompt."""
     prompt = torch.full_like(tokens[:, :1], START_TOKEN)
@@ -288,7 +306,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     (``init``'s metrics.json), so that the discriminator's "real" sequences are the ones the
     warm start was trained on; ``seed`` sets everything else. Returns the metrics dictionary.
     """
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import save_model
 
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
@@ -298,13 +316,12 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     started = time.perf_counter()
     torch.manual_seed(seed)
     warm = None
+    generator = build_oracle_generator(p)
     if init is not None and mode != "sft":
-        warm = json.loads((Path(init) / "metrics.json").read_text())
+        generator, warm = load_warm_start(init, p)
     data_seed = seed if warm is None else warm.get("data_seed", warm["seed"])
     oracle = OracleLSTM.from_file(oracle_path)
-    demos = oracle.sample(p.num_demos, seed=1000 + data_seed)
-    test = oracle.sample(p.num_test, seed=2000 + data_seed)
-    generator = build_oracle_generator(p)
+    demos, test = oracle_data(oracle, data_seed, p.num_demos, p.num_test)
     history: list[dict] = []
     metrics: dict[str, Any] = {"mode": mode, "seed": seed, "data_seed": data_seed,
                                "preset": p.__dict__, "oracle_samples_nll_oracle": oracle.nll(test)}
@@ -324,7 +341,6 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     base = dict(seed=seed, use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
                 progress_bar=True, tensorboard=False)
     if warm is not None:
-        load_model(generator, str(Path(init) / "generator.safetensors"))
         metrics["warm_start"] = warm["final"]
     else:
         sft = RLGAFConfig(mode="sft", total_steps=p.sft_steps, batch_size=p.sft_batch,
