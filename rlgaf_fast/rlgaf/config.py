@@ -63,8 +63,8 @@ class RLGAFConfig:
     # token in the PPO and REINFORCE rewards, the exact KL over the vocabulary in Gumbel mode.
     kl_coef: float = 0.05
     # Weight of an MLE term on fresh demonstrations added to every generator update of ppo,
-    # reinforce and gumbel (InstructGPT's pretraining-mix term). The KL penalty above keeps the
-    # policy near the reference where the policy samples; this term keeps probability on the
+    # reinforce, gumbel and rlhf (InstructGPT's pretraining-mix term). The KL penalty above keeps
+    # the policy near the reference where the policy samples; this term keeps probability on the
     # demonstrations' tokens, which the adversarial reward alone lets the policy drop.
     mle_coef: float = 0.0
 

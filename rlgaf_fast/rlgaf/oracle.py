@@ -315,10 +315,10 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    warm = None
-    generator = build_oracle_generator(p)
     if init is not None and mode != "sft":
         generator, warm = load_warm_start(init, p)
+    else:
+        generator, warm = build_oracle_generator(p), None
     data_seed = seed if warm is None else warm.get("data_seed", warm["seed"])
     oracle = OracleLSTM.from_file(oracle_path)
     demos, test = oracle_data(oracle, data_seed, p.num_demos, p.num_test)
