@@ -87,8 +87,8 @@ class LMDiscriminator(nn.Module):
     other than the discriminator's real examples, so that for those the count is what a fresh
     sequence would see rather than the sequence's own. The token ids then travel as one more
     channel of the input embeddings (:class:`TokenIdEmbedding`). In Gumbel mode this needs
-    ``straight_through=True``: the channel then holds the hard token's id, and the feature is a
-    constant without gradient.
+    ``straight_through=True`` (soft tokens are refused): the channel then holds the hard token's
+    id, and the feature is a constant without gradient.
     """
 
     def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False,
@@ -127,7 +127,12 @@ class LMDiscriminator(nn.Module):
                 attention_mask: Tensor | None = None) -> SimpleNamespace:
         x = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         if self.bigrams:  # the last channel is the token id (TokenIdEmbedding)
-            ids, x = x[..., -1].detach().round().long(), x[..., :-1]
+            channel, x = x[..., -1].detach(), x[..., :-1]
+            ids = channel.round().long()
+            if not torch.equal(ids.to(channel.dtype), channel):
+                raise ValueError("LMDiscriminator(bigram_sequences=...) needs hard tokens: the "
+                                 "token-id channel holds non-integers (soft Gumbel-Softmax tokens "
+                                 "need straight_through=True)")
         if attention_mask is None:
             attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
         hidden = self.lm.model(inputs_embeds=x, attention_mask=attention_mask,

@@ -88,6 +88,13 @@ def test_token_ids_travel_through_the_soft_embedding_of_a_hard_token():
     assert logits.grad is not None and logits.grad.abs().sum() > 0  # through the LM features
 
 
+def test_bigram_feature_refuses_soft_tokens():
+    d = LMDiscriminator(tied_lm(), hidden=8, bigram_sequences=torch.randint(VOCAB, (4, 6)))
+    probs = torch.softmax(torch.randn(3, 5, VOCAB), -1)  # relaxed, not straight-through
+    with pytest.raises(ValueError, match="straight_through"):
+        discriminator_logit(d, probs @ d.get_input_embeddings().weight, torch.ones(3, 5))
+
+
 def test_token_id_embedding_needs_exact_ids():
     with pytest.raises(ValueError, match="float32"):
         TokenIdEmbedding(torch.nn.Embedding(VOCAB, 4).to(torch.bfloat16))
