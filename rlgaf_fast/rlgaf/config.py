@@ -49,6 +49,10 @@ class RLGAFConfig:
     # evaluations see and what is shipped (RLGAFTrainer.evaluation_model); rollouts still come
     # from the live generator.
     generator_ema: float = 0.0
+    # Adam's first-moment decay, for the generator's and the discriminator's optimisers. Momentum
+    # makes each player keep moving after the other has answered, which feeds the GAN
+    # oscillation; DCGAN and most GANs since lower it to 0.5 (or 0).
+    adam_beta1: float = 0.9
 
     # Discriminator: its optimiser and how many of its steps per generator step.
     discriminator_lr: float = 1e-4
@@ -122,6 +126,8 @@ class RLGAFConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ValueError(f"adam_beta1 must be in [0, 1), got {self.adam_beta1!r}")
         if not 0 <= self.generator_ema < 1:
             raise ValueError(f"generator_ema must be in [0, 1), got {self.generator_ema!r}")
         if self.batch_size % self.minibatch_size:

@@ -202,14 +202,15 @@ class RLGAFTrainer:
             self.ema.requires_grad_(False).eval()
 
         total = max(1, config.total_steps)
+        betas = (config.adam_beta1, 0.999)
         self.g_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.generator_lr,
-                                       weight_decay=config.weight_decay)
+                                       betas=betas, weight_decay=config.weight_decay)
         self.g_sched = torch.optim.lr_scheduler.LambdaLR(
             self.g_opt, lr_lambda(config.lr_schedule, config.warmup_steps, total))
         self.d_opt = self.d_sched = None
         if self.discriminator is not None:
             self.d_opt = torch.optim.AdamW(self.discriminator.parameters(),
-                                           lr=config.discriminator_lr,
+                                           lr=config.discriminator_lr, betas=betas,
                                            weight_decay=config.discriminator_weight_decay)
             self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
             self.policy, self.discriminator, self.g_opt, self.d_opt = self.accelerator.prepare(

@@ -21,6 +21,7 @@ def test_unknown_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("mode", "dpo"), ("reward_type", "x"),
                                          ("batch_size", 0), ("kl_coef", -1.0), ("mle_coef", -0.5),
+                                         ("adam_beta1", 1.0), ("adam_beta1", -0.1),
                                          ("minibatch_size", 3)])
 def test_bad_values_are_named(field, value):
     with pytest.raises(ValueError, match=field):

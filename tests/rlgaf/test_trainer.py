@@ -159,6 +159,18 @@ def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
         RLGAFConfig(generator_ema=1.0)
 
 
+def test_adam_beta1_reaches_both_optimisers(demos):
+    trainer = make_trainer("gumbel", demos, adam_beta1=0.0)
+    trainer.step()
+    for opt in (trainer.g_opt, trainer.d_opt):
+        assert all(group["betas"] == (0.0, 0.999) for group in opt.param_groups)
+        # Without momentum Adam's first moment is the last gradient itself.
+        param = next(p for group in opt.param_groups for p in group["params"]
+                     if p.grad is not None)
+        torch.testing.assert_close(opt.state[param]["exp_avg"], param.grad)
+    assert make_trainer("gumbel", demos).g_opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
 def test_fsdp_is_refused_with_a_clear_message(demos):
     # accelerate only builds an FSDP accelerator on a GPU machine; its distributed_type is
     # what the trainer reads.
