@@ -126,7 +126,17 @@ std::tuple<at::Tensor, at::Tensor> soft_embedding_topk_bwd(
     const at::Tensor& index, const at::Tensor& coef, const at::Tensor& row_sum,
     at::ScalarType probs_dtype) {
   check_float_matrix("soft_embedding_topk_bwd", "weight", weight, "[V, D]");
+  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == at::kLong,
+              "soft_embedding_topk_bwd: index must be an int64 [N, k] tensor, got ",
+              index.scalar_type(), " ", shape_str(index.sizes()));
   const int64_t N = index.size(0), k = index.size(1), V = weight.size(0), D = weight.size(1);
+  // The gradient is scattered into rows index[n, i] of grad_weight: an id outside [0, V)
+  // would write outside it.
+  if (index.numel() > 0) {
+    const int64_t lo = index.min().item<int64_t>(), hi = index.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < V, "soft_embedding_topk_bwd: index must hold ids in [0, ",
+                num_str(V), "), got values from ", num_str(lo), " to ", num_str(hi));
+  }
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == N &&
                   out.size(1) == D,
               "soft_embedding_topk_bwd: grad_out and out must be [", num_str(N), ", ",

@@ -113,6 +113,23 @@ def test_cpp_top_k_ties_go_to_the_lower_column():
 
 
 @needs_cpp
+def test_cpp_top_k_backward_refuses_an_index_outside_the_vocabulary():
+    probs = torch.softmax(torch.randn(2, 10), -1)
+    w = torch.randn(10, 3)
+    out, index, coef, row_sum = torch.ops.rlgaf_fast.soft_embedding_topk(probs, w, 3)
+    backward = torch.ops.rlgaf_fast.soft_embedding_topk_backward
+    grad_probs, _ = backward(torch.ones_like(out), w, out, index, coef, row_sum, probs.dtype)
+    assert grad_probs.shape == probs.shape
+    for bad in (10, -1):
+        wrong = index.clone()
+        wrong[1, 2] = bad
+        with pytest.raises(RuntimeError, match=r"index must hold ids in \[0, 10\)"):
+            backward(torch.ones_like(out), w, out, wrong, coef, row_sum, probs.dtype)
+    with pytest.raises(RuntimeError, match="index must be an int64"):
+        backward(torch.ones_like(out), w, out, index.int(), coef, row_sum, probs.dtype)
+
+
+@needs_cpp
 def test_cpp_top_k_custom_op_passes_opcheck_and_compiles():
     probs = torch.softmax(torch.randn(4, 33), -1).requires_grad_()
     w = torch.randn(33, 8, requires_grad=True)
