@@ -13,6 +13,7 @@ baselines. ``config.use_fused_kernels`` swaps rlgaf_fast's fused ops in for thei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -78,6 +79,25 @@ class PolicyWithValue(nn.Module):
         return out.logits, values
 
 
+class DiscriminatorOnSequences(nn.Module):
+    """The discriminator, reading left-aligned sequences ``[B, L]`` of token ids (embedded here)
+    or ``[B, L, D]`` embeddings, with their mask; returns the real logit ``[B]``.
+
+    The embedding lookup sits inside this module's forward so that the data-parallel wrapper
+    sees every use of the discriminator's weights: FSDP reduces a parameter's gradient only for
+    uses inside the forward it wraps.
+    """
+
+    def __init__(self, discriminator: nn.Module) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, values: Tensor, mask: Tensor) -> Tensor:
+        if not values.is_floating_point():
+            values = self.discriminator.get_input_embeddings()(values)
+        return discriminator_logit(self.discriminator, values, mask)
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -135,12 +155,14 @@ class RLGAFTrainer:
         if accelerator is None:
             # cpu=True on a machine without CUDA makes several processes run DDP over gloo.
             accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if getattr(accelerator, "distributed_type", None) == "FSDP":
-            # Rollouts, old log-probabilities and the Gumbel mode's embedding matrix use the
-            # unwrapped modules' weights, which FSDP leaves sharded outside its own forward.
+        self.fsdp = getattr(accelerator, "distributed_type", None) == "FSDP"
+        if self.fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
+            # FSDP1 flattens the wrapped modules' weights; rollouts, the weight average and the
+            # checkpoints read them through FSDP2's unshard() instead.
             raise NotImplementedError(
-                "RLGAFTrainer does not support FSDP yet (accelerate launch --use_fsdp); "
-                "run it under DDP (accelerate launch --multi_gpu) instead")
+                "RLGAFTrainer supports FSDP2 only (accelerate launch --use_fsdp "
+                "--fsdp_version 2); got FSDP version "
+                f"{accelerator.state.fsdp_plugin.fsdp_version}")
         self.accelerator = accelerator
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
@@ -193,7 +215,8 @@ class RLGAFTrainer:
         self.reference = reference_model
         if self.reference is not None:
             self.reference.requires_grad_(False).eval().to(self.device)
-        self.discriminator = discriminator if needs_discriminator else None
+        self.discriminator = DiscriminatorOnSequences(discriminator) if needs_discriminator \
+            else None
         self.ema = None
         if config.generator_ema > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
@@ -213,10 +236,11 @@ class RLGAFTrainer:
                                            lr=config.discriminator_lr, betas=betas,
                                            weight_decay=config.discriminator_weight_decay)
             self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
-            self.policy, self.discriminator, self.g_opt, self.d_opt = self.accelerator.prepare(
-                self.policy, self.discriminator, self.g_opt, self.d_opt)
-        else:
-            self.policy, self.g_opt = self.accelerator.prepare(self.policy, self.g_opt)
+        # One model per prepare call: accelerate's FSDP2 takes no more.
+        self.policy, self.g_opt = self.accelerator.prepare(self.policy, self.g_opt)
+        if self.discriminator is not None:
+            self.discriminator, self.d_opt = self.accelerator.prepare(self.discriminator,
+                                                                      self.d_opt)
 
         self.log_writer = None
         self.tensorboard = None
@@ -243,12 +267,33 @@ class RLGAFTrainer:
 
     @property
     def unwrapped_discriminator(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.discriminator)
+        return self.accelerator.unwrap_model(self.discriminator).discriminator
+
+    @contextlib.contextmanager
+    def unsharded(self, *modules: nn.Module | None):
+        """Under FSDP, gathers the full weights of ``modules`` (and of their FSDP submodules)
+        for reads outside their forward, such as generation; does nothing otherwise. Every
+        process must enter it together."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for module in modules if module is not None for m in module.modules()
+                   if isinstance(m, FSDPModule)]
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
 
     @property
     def evaluation_model(self) -> nn.Module:
         """The generator to evaluate and ship: the weight average when ``generator_ema`` > 0,
-        else the live generator."""
+        else the live generator (under FSDP, sharded: use it inside
+        ``unsharded(trainer.policy)``)."""
         return self.unwrapped_policy.model if self.ema is None else self.ema.module
 
     def tau(self, step: int | None = None) -> float:
@@ -272,7 +317,12 @@ class RLGAFTrainer:
                         scheduler: Any = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        if self.config.max_grad_norm > 0:
+        if self.config.max_grad_norm > 0 and self.fsdp:
+            # accelerate's FSDP branch finds the model by comparing parameter lists, which
+            # fails when two prepared models have as many tensors; torch's clipping takes the
+            # sharded (DTensor) gradients directly.
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
+        elif self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
         optimizer.step()
         if scheduler is not None:
@@ -292,30 +342,27 @@ class RLGAFTrainer:
         model = self.unwrapped_policy.model
         was_training = model.training
         model.eval()
-        batch = generate(model, prompts.prompt_ids, prompts.prompt_mask, c.max_new_tokens,
-                         temperature=c.sample_temperature, eos_token_id=self.eos_token_id,
-                         pad_token_id=self.pad_token_id, generator=sampler,
-                         token_sampler=token_sampler)
+        with self.unsharded(self.policy):
+            batch = generate(model, prompts.prompt_ids, prompts.prompt_mask, c.max_new_tokens,
+                             temperature=c.sample_temperature, eos_token_id=self.eos_token_id,
+                             pad_token_id=self.pad_token_id, generator=sampler,
+                             token_sampler=token_sampler)
         model.train(was_training)
         return batch
 
-    def _embed(self, ids: Tensor) -> Tensor:
-        return self.unwrapped_discriminator.get_input_embeddings()(ids)
-
-    def _hard_sequences(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Prompt + response of ``batch`` as discriminator embeddings, left-aligned."""
-        return sequences_for_discriminator([
-            (self._embed(batch.prompt_ids), batch.prompt_mask),
-            (self._embed(batch.response_ids), batch.response_mask)])
+    @staticmethod
+    def _hard_sequences(batch: Batch) -> tuple[Tensor, Tensor]:
+        """Prompt + response token ids of ``batch``, left-aligned, with their mask."""
+        return sequences_for_discriminator([(batch.prompt_ids, batch.prompt_mask),
+                                            (batch.response_ids, batch.response_mask)])
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
         """Sequence reward ``[B]``: reward_fn in ``rlhf``, else the discriminator's."""
         if self.mode == "rlhf":
             return self.reward_fn(batch).to(self.device).float()
-        embeds, mask = self._hard_sequences(batch)
         self.discriminator.eval()  # rewards without dropout noise
-        logit = discriminator_logit(self.discriminator, embeds, mask)
+        logit = self.discriminator(*self._hard_sequences(batch))
         self.discriminator.train()
         return reward_from_logit(logit, self.config.reward_type)
 
@@ -429,7 +476,8 @@ class RLGAFTrainer:
         mask = batch.response_mask
         with torch.no_grad():
             score = self.score(batch)
-            old_logprobs = self._token_logprobs(self.unwrapped_policy.model, batch)
+            with self.unsharded(self.policy):
+                old_logprobs = self._token_logprobs(self.unwrapped_policy.model, batch)
             rewards, kl = self._token_rewards(batch, old_logprobs, score)
             seq_reward = rewards.sum(-1)
             baseline = seq_reward.mean().item()
@@ -467,16 +515,22 @@ class RLGAFTrainer:
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
         weight = self.unwrapped_discriminator.get_input_embeddings().weight
+        if self.fsdp:
+            # The generator's update needs no gradient for the discriminator's embedding. A
+            # detached copy of the gathered weight outlives FSDP's resharding during backward.
+            # (DDP, in contrast, expects every parameter of the discriminator to get one.)
+            with self.unsharded(self.discriminator):
+                weight = self.unwrapped_discriminator.get_input_embeddings().weight
+                weight = weight.detach().clone()
         relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
                                                 c.straight_through, seed=seeds[t])
                    for t in range(length)]
         soft_embeds = torch.stack([emb for emb, _ in relaxed], 1)
         tokens = torch.stack([tok for _, tok in relaxed], 1)
         embeds, mask = sequences_for_discriminator([
-            (self._embed(batch.prompt_ids), batch.prompt_mask),
+            (F.embedding(batch.prompt_ids, weight), batch.prompt_mask),
             (soft_embeds, batch.response_mask)])
-        reward = reward_from_logit(discriminator_logit(self.discriminator, embeds, mask),
-                                   c.reward_type)
+        reward = reward_from_logit(self.discriminator(embeds, mask), c.reward_type)
         loss = -reward.mean()
         kl = torch.zeros(())
         if self.reference is not None and c.kl_coef > 0:
@@ -512,10 +566,10 @@ class RLGAFTrainer:
             real = self.demos.batch(fake.response_ids.shape[0],
                                     self._seed(STREAM_DEMOS, sub=sub + 1))
         real = real.to(self.device)
-        embeds, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
+        ids, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
         labels = torch.cat([torch.ones(real.response_ids.shape[0]),
                             torch.zeros(fake.response_ids.shape[0])]).to(self.device)
-        logit = discriminator_logit(self.discriminator, embeds, mask)
+        logit = self.discriminator(ids, mask)
         loss = F.binary_cross_entropy_with_logits(logit, labels)
         self._check_finite(loss, "discriminator loss")
         self._optimizer_step(loss, self.discriminator, self.d_opt, self.d_sched)
@@ -549,7 +603,8 @@ class RLGAFTrainer:
                     else self.reinforce_step(batch)
             logs.update(out)
         if self.ema is not None:
-            self.ema.update_parameters(self.unwrapped_policy.model)
+            with self.unsharded(self.policy):
+                self.ema.update_parameters(self.unwrapped_policy.model)
         if self.discriminator is not None:
             for d in range(c.d_steps):
                 # The first discriminator steps use this iteration's rollouts (made before the
@@ -608,16 +663,20 @@ class RLGAFTrainer:
 
         path = Path(path)
         self.accelerator.wait_for_everyone()
+        state = {"g_opt": self._optimizer_state(self.policy, self.g_opt),
+                 "g_sched": self.g_sched.state_dict()}
+        if self.d_opt is not None:
+            state.update(d_opt=self._optimizer_state(self.discriminator, self.d_opt),
+                         d_sched=self.d_sched.state_dict())
         if self.is_main:
             path.mkdir(parents=True, exist_ok=True)
-            save_model(self.unwrapped_policy, str(path / "generator.safetensors"))
-            if self.discriminator is not None:
-                save_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"))
+        self._save_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
+        if self.discriminator is not None:
+            self._save_weights(self.discriminator, self.unwrapped_discriminator,
+                               path / "discriminator.safetensors")
+        if self.is_main:
             if self.ema is not None:  # the average and its count (n_averaged)
                 save_model(self.ema, str(path / "generator_ema.safetensors"))
-            state = {"g_opt": self.g_opt.state_dict(), "g_sched": self.g_sched.state_dict()}
-            if self.d_opt is not None:
-                state.update(d_opt=self.d_opt.state_dict(), d_sched=self.d_sched.state_dict())
             torch.save(state, path / "optimizer.pt")
             trainer_state = {"step": self.step_count, "reward_baseline": self.reward_baseline,
                              "config": self.config.to_dict()}
@@ -634,18 +693,19 @@ class RLGAFTrainer:
         from safetensors.torch import load_model
 
         path = Path(path)
-        load_model(self.unwrapped_policy, str(path / "generator.safetensors"),
-                   device=str(self.device))
+        self._load_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
         if self.discriminator is not None:
-            load_model(self.unwrapped_discriminator, str(path / "discriminator.safetensors"),
-                       device=str(self.device))
+            self._load_weights(self.discriminator, self.unwrapped_discriminator,
+                               path / "discriminator.safetensors")
         if self.ema is not None:
-            load_model(self.ema, str(path / "generator_ema.safetensors"), device=str(self.device))
-        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.g_opt.load_state_dict(state["g_opt"])
+            load_model(self.ema, str(path / "generator_ema.safetensors"),
+                       device=self._load_device)
+        state = torch.load(path / "optimizer.pt", map_location=self._load_device,
+                           weights_only=True)
+        self._load_optimizer_state(self.policy, self.g_opt, state["g_opt"])
         self.g_sched.load_state_dict(state["g_sched"])
         if self.d_opt is not None:
-            self.d_opt.load_state_dict(state["d_opt"])
+            self._load_optimizer_state(self.discriminator, self.d_opt, state["d_opt"])
             self.d_sched.load_state_dict(state["d_sched"])
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         self.step_count = trainer_state["step"]
@@ -656,6 +716,91 @@ class RLGAFTrainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
+
+    # Under FSDP each process holds a shard of the weights and of the optimizer state;
+    # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts), in the same
+    # files as without FSDP.
+
+    def _optimizer_state(self, module: nn.Module, optimizer: Any) -> dict:
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, module: nn.Module, optimizer: Any, state: dict) -> None:
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(module, optimizer.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    @property
+    def _load_device(self) -> str:
+        # safetensors and torch.load take a CPU as "cpu" only (accelerate may say "cpu:0").
+        return "cpu" if self.device.type == "cpu" else str(self.device)
+
+    @staticmethod
+    def _aliases(module: nn.Module) -> list[list[str]]:
+        """The names of each parameter of ``module``: several for a tied weight."""
+        names: dict[int, list[str]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        return list(names.values())
+
+    def _save_weights(self, module: nn.Module, unwrapped: nn.Module, file: Path) -> None:
+        from safetensors.torch import save_file, save_model
+
+        if not self.fsdp:
+            if self.is_main:
+                save_model(unwrapped, str(file))
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=True))
+        if self.is_main:
+            prefix = "discriminator." if unwrapped is not module else ""
+            state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
+            for names in self._aliases(unwrapped):  # one name per tied weight, as save_model
+                for name in names[1:]:
+                    state.pop(name, None)
+            save_file(state, str(file), metadata={"format": "pt"})
+
+    def _load_weights(self, module: nn.Module, unwrapped: nn.Module, file: Path) -> None:
+        from safetensors.torch import load_file, load_model
+
+        if not self.fsdp:
+            load_model(unwrapped, str(file), device=self._load_device)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        state = load_file(str(file), device=self._load_device)
+        # safetensors keeps one name of each tied weight: give its aliases the same tensor.
+        for names in self._aliases(unwrapped):
+            found = [state[n] for n in names if n in state]
+            if not found:
+                raise KeyError(f"{file} lacks the weight {names[0]}")
+            for name in names:
+                state.setdefault(name, found[0])
+        prefix = "discriminator." if unwrapped is not module else ""
+        set_model_state_dict(module, {prefix + k: v for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
         if self.log_writer is not None:

@@ -1,5 +1,7 @@
-"""Run by test_distributed.py under `accelerate launch` with two CPU processes: trains a few PPO
-and Gumbel steps and writes, per rank, a fingerprint of the parameters and of its rollouts."""
+"""Run by test_distributed.py under `accelerate launch` with two CPU processes: trains a few
+steps of each mode and writes, per rank, a fingerprint of the parameters and of its rollouts.
+With "fsdp" as third argument the processes shard the models with FSDP2 instead of DDP, and a
+checkpoint is saved and loaded back into a fresh trainer."""
 
 import json
 import sys
@@ -11,38 +13,78 @@ from rlgaf_fast.rlgaf.data import synthetic_examples
 from rlgaf_fast.rlgaf.models import build_causal_lm
 
 
-def fingerprint(module: torch.nn.Module) -> list[float]:
+def fingerprint(module: torch.nn.Module | None) -> list[float]:
+    if module is None:
+        return []
     return [p.detach().double().sum().item() for p in module.parameters()]
 
 
-def main(out_dir: str, modes: str) -> None:
+def fsdp2_accelerator():
+    """An FSDP2 accelerator on CPU processes. accelerate selects FSDP only on GPU-type devices
+    (on a CPU it falls back to DDP), so the test sets its state as a GPU launch with
+    --use_fsdp --fsdp_version 2 would; FSDP2 itself then shards over gloo."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=True)
+    # Every AcceleratorState copies PartialState's type, so both are set.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    return accelerator
+
+
+def main(out_dir: str, modes: str, sharding: str = "ddp") -> None:
     torch.set_num_threads(1)
     for mode in modes.split(","):
-        run(out_dir, mode)
+        run(out_dir, mode, fsdp=sharding == "fsdp")
 
 
-def run(out_dir: str, mode: str) -> None:
+def make_trainer(mode: str, fsdp: bool) -> RLGAFTrainer:
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     generator = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1)
     discriminator = build_transformer_discriminator(32, hidden_size=32, num_layers=1)
-    initial = fingerprint(generator)
     config = RLGAFConfig(mode=mode, total_steps=3, batch_size=8, minibatch_size=4,
                          max_new_tokens=8, generator_lr=1e-3, discriminator_lr=1e-3,
-                         progress_bar=False)
-    trainer = RLGAFTrainer(config, generator, discriminator, synthetic_examples(64, 32),
-                           eos_token_id=1, pad_token_id=0)
+                         generator_ema=0.5, progress_bar=False)
+    return RLGAFTrainer(config, generator, discriminator, synthetic_examples(64, 32),
+                        eos_token_id=1, pad_token_id=0,
+                        accelerator=fsdp2_accelerator() if fsdp else None)
+
+
+def run(out_dir: str, mode: str, fsdp: bool) -> None:
+    trainer = make_trainer(mode, fsdp)
+    with trainer.unsharded(trainer.policy):
+        initial = fingerprint(trainer.unwrapped_policy)
     history = trainer.train()
     rollout = trainer.rollout()
-    result = {"rank": trainer.rank, "world": trainer.accelerator.num_processes,
-              "distributed_type": str(trainer.accelerator.distributed_type),
-              "initial": initial, "generator": fingerprint(trainer.unwrapped_policy),
-              "discriminator": fingerprint(trainer.unwrapped_discriminator),
-              "rollout": rollout.response_ids.tolist(), "history": history,
-              # DTensor under FSDP2: each rank holds a shard of every parameter.
-              "param_types": sorted({type(p).__name__ for p in trainer.policy.parameters()})}
+    with trainer.unsharded(trainer.policy, trainer.discriminator):
+        result = {"rank": trainer.rank, "world": trainer.accelerator.num_processes,
+                  "distributed_type": str(trainer.accelerator.distributed_type),
+                  "initial": initial, "generator": fingerprint(trainer.unwrapped_policy),
+                  "discriminator": fingerprint(trainer.discriminator and
+                                                trainer.unwrapped_discriminator),
+                  "ema": fingerprint(trainer.evaluation_model),
+                  "rollout": rollout.response_ids.tolist(), "history": history}
+    # DTensor under FSDP2: each rank holds a shard of every parameter.
+    models = [m for m in (trainer.policy, trainer.discriminator) if m is not None]
+    result["param_types"] = sorted({type(p).__name__ for m in models for p in m.parameters()})
+    result["fsdp"] = trainer.fsdp
+    if fsdp:
+        path = trainer.save_checkpoint(f"{out_dir}/{mode}-checkpoint")
+        resumed = make_trainer(mode, fsdp)
+        resumed.load_checkpoint(path)
+        with resumed.unsharded(resumed.policy, resumed.discriminator):
+            result["resumed"] = {"generator": fingerprint(resumed.unwrapped_policy),
+                                 "discriminator": fingerprint(resumed.discriminator and
+                                                             resumed.unwrapped_discriminator),
+                                 "ema": fingerprint(resumed.evaluation_model)}
+        # The next step of both continues identically.
+        result["next_g_loss"] = [t.step()["g_loss"] for t in (trainer, resumed)]
     with open(f"{out_dir}/{mode}-rank{trainer.rank}.json", "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

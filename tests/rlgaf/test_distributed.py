@@ -1,8 +1,10 @@
-"""Two CPU processes under `accelerate launch` (DDP over gloo) train and stay in sync."""
+"""Two CPU processes under `accelerate launch` train and stay in sync: with DDP over gloo, and
+with FSDP2 sharding the models, which must train exactly as DDP does."""
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,29 +12,59 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-MODES = ("ppo", "gumbel")
+MODES = ("ppo", "reinforce", "gumbel", "sft")
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
-def test_two_processes_train_and_stay_in_sync(tmp_path):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out_dir: Path, sharding: str) -> dict[str, list[dict]]:
+    out_dir.mkdir()
+    # A port of its own for each launch: the previous one's may not be free yet.
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(WORKER), str(tmp_path), ",".join(MODES)]
+               "--main_process_port", str(free_port()),
+               str(WORKER), str(out_dir), ",".join(MODES), sharding]
     repo = str(Path(__file__).parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return {mode: [json.loads((out_dir / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+            for mode in MODES}
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_processes_train_and_stay_in_sync(tmp_path):
+    ddp = launch(tmp_path / "ddp", "ddp")
+    fsdp = launch(tmp_path / "fsdp", "fsdp")
     for mode in MODES:
-        ranks = [json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
-        assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
-        assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
-        # Trained: the weights moved, every logged value is finite.
-        assert ranks[0]["generator"][: len(ranks[0]["initial"])] != ranks[0]["initial"]
-        assert all(len(r["history"]) == 3 for r in ranks)
-        # In sync: identical generator, value head and discriminator weights on both ranks...
-        assert ranks[0]["generator"] == ranks[1]["generator"], mode
-        assert ranks[0]["discriminator"] == ranks[1]["discriminator"], mode
-        # ...while each rank generated its own rollouts.
-        assert ranks[0]["rollout"] != ranks[1]["rollout"], mode
+        for ranks, sharding in ((ddp[mode], "MULTI_CPU"), (fsdp[mode], "FSDP")):
+            assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
+            assert ranks[0]["distributed_type"] == f"DistributedType.{sharding}"
+            # Trained: the weights moved, every logged value is finite.
+            assert ranks[0]["generator"][: len(ranks[0]["initial"])] != ranks[0]["initial"]
+            assert all(len(r["history"]) == 3 for r in ranks)
+            # In sync: identical generator, value head and discriminator weights on both
+            # ranks...
+            for part in ("generator", "discriminator", "ema"):
+                assert ranks[0][part] == ranks[1][part], (mode, sharding, part)
+            # ...while each rank generated its own rollouts.
+            assert ranks[0]["rollout"] != ranks[1]["rollout"], (mode, sharding)
+        assert ddp[mode][0]["param_types"] == ["Parameter"]
+        assert fsdp[mode][0]["param_types"] == ["DTensor"]  # each rank holds shards
+        # FSDP2 trains as DDP does: the same rollouts, weights equal up to rounding.
+        assert fsdp[mode][0]["rollout"] == ddp[mode][0]["rollout"], mode
+        for part in ("generator", "discriminator", "ema"):
+            assert fsdp[mode][0][part] == pytest.approx(ddp[mode][0][part], rel=1e-5, abs=1e-6), \
+                (mode, part)
+        # An FSDP checkpoint loads back into a fresh trainer, which continues identically.
+        resumed = fsdp[mode][0]["resumed"]
+        for part in ("generator", "discriminator", "ema"):
+            assert resumed[part] == fsdp[mode][0][part], (mode, part)
+        first, second = fsdp[mode][0]["next_g_loss"]
+        assert first == second, mode

@@ -171,16 +171,17 @@ def test_adam_beta1_reaches_both_optimisers(demos):
     assert make_trainer("gumbel", demos).g_opt.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_fsdp_is_refused_with_a_clear_message(demos):
-    # accelerate only builds an FSDP accelerator on a GPU machine; its distributed_type is
-    # what the trainer reads.
+def test_fsdp1_is_refused_with_a_clear_message(demos):
+    # accelerate only builds an FSDP accelerator on a GPU machine; its distributed_type and
+    # plugin are what the trainer reads. FSDP2 runs in test_distributed.py.
     from accelerate.utils import DistributedType
 
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
     generator = make_trainer("sft", demos).unwrapped_policy.model
-    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+    with pytest.raises(NotImplementedError, match="supports FSDP2 only.*version 1"):
         RLGAFTrainer(RLGAFConfig(mode="sft", batch_size=4, minibatch_size=4), generator,
-                     demonstrations=demos, accelerator=fsdp)
+                     demonstrations=demos, accelerator=fsdp1)
 
 
 def test_checkpoint_files_are_safe_formats(demos, tmp_path):
