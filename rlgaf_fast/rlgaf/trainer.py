@@ -514,14 +514,12 @@ class RLGAFTrainer:
         prompt_len, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
-        weight = self.unwrapped_discriminator.get_input_embeddings().weight
-        if self.fsdp:
-            # The generator's update needs no gradient for the discriminator's embedding. A
-            # detached copy of the gathered weight outlives FSDP's resharding during backward.
-            # (DDP, in contrast, expects every parameter of the discriminator to get one.)
-            with self.unsharded(self.discriminator):
-                weight = self.unwrapped_discriminator.get_input_embeddings().weight
-                weight = weight.detach().clone()
+        # The generator's update needs no gradient for the discriminator's embedding. Under
+        # FSDP a detached copy of the gathered weight outlives the resharding during backward;
+        # DDP, in contrast, expects every parameter of the discriminator to get a gradient.
+        with self.unsharded(self.discriminator):
+            weight = self.unwrapped_discriminator.get_input_embeddings().weight
+            weight = weight.detach().clone() if self.fsdp else weight
         relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
                                                 c.straight_through, seed=seeds[t])
                    for t in range(length)]
@@ -775,8 +773,8 @@ class RLGAFTrainer:
             prefix = "discriminator." if unwrapped is not module else ""
             state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
             for names in self._aliases(unwrapped):  # one name per tied weight, as save_model
-                for name in names[1:]:
-                    state.pop(name, None)
+                for name in [n for n in names if n in state][1:]:
+                    del state[name]
             save_file(state, str(file), metadata={"format": "pt"})
 
     def _load_weights(self, module: nn.Module, unwrapped: nn.Module, file: Path) -> None:
@@ -787,20 +785,29 @@ class RLGAFTrainer:
             return
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
+            get_model_state_dict,
             set_model_state_dict,
         )
 
         state = load_file(str(file), device=self._load_device)
-        # safetensors keeps one name of each tied weight: give its aliases the same tensor.
-        for names in self._aliases(unwrapped):
+        # A file holds one name of each tied weight, and torch.distributed.checkpoint shards
+        # only the first name of a tied weight that its own state dict lists: give it exactly
+        # that name (strict=False lets the other names go, as they are the same tensor).
+        group = {}
+        for i, names in enumerate(self._aliases(unwrapped)):
             found = [state[n] for n in names if n in state]
             if not found:
                 raise KeyError(f"{file} lacks the weight {names[0]}")
             for name in names:
                 state.setdefault(name, found[0])
+                group[name] = i
         prefix = "discriminator." if unwrapped is not module else ""
-        set_model_state_dict(module, {prefix + k: v for k, v in state.items()},
-                             options=StateDictOptions(full_state_dict=True))
+        chosen: dict[Any, str] = {}
+        for key in get_model_state_dict(module):  # sharded: no gathering
+            name = key.removeprefix(prefix)
+            chosen.setdefault(group.get(name, name), key)
+        set_model_state_dict(module, {k: state[k.removeprefix(prefix)] for k in chosen.values()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
     def close(self) -> None:
         if self.log_writer is not None:

@@ -10,6 +10,7 @@ import torch
 
 from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer, build_transformer_discriminator
 from rlgaf_fast.rlgaf.data import synthetic_examples
+from rlgaf_fast.rlgaf.discriminator import LMDiscriminator
 from rlgaf_fast.rlgaf.models import build_causal_lm
 
 
@@ -41,13 +42,23 @@ def main(out_dir: str, modes: str, sharding: str = "ddp") -> None:
         run(out_dir, mode, fsdp=sharding == "fsdp")
 
 
-def make_trainer(mode: str, fsdp: bool) -> RLGAFTrainer:
+def make_trainer(run_name: str, fsdp: bool) -> RLGAFTrainer:
+    """``run_name``: a mode, with a Llama classifier as discriminator, or ``MODE-lm`` for an
+    LMDiscriminator with bigram counts (its embedding carries a token-id channel)."""
+    mode, _, kind = run_name.partition("-")
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
-    generator = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1)
+    # Tied input and output embeddings (as the oracle's generator) in the "lm" runs: one
+    # weight under two names in the checkpoints.
+    generator = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1,
+                                tie_embeddings=kind == "lm")
     discriminator = build_transformer_discriminator(32, hidden_size=32, num_layers=1)
+    if kind == "lm":
+        lm = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1,
+                             tie_embeddings=True)
+        discriminator = LMDiscriminator(lm, bigram_sequences=torch.randint(0, 32, (50, 8)))
     config = RLGAFConfig(mode=mode, total_steps=3, batch_size=8, minibatch_size=4,
                          max_new_tokens=8, generator_lr=1e-3, discriminator_lr=1e-3,
-                         generator_ema=0.5, progress_bar=False)
+                         generator_ema=0.5, straight_through=kind == "lm", progress_bar=False)
     return RLGAFTrainer(config, generator, discriminator, synthetic_examples(64, 32),
                         eos_token_id=1, pad_token_id=0,
                         accelerator=fsdp2_accelerator() if fsdp else None)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-MODES = ("ppo", "reinforce", "gumbel", "sft")
+# "gumbel-lm": a generator with tied embeddings against an LMDiscriminator with bigram counts
+# (whose embedding matrix is computed from the LM's).
+MODES = ("ppo", "reinforce", "gumbel", "sft", "gumbel-lm")
 
 
 def free_port() -> int:
