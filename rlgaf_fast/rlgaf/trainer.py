@@ -716,8 +716,8 @@ class RLGAFTrainer:
                 torch.cuda.set_rng_state(rng["cuda"])
 
     # Under FSDP each process holds a shard of the weights and of the optimizer state;
-    # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts), in the same
-    # files as without FSDP.
+    # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts). The weights
+    # files are those written without FSDP; the optimizer state is keyed by parameter name.
 
     def _optimizer_state(self, module: nn.Module, optimizer: Any) -> dict:
         if not self.fsdp:
