@@ -279,8 +279,12 @@ class RLGAFTrainer:
             return
         from torch.distributed.fsdp import FSDPModule
 
-        sharded = [m for module in modules if module is not None for m in module.modules()
-                   if isinstance(m, FSDPModule)]
+        modules = tuple(m for m in modules if isinstance(m, FSDPModule))
+        for module in modules:
+            # Make the outermost module FSDP's root before an inner one runs on its own (a
+            # decoder layer during generation), which would otherwise claim to be the root.
+            module._get_fsdp_state()._lazy_init()
+        sharded = [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
         for m in sharded:
             m.unshard()
         try:

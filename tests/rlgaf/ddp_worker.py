@@ -32,7 +32,10 @@ def fsdp2_accelerator():
     # Every AcceleratorState copies PartialState's type, so both are set.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    # Each decoder layer sharded on its own, inside the sharded model, as launches usually do.
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
     return accelerator
 
 
