@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).with_name("distributed_worker.py")
 # "gumbel-lm": a generator with tied embeddings against an LMDiscriminator with bigram counts
 # (whose embedding matrix is computed from the LM's).
 MODES = ("ppo", "reinforce", "gumbel", "sft", "gumbel-lm")
