@@ -324,7 +324,8 @@ class RLGAFTrainer:
         if self.config.max_grad_norm > 0 and self.fsdp:
             # accelerate's FSDP branch finds the model by comparing parameter lists, which
             # fails when two prepared models have as many tensors; torch's clipping takes the
-            # sharded (DTensor) gradients directly.
+            # sharded (DTensor) gradients directly, after the unscaling that branch does.
+            self.accelerator.unscale_gradients(optimizer)
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
         elif self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
