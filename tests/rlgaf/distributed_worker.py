@@ -94,8 +94,13 @@ def run(out_dir: str, mode: str, fsdp: bool) -> None:
                                  "discriminator": fingerprint(resumed.discriminator and
                                                              resumed.unwrapped_discriminator),
                                  "ema": fingerprint(resumed.evaluation_model)}
-        # The next step of both continues identically.
-        result["next_g_loss"] = [t.step()["g_loss"] for t in (trainer, resumed)]
+        # The next step of both continues identically: the same loss and the same updated
+        # generator (reinforce's first loss is zero whatever the weights; the update is not).
+        result["next_step"] = []
+        for t in (trainer, resumed):
+            loss = t.step()["g_loss"]
+            with t.unsharded(t.policy):
+                result["next_step"].append([loss, fingerprint(t.unwrapped_policy)])
     with open(f"{out_dir}/{mode}-rank{trainer.rank}.json", "w") as f:
         json.dump(result, f)
 

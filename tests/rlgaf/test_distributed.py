@@ -68,5 +68,6 @@ def test_two_processes_train_and_stay_in_sync(tmp_path):
         resumed = fsdp[mode][0]["resumed"]
         for part in ("generator", "discriminator", "ema"):
             assert resumed[part] == fsdp[mode][0][part], (mode, part)
-        first, second = fsdp[mode][0]["next_g_loss"]
+        first, second = fsdp[mode][0]["next_step"]
         assert first == second, mode
+        assert first[1] != fsdp[mode][0]["generator"], mode  # the step did update the weights
