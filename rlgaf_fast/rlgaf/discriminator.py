@@ -6,6 +6,7 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -184,6 +185,20 @@ class TokenIdEmbedding(nn.Module):
 def bigram_keys(ids: Tensor, vocab_size: int) -> Tensor:
     """``x_{t-1} * V + x_t`` ``[B, L-1]`` of the bigrams of ``ids`` ``[B, L]``."""
     return ids[:, :-1] * vocab_size + ids[:, 1:]
+
+
+class _ClassifierPaddingWarningFilter(logging.Filter):
+    """transformers warns that a sequence classifier given ``inputs_embeds`` cannot find the
+    padding and reads the last position. Every sequence a discriminator reads here is
+    left-aligned (:func:`sequences_for_discriminator`, :func:`stack_batches`), so that position
+    is real in every row and the warning ("results may be unexpected") would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not detect padding tokens in `inputs_embeds`" not in record.getMessage()
+
+
+# The logger of transformers' generic sequence-classification head (Llama, Mistral, Qwen, ...).
+logging.getLogger("transformers.modeling_layers").addFilter(_ClassifierPaddingWarningFilter())
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:

@@ -182,3 +182,31 @@ def test_lm_discriminator_needs_tied_embeddings():
     untied = build_causal_lm(VOCAB, hidden_size=16, num_layers=1, num_heads=2)
     with pytest.raises(ValueError, match="tie"):
         LMDiscriminator(untied)
+
+
+def test_classifier_padding_warning_is_dropped_and_others_are_kept():
+    """transformers warns that a classifier given inputs_embeds reads the last position; the
+    trainer's sequences are left-aligned, so that position is real and the warning is dropped."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    from rlgaf_fast.rlgaf import build_transformer_discriminator
+
+    transformers_logging.warning_once.cache_clear()  # its warn-once memory of earlier tests
+    logger = logging.getLogger("transformers.modeling_layers")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        discriminator = build_transformer_discriminator(16, hidden_size=16, num_layers=1)
+        discriminator_logit(discriminator, torch.randn(2, 5, 16),
+                            torch.ones(2, 5, dtype=torch.int64))
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == ["another warning"]
