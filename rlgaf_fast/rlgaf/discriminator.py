@@ -6,8 +6,10 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
@@ -188,17 +190,24 @@ def bigram_keys(ids: Tensor, vocab_size: int) -> Tensor:
 
 
 class _ClassifierPaddingWarningFilter(logging.Filter):
-    """transformers warns that a sequence classifier given ``inputs_embeds`` cannot find the
-    padding and reads the last position. Every sequence a discriminator reads here is
-    left-aligned (:func:`sequences_for_discriminator`, :func:`stack_batches`), so that position
-    is real in every row and the warning ("results may be unexpected") would only alarm."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         return "will not detect padding tokens in `inputs_embeds`" not in record.getMessage()
 
 
-# The logger of transformers' generic sequence-classification head (Llama, Mistral, Qwen, ...).
-logging.getLogger("transformers.modeling_layers").addFilter(_ClassifierPaddingWarningFilter())
+@contextlib.contextmanager
+def left_aligned_inputs() -> Iterator[None]:
+    """Calls of a discriminator on left-aligned sequences (:func:`sequences_for_discriminator`,
+    :func:`stack_batches`): drops transformers' warning that a sequence classifier given
+    ``inputs_embeds`` cannot find the padding and reads the last position, which is real in
+    every left-aligned row. Only for the duration, so that other code keeps the warning."""
+    # The logger of transformers' generic sequence-classification head (Llama, Qwen, ...).
+    logger = logging.getLogger("transformers.modeling_layers")
+    drop = _ClassifierPaddingWarningFilter()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:

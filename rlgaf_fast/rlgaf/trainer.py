@@ -42,6 +42,7 @@ from rlgaf_fast.rlgaf.data import (
 )
 from rlgaf_fast.rlgaf.discriminator import (
     discriminator_logit,
+    left_aligned_inputs,
     reward_from_logit,
     sequences_for_discriminator,
     stack_batches,
@@ -95,7 +96,8 @@ class DiscriminatorOnSequences(nn.Module):
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
         if not values.is_floating_point():
             values = self.discriminator.get_input_embeddings()(values)
-        return discriminator_logit(self.discriminator, values, mask)
+        with left_aligned_inputs():
+            return discriminator_logit(self.discriminator, values, mask)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

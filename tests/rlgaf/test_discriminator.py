@@ -3,7 +3,12 @@ import torch
 import torch.nn.functional as F
 
 import rlgaf_fast
-from rlgaf_fast.rlgaf.discriminator import LMDiscriminator, TokenIdEmbedding, discriminator_logit
+from rlgaf_fast.rlgaf.discriminator import (
+    LMDiscriminator,
+    TokenIdEmbedding,
+    discriminator_logit,
+    left_aligned_inputs,
+)
 from rlgaf_fast.rlgaf.models import build_causal_lm
 
 VOCAB = 40
@@ -184,9 +189,10 @@ def test_lm_discriminator_needs_tied_embeddings():
         LMDiscriminator(untied)
 
 
-def test_classifier_padding_warning_is_dropped_and_others_are_kept():
+def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
     """transformers warns that a classifier given inputs_embeds reads the last position; the
-    trainer's sequences are left-aligned, so that position is real and the warning is dropped."""
+    trainer's sequences are left-aligned, so that position is real and the warning is dropped
+    there, and only there."""
     import logging
 
     from transformers.utils import logging as transformers_logging
@@ -203,10 +209,15 @@ def test_classifier_padding_warning_is_dropped_and_others_are_kept():
     logger.setLevel(logging.WARNING)
     try:
         discriminator = build_transformer_discriminator(16, hidden_size=16, num_layers=1)
-        discriminator_logit(discriminator, torch.randn(2, 5, 16),
-                            torch.ones(2, 5, dtype=torch.int64))
-        logger.warning("another warning")
+        embeds, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
+        with left_aligned_inputs():
+            discriminator_logit(discriminator, embeds, mask)
+            logger.warning("another warning")
+        transformers_logging.warning_once.cache_clear()
+        discriminator_logit(discriminator, embeds, mask)  # elsewhere the warning stays
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert [r.getMessage() for r in records] == ["another warning"]
+    messages = [r.getMessage() for r in records]
+    assert messages[0] == "another warning"
+    assert len(messages) == 2 and "will not detect padding tokens" in messages[1]
