@@ -76,7 +76,9 @@ class PolicyWithValue(nn.Module):
                          output_hidden_states=self.value_head is not None)
         values = None
         if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+            # [B, L, 1] -> [B, L] as a tensor of its own: FSDP2 warns about outputs that are
+            # views, whose in-place changes would skip its backward hooks.
+            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1).clone()
         return out.logits, values
 
 
@@ -97,7 +99,9 @@ class DiscriminatorOnSequences(nn.Module):
         if not values.is_floating_point():
             values = self.discriminator.get_input_embeddings()(values)
         with left_aligned_inputs():
-            return discriminator_logit(self.discriminator, values, mask)
+            logit = discriminator_logit(self.discriminator, values, mask)
+        # Not a view of the discriminator's [B, 1] output (FSDP2 warns about views, as above).
+        return logit.clone()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

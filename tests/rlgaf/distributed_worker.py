@@ -4,6 +4,7 @@ With "fsdp" as third argument the processes shard the models with FSDP2 instead 
 checkpoint is saved and loaded back into a fresh trainer."""
 
 import json
+import os
 import sys
 
 import torch
@@ -43,6 +44,14 @@ def main(out_dir: str, modes: str, sharding: str = "ddp") -> None:
     torch.set_num_threads(1)
     for mode in modes.split(","):
         run(out_dir, mode, fsdp=sharding == "fsdp")
+    # End without interpreter shutdown, all results being written. A gloo worker thread may
+    # still be releasing the last all-gather's tensors, which takes the GIL; a thread that asks
+    # for the GIL during shutdown is ended by Python, and the unwinding through gloo's C++
+    # aborts the process ("terminate called without an active exception"; seen in about one
+    # FSDP2 launch in ten on the 2-core machine, the main thread in Py_FinalizeEx).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def make_trainer(run_name: str, fsdp: bool) -> RLGAFTrainer:
