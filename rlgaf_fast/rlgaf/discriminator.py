@@ -199,7 +199,8 @@ def left_aligned_inputs() -> Iterator[None]:
     """Calls of a discriminator on left-aligned sequences (:func:`sequences_for_discriminator`,
     :func:`stack_batches`): drops transformers' warning that a sequence classifier given
     ``inputs_embeds`` cannot find the padding and reads the last position, which is real in
-    every left-aligned row. Only for the duration, so that other code keeps the warning."""
+    every left-aligned row. Only for the duration, so that other code keeps the warning (but
+    transformers gives it once per process, and a dropped one counts as given)."""
     # The logger of transformers' generic sequence-classification head (Llama, Qwen, ...).
     logger = logging.getLogger("transformers.modeling_layers")
     drop = _ClassifierPaddingWarningFilter()
