@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call check on a GPU machine (H100/H200; torch, triton and nvcc preinstalled; no network):
-# build the extension in place, run the GPU tests, the CUDA self-check, then the benchmark
-# suite's GPU targets; everything lands under $OUT and a short summary table is printed last.
+# build the extension in place, run the GPU tests, the CUDA self-check, a few fused training
+# steps of the RLGAF trainer, then the benchmark suite's GPU targets; everything lands under $OUT and a short summary table is printed last.
 # Runs from the repository root without installing the package; finishes within 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine
@@ -12,7 +12,7 @@
 # the suite exits non-zero (an error, or a result that failed its check).
 # Stage caps in seconds (each also shrinks to leave the later stages their share of the total
 # GPU_CHECK_BUDGET_S, default 460): GPU_CHECK_BUILD_S (240), GPU_CHECK_TESTS_S (150),
-# GPU_CHECK_SELFCHECK_S (60), GPU_CHECK_BENCH_S (300). The benchmark runs fused and eager
+# GPU_CHECK_SELFCHECK_S (60), GPU_CHECK_TRAIN_S (30 per mode), GPU_CHECK_BENCH_S (300). The benchmark runs fused and eager
 # providers of every case before the torch.compile baselines, so a short stage loses those last.
 set -o pipefail
 
@@ -95,6 +95,19 @@ if [ -f benchmarks/cuda_selfcheck.py ]; then
   t=$(stage_timeout "${GPU_CHECK_SELFCHECK_S:-60}" 150)
   timeout "$t" python3 benchmarks/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -n 20
   echo "self-check exit status $? (timeout ${t}s)"
+fi
+
+banner "RLGAF trainer, fused kernels (tiny preset: ppo and gumbel, 20 steps each)"
+# Console only (no file under $OUT); skipped where the image lacks the trainer's libraries.
+if python3 -c "import transformers, accelerate, datasets" 2>/dev/null; then
+  for mode in ppo gumbel; do
+    t=$(stage_timeout "${GPU_CHECK_TRAIN_S:-30}" 110)
+    timeout "$t" python3 -m rlgaf_fast.cli train --preset tiny --mode "$mode" --fused --steps 20 \
+      2>&1 | grep -v "it/s" | tail -n 3
+    echo "train $mode exit status $? (timeout ${t}s)"
+  done
+else
+  echo "skipped: transformers, accelerate or datasets not installed"
 fi
 
 banner "benchmarks"
