@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(1)
     oracle = OracleLSTM.from_file(args.oracle)
     generator, warm = load_warm_start(args.init)
-    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]))
+    demos, test = oracle_data(oracle, warm["data_seed"])
     seen = {(a, b) for row in demos.tolist() for a, b in zip(row, row[1:], strict=False)}
     rows = [{"sequences": "held-out oracle samples", "coverage": coverage(test[:5000], seen)}]
     for temperature in (1.0, 0.9, 0.85, 0.8):

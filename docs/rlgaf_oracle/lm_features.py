@@ -45,7 +45,7 @@ def main() -> None:
     p = PRESETS["full"]
     oracle = OracleLSTM.from_file(args.oracle)
     model, warm = load_warm_start(args.init, p)
-    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]), p.num_demos, p.num_test)
+    demos, test = oracle_data(oracle, warm["data_seed"], p.num_demos, p.num_test)
     model.eval()
     rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},
             {"sequences": "held-out oracle samples", **token_features(model, test[: args.num])}]

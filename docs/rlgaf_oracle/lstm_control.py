@@ -45,11 +45,14 @@ class LSTMLanguageModel(nn.Module):
         hidden, state = self.lstm(self.embedding(ids), state)
         return self.out(hidden), state
 
-    @torch.no_grad()
-    def nll(self, tokens: Tensor) -> float:
+    def loss(self, tokens: Tensor) -> Tensor:
         """Mean NLL per token of sequences ``[N, 20]`` after the start token."""
         inputs = torch.cat([torch.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], 1)
-        return F.cross_entropy(self(inputs)[0].flatten(0, 1), tokens.flatten()).item()
+        return F.cross_entropy(self(inputs)[0].flatten(0, 1), tokens.flatten())
+
+    @torch.no_grad()
+    def nll(self, tokens: Tensor) -> float:
+        return self.loss(tokens).item()
 
     @torch.no_grad()
     def sample(self, num: int, seed: int) -> Tensor:
@@ -67,8 +70,8 @@ def main() -> None:
     parser.add_argument("--oracle", required=True)
     parser.add_argument("--init", required=True, help="the sft run's directory (its data seed)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--evaluate", type=int, nargs="*", default=[5, 10, 20])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--evaluate", type=int, nargs="*", default=[5, 10, 20, 40])
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
@@ -76,7 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     oracle = OracleLSTM.from_file(args.oracle)
     _, warm = load_warm_start(args.init)
-    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]))
+    demos, test = oracle_data(oracle, warm["data_seed"])
     train, held_out = demos[:9000], demos[9000:]
     model = LSTMLanguageModel()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -91,9 +94,7 @@ def main() -> None:
     evaluations, best, start = [], None, time.time()
     for epoch in range(1, args.epochs + 1):
         for index in torch.randperm(len(train), generator=shuffle).split(args.batch):
-            tokens = train[index]
-            inputs = torch.cat([torch.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], 1)
-            loss = F.cross_entropy(model(inputs)[0].flatten(0, 1), tokens.flatten())
+            loss = model.loss(train[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

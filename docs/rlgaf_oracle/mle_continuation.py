@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     oracle = OracleLSTM.from_file(args.oracle)
     generator, warm = load_warm_start(args.init)
-    demos, test = oracle_data(oracle, warm.get("data_seed", warm["seed"]))
+    demos, test = oracle_data(oracle, warm["data_seed"])
     config = RLGAFConfig(mode="sft", total_steps=args.steps, batch_size=args.batch,
                          minibatch_size=args.batch, generator_lr=2e-4, generator_ema=0.99,
                          progress_bar=True, tensorboard=False)

@@ -194,6 +194,9 @@ class _ClassifierPaddingWarningFilter(logging.Filter):
         return "will not detect padding tokens in `inputs_embeds`" not in record.getMessage()
 
 
+_CLASSIFIER_PADDING_WARNING = _ClassifierPaddingWarningFilter()
+
+
 @contextlib.contextmanager
 def left_aligned_inputs() -> Iterator[None]:
     """Calls of a discriminator on left-aligned sequences (:func:`sequences_for_discriminator`,
@@ -203,12 +206,11 @@ def left_aligned_inputs() -> Iterator[None]:
     transformers gives it once per process, and a dropped one counts as given)."""
     # The logger of transformers' generic sequence-classification head (Llama, Qwen, ...).
     logger = logging.getLogger("transformers.modeling_layers")
-    drop = _ClassifierPaddingWarningFilter()
-    logger.addFilter(drop)
+    logger.addFilter(_CLASSIFIER_PADDING_WARNING)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        logger.removeFilter(_CLASSIFIER_PADDING_WARNING)
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:

@@ -213,10 +213,12 @@ def oracle_data(oracle: OracleLSTM, data_seed: int, num_demos: int = 10_000,
 
 
 def load_warm_start(init: str | Path, preset: OraclePreset | None = None) -> tuple[nn.Module, dict]:
-    """The generator an sft run saved in directory ``init``, and that run's metrics.json."""
+    """The generator an sft run saved in directory ``init``, and that run's metrics.json (with
+    ``data_seed``, the seed of its demonstrations and test set)."""
     from safetensors.torch import load_model
 
     metrics = json.loads((Path(init) / "metrics.json").read_text())
+    metrics.setdefault("data_seed", metrics["seed"])  # runs before data_seed drew with seed
     generator = build_oracle_generator(preset or PRESETS["full"])
     load_model(generator, str(Path(init) / "generator.safetensors"))
     return generator, metrics
@@ -319,7 +321,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         generator, warm = load_warm_start(init, p)
     else:
         generator, warm = build_oracle_generator(p), None
-    data_seed = seed if warm is None else warm.get("data_seed", warm["seed"])
+    data_seed = seed if warm is None else warm["data_seed"]
     oracle = OracleLSTM.from_file(oracle_path)
     demos, test = oracle_data(oracle, data_seed, p.num_demos, p.num_test)
     history: list[dict] = []
