@@ -59,7 +59,11 @@ def build_from_config(spec: dict, output_dir: str | None = None):
     from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
     from rlgaf_fast.rlgaf.data import synthetic_examples
 
-    trainer_values = dict(spec.get("trainer", {}))
+    trainer_values = spec.get("trainer") or {}
+    if not isinstance(trainer_values, dict):
+        raise ValueError(f"the config's trainer section must be a mapping, "
+                         f"got {type(trainer_values).__name__}")
+    trainer_values = dict(trainer_values)
     if output_dir is not None:
         trainer_values["output_dir"] = output_dir
     config = RLGAFConfig.from_dict(trainer_values)
@@ -70,6 +74,9 @@ def build_from_config(spec: dict, output_dir: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     pad_id = spec.get("pad_token_id", getattr(tokenizer, "pad_token_id", None))
     eos_id = spec.get("eos_token_id", getattr(tokenizer, "eos_token_id", None))
+    import torch
+
+    torch.manual_seed(config.seed)  # config-built models start from the run's seed
     generator = _build_model(spec["generator"], "causal_lm", pad_id)
     discriminator = None
     if config.mode in ("ppo", "reinforce", "gumbel"):
@@ -78,8 +85,11 @@ def build_from_config(spec: dict, output_dir: str | None = None):
         discriminator = _build_model(spec["discriminator"], "classifier", pad_id)
     data = spec.get("data", {})
     if "synthetic" in data:
-        demonstrations = synthetic_examples(seed=config.seed, eos_token_id=eos_id or 1,
-                                            pad_token_id=pad_id or 0, **data["synthetic"])
+        # Generated data needs an end token; the trainer must stop on the same one.
+        eos_id = 1 if eos_id is None else eos_id
+        demonstrations = synthetic_examples(
+            seed=config.seed, eos_token_id=eos_id,
+            pad_token_id=0 if pad_id is None else pad_id, **data["synthetic"])
     else:
         demonstrations = data.get("demonstrations")
     reward_fn = None
@@ -93,19 +103,18 @@ def build_from_config(spec: dict, output_dir: str | None = None):
 
 
 def _reward_model_fn(model):
+    """The rlhf reward of a batch: a sequence classifier's logit for prompt + response, read
+    like the discriminator's (left-aligned embeddings, so no pad token id is needed)."""
     import torch
 
-    from rlgaf_fast.rlgaf.rollout import sequence_inputs
+    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences, RLGAFTrainer
 
-    model.requires_grad_(False).eval()
+    scorer = DiscriminatorOnSequences(model.requires_grad_(False).eval())
 
     def reward(batch):
-        input_ids, mask, _ = sequence_inputs(batch)
-        order = torch.argsort(mask, dim=1, stable=True)  # left-align: the last token is real
+        ids, mask = RLGAFTrainer._hard_sequences(batch)
         with torch.no_grad():
-            logits = model(input_ids=input_ids.gather(1, order),
-                           attention_mask=mask.gather(1, order)).logits
-        return logits[:, -1].float()
+            return scorer.to(ids.device)(ids, mask).float()
 
     return reward
 

@@ -49,6 +49,10 @@ class RLGAFConfig:
     # evaluations see and what is shipped (RLGAFTrainer.evaluation_model); rollouts still come
     # from the live generator.
     generator_ema: float = 0.0
+    # Set every dropout probability of the generator to 0 (as TRL does for PPO): dropout would
+    # make the log-probabilities of the rollout, of PPO's old policy and of the update differ
+    # for the same weights, so the ratio would not start at 1.
+    disable_dropout: bool = True
     # Adam's first-moment decay, for the generator's and the discriminator's optimisers. Momentum
     # makes each player keep moving after the other has answered, which feeds the GAN
     # oscillation; DCGAN and most GANs since lower it to 0.5 (or 0).
@@ -105,7 +109,21 @@ class RLGAFConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that holds an impossible value."""
+        """Raise ValueError naming the first field that holds an impossible value (or TypeError
+        for one of the wrong type, such as YAML's string ``1e3``)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES[f.type]
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                continue  # an int is a fine float
+            if isinstance(value, bool) and bool not in expected:
+                ok = False
+            else:
+                ok = isinstance(value, expected)
+            if not ok:
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in expected)
+                raise TypeError(f"{f.name} must be {names}, got {value!r} "
+                                f"({type(value).__name__})")
         choices = {
             "mode": MODES,
             "reward_type": REWARD_TYPES,
@@ -116,16 +134,22 @@ class RLGAFConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs", "tau_start",
-                    "tau_end", "sample_temperature", "log_every")
+                    "tau_end", "sample_temperature", "log_every", "generator_lr",
+                    "discriminator_lr", "clip_eps", "value_clip")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         non_negative = ("total_steps", "d_steps", "g_steps", "kl_coef", "warmup_steps",
-                        "save_every", "entropy_coef", "baseline_decay", "mle_coef",
-                        "discriminator_weight_decay")
+                        "save_every", "entropy_coef", "mle_coef", "discriminator_weight_decay",
+                        "weight_decay", "max_grad_norm", "vf_coef")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.baseline_decay < 1:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"adam_beta1 must be in [0, 1), got {self.adam_beta1!r}")
         if not 0 <= self.generator_ema < 1:
@@ -137,6 +161,8 @@ class RLGAFConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLGAFConfig:
         """Build from a mapping; unknown keys raise ValueError listing them."""
+        if not isinstance(values, dict):
+            raise TypeError(f"RLGAFConfig values must be a mapping, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -152,6 +178,13 @@ class RLGAFConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The annotations above, as written (``from __future__ import annotations`` keeps them strings).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (float,), "bool": (bool,), "str": (str,),
+    "str | None": (str, type(None)), "dict[str, Any]": (dict,),
+}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -214,8 +215,15 @@ def left_aligned_inputs() -> Iterator[None]:
 
 
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:
-    """The "real" logit ``[B]`` of sequences given as embeddings ``[B, L, D]`` (float32)."""
-    out = discriminator(inputs_embeds=embeds, attention_mask=mask)
+    """The "real" logit ``[B]`` of sequences given as embeddings ``[B, L, D]`` (float32).
+
+    A discriminator whose forward takes ``position_ids`` gets positions that count real tokens
+    only: with absolute position embeddings (GPT-2, BERT) left padding would otherwise shift a
+    sequence's positions and change its score with the length of its batch-mates."""
+    kwargs = {}
+    if "position_ids" in inspect.signature(discriminator.forward).parameters:
+        kwargs["position_ids"] = position_ids(mask)
+    out = discriminator(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     logits = (out.logits if hasattr(out, "logits") else out).float()
     if logits.dim() == 2 and logits.shape[-1] == 2:
         return logits[:, 1] - logits[:, 0]

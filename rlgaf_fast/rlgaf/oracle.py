@@ -238,17 +238,19 @@ def oracle_examples(tokens: Tensor) -> list[dict]:
 @torch.no_grad()
 def sample_generator(model: nn.Module, num: int, seed: int, temperature: float = 1.0,
                      batch_size: int = 500) -> Tensor:
-    """``num`` sequences of 20 tokens from the generator after the start token."""
+    """``num`` sequences of 20 tokens from the generator after the start token, ``[num, 20]``
+    int64 on the CPU (drawn on the model's device, so a seed's samples differ by device)."""
     was_training = model.training
     model.eval()
-    generator = torch_generator(seed)
+    device = next(model.parameters()).device
+    generator = torch_generator(seed, device)
     out = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
-        prompt = torch.full((n, 1), START_TOKEN, dtype=torch.int64)
+        prompt = torch.full((n, 1), START_TOKEN, dtype=torch.int64, device=device)
         batch = generate(model, prompt, torch.ones_like(prompt), SEQ_LEN,
                          temperature=temperature, generator=generator)
-        out.append(batch.response_ids)
+        out.append(batch.response_ids.cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -260,8 +262,9 @@ def generator_nll(model: nn.Module, tokens: Tensor, temperature: float = 1.0,
     logits divided by ``temperature`` (the tempered model)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total = 0.0
-    for chunk in tokens.split(batch_size):
+    for chunk in tokens.to(device).split(batch_size):
         ids = torch.cat([torch.full_like(chunk[:, :1], START_TOKEN), chunk], 1)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float() / temperature
         total += F.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
@@ -342,6 +345,14 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
     base = dict(seed=seed, use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
                 progress_bar=True, tensorboard=False)
+    config = None
+    if mode != "sft":  # built first, so that a bad override fails before the warm start trains
+        if overrides and "mode" in overrides:
+            raise ValueError("overrides may not set mode; choose it with mode (--mode)")
+        config = RLGAFConfig.from_dict({
+            **base, "mode": mode, "total_steps": p.adv_steps,
+            "output_dir": str(out_dir / mode), "extra": {"eval_every": p.eval_every},
+            **ADVERSARIAL_DEFAULTS[mode], **(p.trainer or {}), **(overrides or {})})
     if warm is not None:
         metrics["warm_start"] = warm["final"]
     else:
@@ -358,10 +369,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         if mode != "sft":
             metrics["warm_start"], _ = evaluate(generator, oracle, test, p.num_final, seed=4000)
 
-    if mode != "sft":
-        values = {**ADVERSARIAL_DEFAULTS[mode], **(p.trainer or {}), **(overrides or {})}
-        config = RLGAFConfig(mode=mode, total_steps=p.adv_steps, output_dir=str(out_dir / mode),
-                             extra={"eval_every": p.eval_every}, **{**base, **values})
+    if config is not None:
         metrics["config"] = config.to_dict()
 
         def oracle_reward(batch: Batch) -> Tensor:

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
+# Config fields a resumed run may change without changing what it computes.
+_RESUMABLE_CHANGES = {"output_dir", "log_every", "save_every", "tensorboard", "progress_bar"}
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss was NaN or infinite; raised before the optimizer step, so the model stays finite."""
 
@@ -214,6 +219,12 @@ class RLGAFTrainer:
                                           self.pad_token_id, max_len)
 
         # Models: the policy (with a value head for PPO), the discriminator, the reference.
+        if config.disable_dropout:
+            for module in generator.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+                if isinstance(getattr(module, "attention_dropout", None), float):
+                    module.attention_dropout = 0.0  # Llama-style attention passes a float
         self.policy = PolicyWithValue(generator, with_value_head=self.mode in ("ppo", "rlhf"))
         uses_kl = config.kl_coef > 0 and self.mode != "sft"
         if uses_kl and reference_model is None:
@@ -319,12 +330,13 @@ class RLGAFTrainer:
 
     def _check_finite(self, loss: Tensor, what: str) -> None:
         if not torch.isfinite(loss).all():
+            # Steps are numbered as the log numbers them (from 1).
             raise NonFiniteLossError(
-                f"non-finite {what} ({loss.item()}) at step {self.step_count} "
-                f"(mode {self.mode!r}); stopped before the optimizer step, the model is unchanged")
+                f"non-finite {what} ({loss.item()}) at step {self.step_count + 1} "
+                f"(mode {self.mode!r}); stopped before its optimizer step, so every weight is "
+                "that of the last finite update")
 
-    def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any,
-                        scheduler: Any = None) -> None:
+    def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.config.max_grad_norm > 0 and self.fsdp:
@@ -336,8 +348,6 @@ class RLGAFTrainer:
         elif self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
 
     def rollout(self, sub: int = 0, gumbel_seeds: list[int] | None = None) -> Batch:
         """Responses of the current generator to a fresh batch of prompts."""
@@ -409,15 +419,17 @@ class RLGAFTrainer:
         mle, _ = self.demonstration_nll(size, STREAM_MLE, sub)
         return loss + self.config.mle_coef * mle, mle.item()
 
-    def sft_step(self) -> dict:
-        """MLE on a batch of demonstrations: cross-entropy of the response tokens."""
-        loss, tokens = self.demonstration_nll(self.config.batch_size)
+    def sft_step(self, sub: int = 0) -> dict:
+        """MLE on a batch of demonstrations (the ``sub``-th of this iteration): cross-entropy
+        of the response tokens."""
+        loss, tokens = self.demonstration_nll(self.config.batch_size, sub=sub)
         self._check_finite(loss, "SFT loss")
-        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        self._optimizer_step(loss, self.policy, self.g_opt)
         return {"g_loss": loss.item(), "tokens": tokens}
 
-    def ppo_step(self, batch: Batch) -> dict:
-        """PPO with a value head and GAE on one batch of rollouts (``ppo`` and ``rlhf``)."""
+    def ppo_step(self, batch: Batch, sub: int = 0) -> dict:
+        """PPO with a value head and GAE on one batch of rollouts (``ppo`` and ``rlhf``), the
+        ``sub``-th generator step of this iteration."""
         c, ops = self.config, self.ops
         prompt_len = batch.prompt_ids.shape[1]
         inputs = sequence_inputs(batch)
@@ -438,7 +450,8 @@ class RLGAFTrainer:
 
         stats: dict[str, list[float]] = {"g_loss": [], "value_loss": [], "entropy": [],
                                          "clipfrac": [], "approx_kl": []}
-        shuffle = torch_generator(self._seed(STREAM_SHUFFLE))
+        shuffle = torch_generator(self._seed(STREAM_SHUFFLE, sub=sub))
+        updates = c.ppo_epochs * (c.batch_size // c.minibatch_size)
         for _ in range(c.ppo_epochs):
             order = torch.randperm(c.batch_size, generator=shuffle).to(self.device)
             for start in range(0, c.batch_size, c.minibatch_size):
@@ -451,7 +464,7 @@ class RLGAFTrainer:
                 v_loss = ops.value_loss(response_slice(mb_values, prompt_len), old_values[mb],
                                         returns[mb], mask[mb].float(), clip=c.value_clip)
                 loss, mle = self._with_mle(out.loss + c.vf_coef * v_loss, c.minibatch_size,
-                                           sub=len(stats["g_loss"]))
+                                           sub=sub * updates + len(stats["g_loss"]))
                 self._check_finite(loss, "PPO loss")
                 self._optimizer_step(loss, self.policy, self.g_opt)
                 stats["g_loss"].append(out.loss.item())
@@ -461,7 +474,6 @@ class RLGAFTrainer:
                 stats["approx_kl"].append(out.approx_kl.item())
                 if mle is not None:
                     stats.setdefault("mle_loss", []).append(mle)
-        self.g_sched.step()
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         result.update(reward=score.mean().item(), kl=kl, tokens=int(mask.sum()))
         return result
@@ -480,9 +492,10 @@ class RLGAFTrainer:
         rewards[torch.arange(len(last), device=rewards.device), last] += score
         return rewards * mask, kl
 
-    def reinforce_step(self, batch: Batch) -> dict:
+    def reinforce_step(self, batch: Batch, sub: int = 0) -> dict:
         """REINFORCE with a baseline: every token of a sequence gets the advantage
-        R - b, R = score - kl_coef * KL(sequence), b the batch mean (or a moving average)."""
+        R - b, R = score - kl_coef * KL(sequence), b the batch mean (or a moving average).
+        ``sub``: which generator step of this iteration."""
         c, ops = self.config, self.ops
         mask = batch.response_mask
         with torch.no_grad():
@@ -495,7 +508,6 @@ class RLGAFTrainer:
             if c.baseline_decay > 0 and self.reward_baseline is not None:
                 decay = c.baseline_decay
                 baseline = decay * self.reward_baseline + (1 - decay) * baseline
-            self.reward_baseline = baseline
             advantages = (seq_reward - baseline)[:, None].expand_as(old_logprobs) * mask
         logits, _ = self.policy(*sequence_inputs(batch))
         # old_logprobs equal the current ones, so the ratio is 1 and the gradient of the PPO loss
@@ -503,14 +515,15 @@ class RLGAFTrainer:
         out = ops.ppo_loss(response_slice(logits, batch.prompt_ids.shape[1]), batch.response_ids,
                            old_logprobs, advantages, mask, clip_eps=c.clip_eps,
                            entropy_coef=c.entropy_coef, temperature=c.sample_temperature)
-        loss, mle = self._with_mle(out.loss, c.batch_size)
+        loss, mle = self._with_mle(out.loss, c.batch_size, sub=sub)
         self._check_finite(loss, "REINFORCE loss")
-        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        self.reward_baseline = baseline  # only a finite step may move the baseline
+        self._optimizer_step(loss, self.policy, self.g_opt)
         result = {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
                   "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
         return result if mle is None else {**result, "mle_loss": mle}
 
-    def gumbel_step(self, batch: Batch, seeds: list[int]) -> dict:
+    def gumbel_step(self, batch: Batch, seeds: list[int], sub: int = 0) -> dict:
         """One generator update on ``batch``, generated by Gumbel-max with ``seeds[t]`` at step
         t: recompute the relaxed samples from the same seeds in one teacher-forced pass; the
         discriminator reads them through its embedding (soft one-hot @ weight, fused), and the
@@ -556,9 +569,9 @@ class RLGAFTrainer:
             kl = token_kl.sum(-1).mean()
             loss = loss + c.kl_coef * kl
         g_loss = loss.item()
-        loss, mle = self._with_mle(loss, c.batch_size)
+        loss, mle = self._with_mle(loss, c.batch_size, sub=sub)
         self._check_finite(loss, "Gumbel generator loss")
-        self._optimizer_step(loss, self.policy, self.g_opt, self.g_sched)
+        self._optimizer_step(loss, self.policy, self.g_opt)
         mismatch = ((tokens != batch.response_ids)
                     & batch.response_mask.bool()).float().mean().item()
         result = {"g_loss": g_loss, "reward": reward.mean().item(), "kl": kl.item(),
@@ -574,14 +587,15 @@ class RLGAFTrainer:
         if real is None:
             real = self.demos.batch(fake.response_ids.shape[0],
                                     self._seed(STREAM_DEMOS, sub=sub + 1))
-        real = real.to(self.device)
+        real, fake = real.to(self.device), fake.to(self.device)
         ids, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
         labels = torch.cat([torch.ones(real.response_ids.shape[0]),
                             torch.zeros(fake.response_ids.shape[0])]).to(self.device)
         logit = self.discriminator(ids, mask)
         loss = F.binary_cross_entropy_with_logits(logit, labels)
         self._check_finite(loss, "discriminator loss")
-        self._optimizer_step(loss, self.discriminator, self.d_opt, self.d_sched)
+        self._optimizer_step(loss, self.discriminator, self.d_opt)
+        self.d_sched.step()
         n_real = real.response_ids.shape[0]
         return {"d_loss": loss.item(),
                 "d_acc_real": (logit[:n_real] > 0).float().mean().item(),
@@ -598,22 +612,24 @@ class RLGAFTrainer:
         fakes: list[Batch] = []
         for g in range(c.g_steps):
             if self.mode == "sft":
-                out = self.sft_step()
+                out = self.sft_step(sub=g)
             elif self.mode == "gumbel":
                 seeds = [self._seed(STREAM_GUMBEL, sub=c.max_new_tokens * g + t)
                          for t in range(c.max_new_tokens)]
                 batch = self.rollout(sub=g, gumbel_seeds=seeds)
                 fakes.append(batch)
-                out = self.gumbel_step(batch, seeds)
+                out = self.gumbel_step(batch, seeds, sub=g)
             else:
                 batch = self.rollout(sub=g)
                 fakes.append(batch)
-                out = self.ppo_step(batch) if self.mode in ("ppo", "rlhf") \
-                    else self.reinforce_step(batch)
+                out = self.ppo_step(batch, sub=g) if self.mode in ("ppo", "rlhf") \
+                    else self.reinforce_step(batch, sub=g)
             logs.update(out)
-        if self.ema is not None:
-            with self.unsharded(self.policy):
-                self.ema.update_parameters(self.unwrapped_policy.model)
+            if self.ema is not None:
+                with self.unsharded(self.policy):
+                    self.ema.update_parameters(self.unwrapped_policy.model)
+        # The schedule counts iterations (total_steps of them), whatever g_steps is.
+        self.g_sched.step()
         if self.discriminator is not None:
             for d in range(c.d_steps):
                 # The first discriminator steps use this iteration's rollouts (made before the
@@ -717,6 +733,16 @@ class RLGAFTrainer:
             self._load_optimizer_state(self.discriminator, self.d_opt, state["d_opt"])
             self.d_sched.load_state_dict(state["d_sched"])
         trainer_state = json.loads((path / "trainer_state.json").read_text())
+        resumable = set(_RESUMABLE_CHANGES)
+        if self.config.lr_schedule == self.config.tau_schedule == "constant":
+            resumable.add("total_steps")  # a longer run, the same steps
+        changed = [f"{k} ({v!r} -> {getattr(self.config, k)!r})"
+                   for k, v in trainer_state.get("config", {}).items()
+                   if k not in resumable and getattr(self.config, k, v) != v]
+        if changed:
+            warnings.warn(f"resuming {path} with a config that differs from its own in "
+                          f"{', '.join(changed)}; the run will not continue as it would have",
+                          stacklevel=2)
         self.step_count = trainer_state["step"]
         self.reward_baseline = trainer_state["reward_baseline"]
         rng_file = path / f"rng-{self.rank}.pt"
@@ -725,6 +751,9 @@ class RLGAFTrainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
+        else:  # saved by fewer processes: the weights are restored, dropout noise is not
+            warnings.warn(f"{rng_file} is missing: process {self.rank} keeps its own random "
+                          "state, so the run will not continue exactly", stacklevel=2)
 
     # Under FSDP each process holds a shard of the weights and of the optimizer state;
     # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts). The weights

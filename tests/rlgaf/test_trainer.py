@@ -92,13 +92,14 @@ class NaNDiscriminator(torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["gumbel", "reinforce"])
 def test_non_finite_loss_stops_and_names_the_step(mode, demos):
-    trainer = make_trainer(mode, demos, discriminator=NaNDiscriminator())
+    trainer = make_trainer(mode, demos, discriminator=NaNDiscriminator(), baseline_decay=0.9)
     before = params(trainer.unwrapped_policy)
-    with pytest.raises(NonFiniteLossError, match="at step 0"):
+    with pytest.raises(NonFiniteLossError, match="at step 1 "):  # numbered as the log numbers
         trainer.step()
     after = params(trainer.unwrapped_policy)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(torch.isfinite(p).all() for p in after)
+    assert trainer.reward_baseline is None  # the refused step left no NaN baseline behind
 
 
 @pytest.mark.parametrize("mode", ["ppo", "reinforce"])
