@@ -95,6 +95,12 @@ class DiscriminatorOnSequences(nn.Module):
     def __init__(self, discriminator: nn.Module) -> None:
         super().__init__()
         self.discriminator = discriminator
+        config = getattr(discriminator, "config", None)
+        if config is not None and hasattr(config, "pad_token_id") and config.pad_token_id is None:
+            # transformers' classifiers refuse batches without a pad token id, which they use
+            # only to find the last token of input_ids; given left-aligned embeddings they
+            # read the last position, whatever the id.
+            config.pad_token_id = 0
 
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
         if not values.is_floating_point():

@@ -37,3 +37,29 @@ def test_train_from_yaml_with_jsonl_data(tmp_path):
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
     logs = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 2 and "d_acc_real" in logs[-1]
+
+
+def test_rlhf_reward_model_needs_no_pad_token():
+    """A reward model loaded without a pad token id (as from_pretrained gives GPT-2) scores a
+    batch of responses of different lengths, each as it scores alone."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from rlgaf_fast.cli import _reward_model_fn
+    from rlgaf_fast.rlgaf.rollout import Batch
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=1,
+        bos_token_id=None, eos_token_id=None))
+    assert model.config.pad_token_id is None
+    reward = _reward_model_fn(model)
+    prompt = torch.tensor([[0, 3], [4, 5]])  # the first prompt is left-padded
+    prompt_mask = torch.tensor([[0, 1], [1, 1]])
+    response = torch.tensor([[6, 7, 1], [8, 1, 0]])  # the second response is right-padded
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    both = reward(Batch(prompt, prompt_mask, response, response_mask))
+    for row in range(2):
+        alone = reward(Batch(prompt[row:row + 1], prompt_mask[row:row + 1],
+                             response[row:row + 1], response_mask[row:row + 1]))
+        torch.testing.assert_close(both[row:row + 1], alone)

@@ -35,3 +35,35 @@ def test_yaml_python_tags_do_not_run(tmp_path):
     with pytest.raises(yaml.YAMLError):
         RLGAFConfig.from_yaml(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field,value", [("generator_lr", -1.0), ("discriminator_lr", 0.0),
+                                         ("clip_eps", -0.5), ("value_clip", 0.0),
+                                         ("gamma", 3.0), ("lam", -1.0), ("vf_coef", -1.0),
+                                         ("weight_decay", -1.0), ("baseline_decay", 1.0)])
+def test_out_of_range_values_are_named(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        RLGAFConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("total_steps", "1e3"), ("batch_size", 2.5),
+                                         ("batch_size", True), ("use_fused_kernels", "no"),
+                                         ("kl_coef", None), ("extra", None),
+                                         ("output_dir", 3)])
+def test_values_of_the_wrong_type_are_named(field, value):
+    with pytest.raises(TypeError, match=f"{field} must be"):
+        RLGAFConfig(**{field: value})
+
+
+def test_yaml_numbers_load_as_their_types(tmp_path):
+    # YAML 1.1 reads 1e3 as a string and 1.0e3 as a float: the first is refused by name.
+    path = tmp_path / "a.yaml"
+    path.write_text("total_steps: 1e3\n")
+    with pytest.raises(TypeError, match="total_steps must be int, got '1e3'"):
+        RLGAFConfig.from_yaml(path)
+    path.write_text("kl_coef: 1\ngenerator_lr: 1.0e-3\n")  # an int is a fine float
+    config = RLGAFConfig.from_yaml(path)
+    assert (config.kl_coef, config.generator_lr) == (1, 1e-3)
+    path.write_text("trainer:\n")
+    with pytest.raises(TypeError, match="must be a mapping, got NoneType"):
+        RLGAFConfig.from_yaml(path)

@@ -221,3 +221,26 @@ def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
     messages = [r.getMessage() for r in records]
     assert messages[0] == "another warning"
     assert len(messages) == 2 and "will not detect padding tokens" in messages[1]
+
+
+def test_absolute_positions_do_not_depend_on_left_padding():
+    """A GPT-2 classifier (learned absolute positions) scores a sequence the same alone and
+    left-padded beside a longer one: positions count real tokens only."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from rlgaf_fast.rlgaf.rollout import pad_left_to
+    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                        num_labels=1, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    discriminator = DiscriminatorOnSequences(GPT2ForSequenceClassification(config).eval())
+    ids = torch.randint(1, VOCAB, (1, 5))
+    alone = discriminator(ids, torch.ones_like(ids))
+    padded = discriminator(*pad_left_to(ids, torch.ones_like(ids), 9))
+    torch.testing.assert_close(padded, alone)
+    # The positions matter: shifted ones (what left padding did before) score differently.
+    embeds = discriminator.discriminator.get_input_embeddings()(ids)
+    shifted = discriminator.discriminator(inputs_embeds=embeds,
+                                          position_ids=torch.arange(4, 9)[None]).logits
+    assert not torch.allclose(shifted.reshape(1), alone)

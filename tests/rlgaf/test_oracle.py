@@ -189,3 +189,22 @@ def test_spearman_matches_scipy():
     b = a + b  # correlated
     assert spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-9)
     assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+@needs_oracle
+def test_overrides_set_any_field_and_are_checked_before_the_warm_start(tmp_path, monkeypatch):
+    from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
+
+    metrics = run_oracle(ORACLE, "ppo", tmp_path / "ppo", preset=MICRO,
+                         overrides={"total_steps": 1, "kl_coef": 0.03})
+    assert (metrics["config"]["total_steps"], metrics["config"]["kl_coef"]) == (1, 0.03)
+    assert [h["step"] for h in metrics["history"] if h["phase"] == "ppo"] == [0, 1]
+
+    def no_training(self, *args, **kwargs):
+        raise AssertionError("trained before checking the overrides")
+
+    monkeypatch.setattr(RLGAFTrainer, "train", no_training)
+    with pytest.raises(ValueError, match="unknown RLGAFConfig keys: \\['kl_coeff'\\]"):
+        run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=MICRO, overrides={"kl_coeff": 0.1})
+    with pytest.raises(ValueError, match="may not set mode"):
+        run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=MICRO, overrides={"mode": "sft"})

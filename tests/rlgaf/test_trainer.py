@@ -7,7 +7,7 @@ import torch
 
 import rlgaf_fast
 from rlgaf_fast.rlgaf import NonFiniteLossError, RLGAFConfig, RLGAFTrainer
-from rlgaf_fast.rlgaf.discriminator import build_transformer_discriminator
+from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, build_transformer_discriminator
 
 from .conftest import PAD, VOCAB, make_trainer
 
@@ -102,16 +102,23 @@ def test_non_finite_loss_stops_and_names_the_step(mode, demos):
     assert trainer.reward_baseline is None  # the refused step left no NaN baseline behind
 
 
-@pytest.mark.parametrize("mode", ["ppo", "reinforce"])
+@pytest.mark.parametrize("mode", ["ppo", "reinforce", "gumbel"])
 def test_resume_continues_exactly(mode, demos, tmp_path):
     extra = {"baseline_decay": 0.9} if mode == "reinforce" else {}
+    # Gumbel mode trains a CNN discriminator with dropout: torch's random state must resume too.
+    def discriminator():
+        return CNNDiscriminator(VOCAB, embed_dim=16, filters=((2, 8), (3, 8))) \
+            if mode == "gumbel" else None
+
     full = make_trainer(mode, demos, total_steps=4, save_every=2, output_dir=str(tmp_path),
-                        tensorboard=False, lr_schedule="linear", **extra)
+                        tensorboard=False, lr_schedule="linear", discriminator=discriminator(),
+                        **extra)
     full_history = full.train()
     full.close()
 
     resumed = make_trainer(mode, demos, total_steps=4, seed=0, **extra,
-                           lr_schedule="linear")
+                           lr_schedule="linear", discriminator=discriminator())
+    torch.manual_seed(123)  # a random state unlike the checkpoint's
     # Different random weights first, so that loading must restore all of them.
     for p in resumed.unwrapped_policy.parameters():
         torch.nn.init.normal_(p.data)
@@ -183,6 +190,73 @@ def test_fsdp1_is_refused_with_a_clear_message(demos):
     with pytest.raises(NotImplementedError, match="supports FSDP2 only.*version 1"):
         RLGAFTrainer(RLGAFConfig(mode="sft", batch_size=4, minibatch_size=4), generator,
                      demonstrations=demos, accelerator=fsdp1)
+
+
+def test_resume_warns_about_a_changed_config_or_missing_random_state(demos, tmp_path):
+    make_trainer("ppo", demos).save_checkpoint(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match=r"kl_coef \(0.05 -> 0.02\)"):
+        make_trainer("ppo", demos, kl_coef=0.02).load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "rng-0.pt").unlink()
+    with pytest.warns(UserWarning, match="rng-0.pt is missing"):
+        make_trainer("ppo", demos).load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_crafted_optimizer_file_cannot_run_code(demos, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    path = make_trainer("ppo", demos).save_checkpoint(tmp_path / "ckpt")
+    torch.save({"g_opt": Exploit()}, path / "optimizer.pt", pickle_module=pickle)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        make_trainer("ppo", demos).load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mode", ["sft", "ppo"])
+def test_g_steps_draw_fresh_batches_and_the_schedule_counts_iterations(mode, demos):
+    trainer = make_trainer(mode, demos, total_steps=4, g_steps=2, lr_schedule="linear",
+                           generator_ema=0.5, mle_coef=0.1 if mode == "ppo" else 0.0)
+    drawn = []
+    draw = trainer.demos.batch
+    trainer.demos.batch = lambda size, seed: drawn.append(seed) or draw(size, seed)
+    lrs = [trainer.step()["lr"] for _ in range(4)]
+    # The linear schedule reaches its end after total_steps iterations, not generator steps.
+    assert lrs == pytest.approx([1e-3 * f for f in (0.75, 0.5, 0.25, 0.0)])
+    assert len(drawn) == len(set(drawn))  # no demonstration batch is drawn twice
+    assert trainer.ema.n_averaged.item() == 4 * 2  # one average update per generator step
+
+
+def test_generator_dropout_is_off_unless_asked_for(demos):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
+                                          n_positions=32, pad_token_id=PAD, eos_token_id=1))
+
+    def dropouts(model):
+        return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+    config = dict(mode="reinforce", batch_size=4, minibatch_size=4, max_new_tokens=4)
+    trainer = RLGAFTrainer(RLGAFConfig(**config), gpt2(), build_transformer_discriminator(
+        VOCAB, hidden_size=16, num_layers=1, num_heads=2), demos)
+    model = trainer.unwrapped_policy.model
+    assert dropouts(model) and set(dropouts(model)) == {0.0}
+    # Without dropout the same weights give the same log-probabilities twice, so PPO's ratio
+    # starts at 1.
+    batch = trainer.rollout()
+    model.train()
+    torch.testing.assert_close(trainer._token_logprobs(model, batch),
+                               trainer._token_logprobs(model, batch), rtol=0, atol=0)
+    kept = RLGAFTrainer(RLGAFConfig(**config, disable_dropout=False), gpt2(),
+                        build_transformer_discriminator(VOCAB, hidden_size=16, num_layers=1,
+                                                        num_heads=2), demos)
+    assert set(dropouts(kept.unwrapped_policy.model)) == {0.1}
 
 
 def test_checkpoint_files_are_safe_formats(demos, tmp_path):
