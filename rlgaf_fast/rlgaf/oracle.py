@@ -34,12 +34,16 @@ VOCAB_SIZE, SEQ_LEN, HIDDEN, START_TOKEN = 5000, 20, 32, 0
 PARAM_SHAPES = [(VOCAB_SIZE, HIDDEN)] + [(HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN,)] * 4 \
     + [(HIDDEN, VOCAB_SIZE), (VOCAB_SIZE,)]
 
-# The only globals a pickle of plain numpy arrays refers to (numpy 1.x and 2.x spellings).
+# The only globals a pickle of plain numpy arrays refers to (numpy 1.x and 2.x spellings, pickle
+# protocols 2 to 5).
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes under protocols 0-2 (text to bytes; runs nothing)
 }
 
 
@@ -52,8 +56,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: this file may only contain numpy arrays "
                 "(a pickle naming other globals can run arbitrary code)")
-        if module == "numpy.core.multiarray":  # numpy 2 moved it; avoid the deprecation shim
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.removeprefix("numpy.core.")  # numpy 2 moved them
         return super().find_class(module, name)
 
 

@@ -56,6 +56,16 @@ def test_wrong_arrays_are_refused(tmp_path):
         load_oracle_params(path)
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_arrays_load_whatever_the_pickle_protocol(tmp_path, protocol):
+    path = tmp_path / "params.pkl"
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in PARAM_SHAPES]
+    path.write_bytes(pickle.dumps(arrays, protocol=protocol))
+    for loaded, array in zip(load_oracle_params(path), arrays, strict=True):
+        np.testing.assert_array_equal(loaded, array)
+
+
 def numpy_oracle_log_likelihood(params, tokens):
     """README's equations, literally, in numpy float64."""
     emb, wi, ui, bi, wf, uf, bf, wo, uo, bo, wc, uc, bc, w_out, b_out = \
