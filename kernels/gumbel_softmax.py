@@ -111,7 +111,9 @@ def _row_stats(
     FP64: tl.constexpr,
     PTX_LOG: tl.constexpr,
 ):
-    """Online max m, sum s = sum(exp(z - m)) (only if NEED_SUM) and first argmax of z of a row.
+    """Online max m, sum s = sum(exp(z - m)) (only if NEED_SUM), first argmax of z of a row and,
+    without NEED_SUM (the hard sample), whether softmax(z) is NaN as torch computes it: the row
+    holds a NaN or its largest score is infinite (inf - inf, or a row of -inf).
 
     m is returned as the shift used in s: 0 instead of -inf when the whole row is -inf, so that
     exp(z - m) never evaluates -inf - (-inf).
@@ -121,6 +123,7 @@ def _row_stats(
     s = tl.full([], 0.0, dtype)
     best = tl.full([], float("-inf"), dtype)
     best_index = tl.full([], 0, tl.int32)
+    nan_count = tl.full([], 0, tl.int32)
     for col_start in range(0, V, BLOCK):
         mask = col_start + tl.arange(0, BLOCK) < V
         # keep the row in L2 for the second pass
@@ -143,12 +146,15 @@ def _row_stats(
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
             m = m_new
+        else:
+            nan_count += tl.sum((z != z).to(tl.int32), 0)
         # strict > keeps the first maximum across blocks (argmax within a block breaks ties left)
         better = block_max > best
         best_index = tl.where(better, col_start + block_arg, best_index)
         best = tl.where(better, block_max, best)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    return shift, s, best_index
+    nan_row = (nan_count > 0) | (best == float("inf")) | (best == float("-inf"))
+    return shift, s, best_index, nan_row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +184,7 @@ def _gumbel_softmax_fwd_kernel(
         row = tl.cast(row32, tl.int64)
         x_row = x_ptr + row * V
         y_row = y_ptr + row * V
-        shift, s, best_index = _row_stats(
+        shift, s, best_index, nan_row = _row_stats(
             x_row, row, V, seed, inv_tau_hi, inv_tau_lo, not HARD, BLOCK, FP64, PTX_LOG
         )
         tl.store(index_ptr + row, best_index.to(tl.int64))
@@ -191,7 +197,7 @@ def _gumbel_softmax_fwd_kernel(
             cols = col_start + tl.arange(0, BLOCK)
             mask = cols < V
             if HARD:
-                y = tl.where(cols == best_index, 1.0, 0.0)
+                y = tl.where(nan_row, float("nan"), tl.where(cols == best_index, 1.0, 0.0))
             else:
                 z = _z_row(
                     x_row,
@@ -339,7 +345,7 @@ def _row_lse_kernel(
     """lse = logsumexp(z) and argmax(z) of each row (first pass of the embedding forward)."""
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
         row = tl.cast(row32, tl.int64)
-        shift, s, best_index = _row_stats(
+        shift, s, best_index, _ = _row_stats(
             x_ptr + row * V, row, V, seed, inv_tau_hi, inv_tau_lo, True, BLOCK, FP64, PTX_LOG
         )
         tl.store(lse_ptr + row, shift + tl.log(s))

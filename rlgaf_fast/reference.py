@@ -9,6 +9,7 @@ same samples on every backend and device.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -81,25 +82,22 @@ def gumbel_softmax(
 
     ``softmax((logits + g) / tau)`` computed in float32 (float64 for float64 input) and returned
     in the input dtype; with ``hard`` the one-hot of the argmax, straight-through gradient.
-    Rows are the positions of the other dimensions in row-major order.
+    Rows are the positions of the other dimensions in row-major order. As in
+    ``torch.nn.functional.gumbel_softmax``, a 0-d input is one category (its sample is 1) and an
+    empty ``dim`` gives an empty sample (also with ``hard``, where torch raises).
     """
+    if logits.dim() == 0:
+        return gumbel_softmax(logits.reshape(1), tau, hard, 0, seed=seed).reshape(())
     x = logits.movedim(dim, -1)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).to(_compute_dtype(logits.dtype))
+    x2 = x.reshape(math.prod(shape[:-1]), shape[-1]).to(_compute_dtype(logits.dtype))
     g = gumbel_noise(seed, x2.shape[0], x2.shape[1], logits.device).to(x2.dtype)
     y = torch.softmax((x2 + g) / tau, dim=-1)
-    if hard:
+    if hard and shape[-1] > 0:
         index = y.argmax(dim=-1, keepdim=True)
         y_hard = torch.zeros_like(y).scatter_(-1, index, 1.0)
         y = y_hard - y.detach() + y
     return y.to(logits.dtype).reshape(shape).movedim(-1, dim)
-
-
-def gumbel_argmax(logits: Tensor, tau: float = 1.0, *, seed: int = 0) -> Tensor:
-    """Index of the Gumbel-max sample of each row of ``logits [..., V]`` (int64 ``[...]``)."""
-    x2 = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits.dtype))
-    g = gumbel_noise(seed, x2.shape[0], x2.shape[1], logits.device).to(x2.dtype)
-    return ((x2 + g) / tau).argmax(dim=-1).reshape(logits.shape[:-1])
 
 
 def soft_embedding(probs: Tensor, weight: Tensor, *, top_k: int | None = None) -> Tensor:

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 namespace rlgaf_fast {
 namespace cpu {
@@ -79,14 +78,6 @@ static inline float fast_expf(float x) {
   const float two_to_n = bits_float(static_cast<uint32_t>(n + 127) << 23);
   const float y = exp_r * two_to_n;
   return x < lowest ? 0.0f : y;
-}
-
-// Largest element of x[0, n), ignoring NaN; -inf for n == 0.
-static inline float max_of(const float* x, int64_t n) {
-  float result = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : result)
-  for (int64_t i = 0; i < n; ++i) result = x[i] > result ? x[i] : result;
-  return result;
 }
 
 // x[i] = exp(x[i] - shift) in place (x[i] - shift <= 88), returns the sum of the new values.

@@ -81,6 +81,18 @@ int64_t first_index_of(const acc_t* z, int64_t n, acc_t value) {
   return 0;
 }
 
+// Whether softmax of the scores z[0, n), whose largest non-NaN value is z_max, is NaN (as
+// torch.softmax computes it): the row holds a NaN, or z_max is infinite (inf - inf, or a row of
+// -inf). The hard sample of such a row is NaN too, as the reference's straight-through sum.
+template <typename acc_t>
+bool softmax_is_nan(const acc_t* z, int64_t n, acc_t z_max) {
+  if (!std::isfinite(z_max)) return true;
+  int any_nan = 0;
+#pragma omp simd reduction(| : any_nan)
+  for (int64_t i = 0; i < n; ++i) any_nan |= z[i] != z[i];
+  return any_nan != 0;
+}
+
 template <typename acc_t>
 struct MaxAndIndex {
   acc_t max;
@@ -232,6 +244,11 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_fwd(const at::Tensor& logits, 
             x_row, row, 0, cols, seed, static_cast<acc_t>(tau), z.data(), noise.data());
         index_data[row] = best;
         if (hard) {
+          if (softmax_is_nan(z.data(), cols, z_max)) {
+            std::fill(y_row, y_row + cols,
+                      static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+            return;
+          }
           std::fill(y_row, y_row + cols, scalar_t(0));
           y_row[best] = scalar_t(1);
           return;

@@ -24,6 +24,7 @@
 
 namespace {
 
+using rlgaf_fast::dtype_str;
 using rlgaf_fast::num_str;
 using rlgaf_fast::shape_str;
 using rlgaf_fast::cpu::check_float_matrix;
@@ -40,13 +41,22 @@ void check_inputs(const at::Tensor& probs, const at::Tensor& weight, int64_t k) 
               "], got ", num_str(k));
 }
 
+// Whether a ranks above b in the order of torch.topk: NaN above every number.
+template <typename acc_t>
+bool ranks_above(acc_t a, acc_t b) {
+  return a > b || (a != a && b == b);
+}
+
 // The k largest values of row[0, V) with their columns, largest first (ties: lower column).
+// NaN counts as the largest value, as in torch.topk, so that it reaches the output.
 template <typename scalar_t, typename acc_t>
 void top_k_of_row(const scalar_t* row, int64_t V, int64_t k,
                   std::vector<std::pair<acc_t, int64_t>>& heap) {
   // Min-heap on value; among equal values the higher column is the smaller, evicted first.
   const auto greater = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+    if (ranks_above(a.first, b.first)) return true;
+    const bool tie = a.first == b.first || (a.first != a.first && b.first != b.first);
+    return tie && a.second < b.second;
   };
   heap.clear();
   for (int64_t j = 0; j < k; ++j) heap.emplace_back(static_cast<acc_t>(row[j]), j);
@@ -55,7 +65,7 @@ void top_k_of_row(const scalar_t* row, int64_t V, int64_t k,
   int64_t j = k;
   const auto offer = [&](int64_t col) {
     const acc_t v = static_cast<acc_t>(row[col]);
-    if (v > threshold) {  // a later column never wins a tie
+    if (ranks_above(v, threshold)) {  // a later column never wins a tie
       std::pop_heap(heap.begin(), heap.end(), greater);
       heap.back() = {v, col};
       std::push_heap(heap.begin(), heap.end(), greater);
@@ -65,7 +75,10 @@ void top_k_of_row(const scalar_t* row, int64_t V, int64_t k,
   for (; j < V && j % kBlock != 0; ++j) offer(j);
   for (; j + kBlock <= V; j += kBlock) {
     bool any = false;
-    for (int64_t i = 0; i < kBlock; ++i) any |= static_cast<acc_t>(row[j + i]) > threshold;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const acc_t v = static_cast<acc_t>(row[j + i]);
+      any |= v > threshold || v != v;
+    }
     if (any) {
       for (int64_t i = 0; i < kBlock; ++i) offer(j + i);
     }
@@ -128,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> soft_embedding_topk_bwd(
   check_float_matrix("soft_embedding_topk_bwd", "weight", weight, "[V, D]");
   TORCH_CHECK(index.dim() == 2 && index.scalar_type() == at::kLong,
               "soft_embedding_topk_bwd: index must be an int64 [N, k] tensor, got ",
-              index.scalar_type(), " ", shape_str(index.sizes()));
+              dtype_str(index.scalar_type()), " ", shape_str(index.sizes()));
   const int64_t N = index.size(0), k = index.size(1), V = weight.size(0), D = weight.size(1);
   // The gradient is scattered into rows index[n, i] of grad_weight: an id outside [0, V)
   // would write outside it.

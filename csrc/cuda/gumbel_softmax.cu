@@ -353,11 +353,18 @@ __global__ void gumbel_softmax_fwd_kernel(const scalar_t* __restrict__ logits,
     const scalar_t* x_row = logits + row * V;
     scalar_t* y_row = y + row * V;
     const RowState<acc_t> st = row_state<scalar_t, acc_t>(x_row, nullptr, row, V, vec, tau, k0, k1);
+    // softmax(z) is NaN, as torch computes it, where the row holds a NaN (which wins the argmax)
+    // or its largest score is infinite (inf - inf, or a row of -inf); the reference's hard
+    // sample (one-hot - soft + soft) is then NaN too
+    const bool nan_row = isnan(st.best) || isinf(st.m);
     for (int64_t group = threadIdx.x; group < groups; group += blockDim.x) {
       acc_t out[4];
       if (hard) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = 4 * group + j == st.index ? acc_t(1) : acc_t(0);
+        for (int j = 0; j < 4; ++j) {
+          out[j] = nan_row ? static_cast<acc_t>(NAN)
+                           : (4 * group + j == st.index ? acc_t(1) : acc_t(0));
+        }
       } else {
         acc_t z[4];
         perturbed4<scalar_t, acc_t>(x_row, row, group, V, vec, tau, k0, k1, z);

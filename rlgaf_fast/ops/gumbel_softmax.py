@@ -87,7 +87,8 @@ def gumbel_softmax(
 
     Args:
         logits: ``[..., V, ...]`` unnormalised log-probabilities, float16, bfloat16, float32 or
-            float64 (arithmetic in float32; float64 in float64).
+            float64 (arithmetic in float32; float64 in float64). As in torch, a 0-d tensor is
+            one category (the sample is 1) and an empty vocabulary gives an empty sample.
         tau: temperature, > 0.
         hard: return the one-hot of the sample's argmax, with the gradient of the soft sample
             (straight-through).
@@ -104,7 +105,9 @@ def gumbel_softmax(
     dim = check_dim(dim, logits.dim())
     seed = resolve_seed(seed)
     name = resolve_backend(backend, logits)
-    if name == "torch" or logits.dim() == 0:
+    if name == "torch" or logits.dim() == 0 or logits.shape[dim] == 0:
+        # no kernel for a 0-d input (one category) or an empty vocabulary: the reference's
+        # torch ops handle both (sample 1 and an empty sample)
         return reference.gumbel_softmax(logits, tau, hard, dim, seed=seed)
     x = logits.movedim(dim, -1)
     y, _ = _gumbel_softmax_op(x.reshape(-1, x.shape[-1]).contiguous(), tau, bool(hard), seed, name)
@@ -197,9 +200,11 @@ def gumbel_softmax_embedding(
     check_floating(logits, "logits")
     check_floating(weight, "weight")
     check_same_device(logits, "logits", weight, "weight")
-    if logits.dim() < 1 or weight.dim() != 2 or weight.shape[0] != logits.shape[-1]:
-        raise ValueError(f"weight must be [V, D] with V = logits.shape[-1] = "
-                         f"{logits.shape[-1] if logits.dim() else None}, got {list(weight.shape)}")
+    if logits.dim() < 1:
+        raise ValueError(f"logits must be [..., V] (at least 1-D), got shape {list(logits.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != logits.shape[-1]:
+        raise ValueError(f"weight must be [V, D] with V = logits.shape[-1] = {logits.shape[-1]}, "
+                         f"got {list(weight.shape)}")
     tau = check_positive(tau, "tau")
     seed = resolve_seed(seed)
     name = resolve_backend(backend, logits)

@@ -7,8 +7,11 @@ log-prob and the entropy, and, when a gradient is wanted, the same kernel call w
 d loss / d logits. The gradient is produced in the forward pass because it depends only on
 per-token values and on the per-token weights w[n] = d loss / d loss_n of the aggregation, which
 this module computes beforehand from the mask alone; backward then only scales it by the
-incoming gradient (nothing at all in the usual case where that is exactly 1). The torch backend
-is rlgaf_fast.reference itself.
+incoming gradient (nothing at all in the usual case where that is exactly 1: the first backward
+gets the saved gradient itself, later ones a copy). Hence two limits of the fused backends, both
+clear errors: no second derivative (create_graph=True), and no further backward once the
+handed-out gradient has been changed in place (e.g. accumulated into .grad by a second
+backward of a retained graph). The torch backend is rlgaf_fast.reference itself, without them.
 """
 
 from __future__ import annotations
@@ -86,10 +89,43 @@ def _is_exactly_one(grad: Tensor) -> bool:
     return bool(grad == 1)
 
 
-def _scaled(grad: Tensor | None, scale: Tensor) -> Tensor | None:
-    if grad is None or _is_exactly_one(scale):
-        return grad
-    return grad * scale.to(grad.dtype)
+def _refuse_double_backward(op: str) -> None:
+    """Raises when a backward runs with create_graph=True (grad mode is then on in backward):
+    the fused gradient is a plain tensor, so its own gradient would silently be missing."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{op}: the fused backends have no second derivative, so create_graph=True (double "
+            f"backward, e.g. a gradient penalty) is not supported; use backend='torch'"
+        )
+
+
+def _saved_gradients(ctx, op: str) -> tuple[Tensor, ...]:
+    """ctx.saved_tensors, with a clear error where a gradient that an earlier backward handed
+    out without a copy (see _handed_out) has since been changed in place."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "inplace" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{op}: the fused op's backward can run once: its saved gradient went to an earlier "
+            f"backward without a copy and has since been changed in place (.grad accumulation, "
+            f"zero_(), clip_grad_norm_, ...). retain_graph is not supported with this op; use "
+            f"backend='torch'"
+        ) from error
+
+
+def _handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
+    """grad * scale of each saved gradient for a backward of ctx's node. For a scale of exactly
+    1 the first backward gets the saved buffers themselves, so that the usual single backward
+    never copies an [N, V] gradient; as they may become .grad tensors that are later changed in
+    place, every further backward gets copies."""
+    if not _is_exactly_one(scale):
+        return [None if g is None else g * scale.to(g.dtype) for g in grads]
+    if getattr(ctx, "gradients_handed_out", False):
+        return [None if g is None else g.clone() for g in grads]
+    ctx.gradients_handed_out = True
+    return grads
 
 
 # --- the fused op from logits -----------------------------------------------------------------
@@ -155,12 +191,14 @@ def _ppo_loss_setup_context(ctx, inputs, output):
 
 
 def _ppo_loss_backward(ctx, grad_loss, *unused):
-    (grad_logits,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 15
+    _refuse_double_backward("ppo_loss")
     if ctx.inputs is not None:  # the forward did not expect a gradient: run it again with one
         grad_logits = _ppo_loss_op(*ctx.inputs[:13], True, ctx.inputs[14])[3]
-    return (_scaled(grad_logits, grad_loss),) + (None,) * 14
+    else:
+        (grad_logits,) = _saved_gradients(ctx, "ppo_loss")
+    return (*_handed_out(ctx, [grad_logits], grad_loss), *(None,) * 14)
 
 
 _ppo_loss_op.register_autograd(_ppo_loss_backward, setup_context=_ppo_loss_setup_context)
@@ -183,9 +221,16 @@ class _InplacePPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grad = ctx.grad_logits
-        del ctx.grad_logits  # a second backward would see a stale buffer
-        return _scaled(grad, grad_loss), None, None
+        _refuse_double_backward("ppo_loss")
+        grad, ctx.grad_logits = ctx.grad_logits, None  # a second backward would see a stale buffer
+        if grad is None:
+            raise RuntimeError(
+                "ppo_loss: with inplace_grad=True the fused op's backward can run once (its "
+                "gradient lives in the logits' memory and went to the first backward). "
+                "retain_graph is not supported with this op; use inplace_grad=False or "
+                "backend='torch'"
+            )
+        return (grad if _is_exactly_one(grad_loss) else grad * grad_loss.to(grad.dtype)), None, None
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -328,7 +373,8 @@ def ppo_loss(
         inplace_grad: with a fused backend and a gradient to compute, write d loss / d logits
             over the logits' storage in the forward pass, which DESTROYS the logits: saves the
             memory of a second ``[N, V]`` buffer. logits must be contiguous; eager mode only.
-            The torch backend leaves the logits intact.
+            The loss's backward can then run only once. The torch backend leaves the logits
+            intact.
         backend: "auto", "torch", "cpp", "triton" (or "cuda": no CUDA kernel of this op yet).
 
     Returns:
@@ -514,7 +560,10 @@ def _fused_linear_setup_context(ctx, inputs, output):
 
 
 def _fused_linear_backward(ctx, grad_loss, *unused):
-    inputs, saved = ctx.inputs, ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 20
+    _refuse_double_backward("fused_linear_ppo_loss")
+    inputs = ctx.inputs
     # a gradient that the forward did not compute (its input did not require grad then) is
     # computed now by running the op again
     wanted = ctx.needs_input_grad[:3]
@@ -522,12 +571,10 @@ def _fused_linear_backward(ctx, grad_loss, *unused):
     if any(w and not n for w, n in zip(wanted, needed, strict=True)):
         saved = _fused_linear_op(*inputs[:16], *wanted, inputs[19])[3:]
         needed = wanted
-    grads = [g if n else None for g, n in zip(saved, needed, strict=True)]
-    if grad_loss is not None:
-        grads = [_scaled(g, grad_loss) for g in grads]
     else:
-        grads = [None, None, None]
-    return (*grads, *([None] * 17))
+        saved = _saved_gradients(ctx, "fused_linear_ppo_loss")
+    grads = [g if n else None for g, n in zip(saved, needed, strict=True)]
+    return (*_handed_out(ctx, grads, grad_loss), *([None] * 17))
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward,

@@ -88,9 +88,11 @@ def soft_embedding(
     check_floating(probs, "probs")
     check_floating(weight, "weight")
     check_same_device(probs, "probs", weight, "weight")
-    if probs.dim() < 1 or weight.dim() != 2 or weight.shape[0] != probs.shape[-1]:
-        raise ValueError(f"weight must be [V, D] with V = probs.shape[-1] = "
-                         f"{probs.shape[-1] if probs.dim() else None}, got {list(weight.shape)}")
+    if probs.dim() < 1:
+        raise ValueError(f"probs must be [..., V] (at least 1-D), got shape {list(probs.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != probs.shape[-1]:
+        raise ValueError(f"weight must be [V, D] with V = probs.shape[-1] = {probs.shape[-1]}, "
+                         f"got {list(weight.shape)}")
     vocab = weight.shape[0]
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or not 1 <= top_k <= vocab):

@@ -48,9 +48,18 @@ def test_forward_and_backward_match_reference_float64(backend, hard, shape):
 @pytest.mark.parametrize("hard", [False, True])
 def test_gradcheck_float64(backend, hard):
     x = _logits(3, 11, backend=backend).requires_grad_()
-    fn = lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, hard, seed=99, backend=backend)
-    if hard:  # the one-hot is piecewise constant: check the straight-through gradient instead
-        fn = lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, False, seed=99, backend=backend)
+
+    def fn(t):
+        y = rlgaf_fast.gumbel_softmax(t, 0.5, hard, seed=99, backend=backend)
+        if not hard:
+            return y
+        # The one-hot is piecewise constant, so finite differences see no slope in it. Its
+        # straight-through gradient must be the Jacobian of the reference's soft sample: give
+        # the function that sample's value (y - y.detach() is exactly 0) and the hard path's
+        # gradient, and let gradcheck compare the two.
+        soft = reference.gumbel_softmax(t.detach().cpu(), 0.5, False, seed=99).to(t.device)
+        return y - y.detach() + soft
+
     assert torch.autograd.gradcheck(fn, (x,))
 
 
@@ -132,6 +141,57 @@ def test_empty_batch(backend):
     assert x.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize(("shape", "dim"), [((3, 0), -1), ((0, 4), 0), ((2, 0, 3), 1)])
+def test_empty_vocabulary_gives_an_empty_sample_as_torch(backend, hard, shape, dim):
+    x = torch.empty(shape, device=_device(backend), dtype=torch.float16, requires_grad=True)
+    y = rlgaf_fast.gumbel_softmax(x, hard=hard, dim=dim, seed=1, backend=backend)
+    assert y.shape == shape and y.dtype == x.dtype
+    if not hard:  # torch's hard mode raises here
+        assert F.gumbel_softmax(x, dim=dim).shape == y.shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+def test_0d_input_is_one_category_as_torch(backend, hard):
+    x = torch.tensor(0.3, device=_device(backend), requires_grad=True)
+    y = rlgaf_fast.gumbel_softmax(x, hard=hard, seed=1, backend=backend)
+    assert y.shape == () and y.item() == 1.0 == F.gumbel_softmax(x, hard=hard).item()
+    (grad,) = torch.autograd.grad(y, x)
+    assert grad.shape == () and grad.item() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_sample_is_nan_where_the_reference_is(backend, dtype):
+    # softmax (and so the straight-through one-hot) is NaN for a row holding a NaN, an inf or
+    # only -inf
+    x = _logits(6, 40, dtype, backend)
+    x[0, 3] = x[1, 37] = x[4] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = float("-inf")
+    y = rlgaf_fast.gumbel_softmax(x, 0.7, hard=True, seed=5, backend=backend).cpu()
+    y_ref = reference.gumbel_softmax(x.cpu(), 0.7, hard=True, seed=5)
+    assert y_ref[:5].isnan().all() and not y_ref[5].isnan().any()
+    torch.testing.assert_close(y, y_ref, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises(backend):
+    dev = _device(backend)
+    x = _logits(2, 9, torch.float32, backend).requires_grad_()
+    w = torch.randn(9, 4, device=dev)
+    samples = (rlgaf_fast.gumbel_softmax(x, hard=True, seed=2, backend=backend),
+               rlgaf_fast.gumbel_softmax_embedding(x, w, seed=2, backend=backend)[0])
+    for y in samples:
+        (grad,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            grad.sum().backward()
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
 @pytest.mark.parametrize("vocab", [151936, 256000])
 def test_large_vocabulary(backend, vocab):
@@ -174,6 +234,8 @@ def test_invalid_inputs_raise_clear_errors():
         rlgaf_fast.gumbel_softmax(x, backend="numpy")
     with pytest.raises(ValueError, match="weight must be"):
         rlgaf_fast.gumbel_softmax_embedding(x, torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"logits must be \[\.\.\., V\] \(at least 1-D\)"):
+        rlgaf_fast.gumbel_softmax_embedding(torch.tensor(1.0), torch.randn(1, 8))
     with pytest.raises(ValueError, match="same device"):
         rlgaf_fast.gumbel_softmax_embedding(x, torch.randn(5, 8, device="meta"))
     with pytest.raises(ValueError, match="tau must be > 0"):

@@ -145,12 +145,14 @@ def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
         x = logits.detach().requires_grad_()
         out = _call(fn, b32, x, options, **extra)
         (grad,) = torch.autograd.grad(out.loss, x)
-        return out, grad.float().cpu()
+        return out, grad
 
     truth, truth_grad = run(reference.ppo_loss, b32["logits"])
     kernel, kernel_grad = run(ops.ppo_loss, b32["logits"].to(dtype), backend=backend)
     torch_low, torch_low_grad = run(reference.ppo_loss, b32["logits"].to(dtype))
-    assert kernel_grad.dtype == torch.float32 and kernel.loss.dtype == torch.float32
+    assert kernel_grad.dtype == dtype and kernel.loss.dtype == torch.float32
+    truth_grad, kernel_grad, torch_low_grad = (
+        g.float().cpu() for g in (truth_grad, kernel_grad, torch_low_grad))
     for name in ("loss", "logprobs", "entropy"):
         want = getattr(truth, name).detach().cpu()
         err_kernel = (getattr(kernel, name).cpu() - want).abs().max().item()
@@ -262,6 +264,87 @@ def test_inplace_grad_writes_the_gradient_over_the_logits(backend):
     torch.testing.assert_close(leaf_grad, 3.0 * grad)
 
 
+ONCE = "backward can run once"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_backward_hands_out_the_saved_gradient_without_a_copy(backend):
+    b = _batch(device=_device(backend))
+    x = b["logits"].requires_grad_()
+    out = _call(ops.ppo_loss, b, x, {"entropy_coef": 0.01}, backend=backend)
+    (saved,) = out.loss.grad_fn.saved_tensors
+    out.loss.backward(retain_graph=True)
+    assert x.grad.data_ptr() == saved.data_ptr()  # no second [N, V] buffer
+    # a further backward gets its own copy, not the buffer that is now x.grad
+    (again,) = torch.autograd.grad(out.loss, x)
+    assert again.data_ptr() != saved.data_ptr()
+    torch.testing.assert_close(again, x.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_backward_is_right_or_a_clear_error(backend):
+    b = _batch(device=_device(backend))
+    x = b["logits"].requires_grad_()
+    expected = _call(reference.ppo_loss, b, x, {"entropy_coef": 0.01})
+    (grad,) = torch.autograd.grad(expected.loss, x)
+    out = _call(ops.ppo_loss, b, x, {"entropy_coef": 0.01}, backend=backend)
+    out.loss.backward(retain_graph=True)
+    out.loss.backward(retain_graph=True)  # accumulates into the handed-out buffer
+    torch.testing.assert_close(x.grad, 2 * grad)
+    with pytest.raises(RuntimeError, match=ONCE):
+        out.loss.backward(retain_graph=True)
+    x.grad = None
+    out = _call(ops.ppo_loss, b, x, {"entropy_coef": 0.01}, backend=backend)
+    out.loss.backward(retain_graph=True)
+    x.grad.zero_()
+    with pytest.raises(RuntimeError, match=ONCE):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_repeated_backward_is_right_or_a_clear_error(backend):
+    dev = _device(backend)
+    b = _batch(B=1, T=4, V=9, device=dev)
+    hidden = torch.randn(1, 4, 5, dtype=torch.float64, device=dev, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, device=dev, requires_grad=True)
+    expected = _call(reference.ppo_loss, b, hidden @ weight.t(), {})
+    grads = torch.autograd.grad(expected.loss, (hidden, weight))
+    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
+                backend=backend)
+    out.loss.backward(retain_graph=True)
+    out.loss.backward(retain_graph=True)
+    for got, want in zip((hidden.grad, weight.grad), grads, strict=True):
+        torch.testing.assert_close(got, 2 * want)
+    with pytest.raises(RuntimeError, match=ONCE):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_grad_second_backward_is_a_clear_error(backend):
+    b = _batch(device=_device(backend))
+    logits = b["logits"].clone().requires_grad_() * 1.0
+    out = _call(ops.ppo_loss, b, logits, {}, backend=backend, inplace_grad=True)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=f"inplace_grad=True the fused op's {ONCE}"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_an_error_not_a_missing_term(backend):
+    dev = _device(backend)
+    b = _batch(B=1, T=4, V=9, device=dev)
+    x = b["logits"].requires_grad_()
+    out = _call(ops.ppo_loss, b, x, {}, backend=backend)
+    with pytest.raises(RuntimeError, match="create_graph=True .* not supported"):
+        torch.autograd.grad(out.loss, x, create_graph=True)
+    hidden = torch.randn(1, 4, 5, dtype=torch.float64, device=dev, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, device=dev)
+    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
+                backend=backend)
+    with pytest.raises(RuntimeError, match="create_graph=True .* not supported"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
 def test_fused_linear_matches_unfused(backend, chunk_size):
@@ -293,6 +376,8 @@ def test_fused_linear_float32_frozen_head(backend):
     b = _batch(B=1, T=40, V=300, dtype=torch.float32, device=dev)
     out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden,
                 {"entropy_coef": 0.01}, backend=backend, chunk_size=16)
+    _, grad_weight, grad_bias = out.loss.grad_fn.saved_tensors
+    assert grad_weight.numel() == 0 and grad_bias.numel() == 0  # the forward skipped them
     (grad,) = torch.autograd.grad(out.loss, hidden)
     h_ref = hidden.detach().double().requires_grad_()
     expected = _call(reference.ppo_loss, b, h_ref @ weight.double().t(),

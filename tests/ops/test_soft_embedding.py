@@ -59,6 +59,8 @@ def test_invalid_inputs_raise_clear_errors():
         rlgaf_fast.soft_embedding(torch.ones(3, 10, dtype=torch.int32), torch.randn(10, 4))
     with pytest.raises(ValueError, match="same device"):
         rlgaf_fast.soft_embedding(probs, torch.randn(10, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"probs must be \[\.\.\., V\] \(at least 1-D\)"):
+        rlgaf_fast.soft_embedding(torch.tensor(1.0), torch.randn(1, 4))
 
 
 needs_cpp = pytest.mark.skipif("cpp" not in rlgaf_fast.available_backends(),
@@ -104,6 +106,28 @@ def test_cpp_top_k_selects_the_same_rows_as_topk_at_a_large_vocabulary():
 
 
 @needs_cpp
+def test_cpp_top_k_propagates_nan_like_the_reference():
+    # NaN ranks above every number in torch.topk; columns 3 and 70 test the scalar head and
+    # the blocks of 16 that the kernel skips after one compare
+    probs = torch.softmax(torch.randn(3, 100, dtype=torch.float64), -1)
+    probs[0, 3] = probs[1, 70] = float("nan")
+    probs.requires_grad_()
+    w = torch.randn(100, 6, dtype=torch.float64, requires_grad=True)
+    out = rlgaf_fast.soft_embedding(probs, w, top_k=4, backend="cpp")
+    p_ref = probs.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    out_ref = reference.soft_embedding(p_ref, w_ref, top_k=4)
+    assert out_ref[:2].isnan().all() and not out_ref[2].isnan().any()
+    torch.testing.assert_close(out, out_ref, equal_nan=True)
+    _, index, _, _ = torch.ops.rlgaf_fast.soft_embedding_topk(probs.detach(), w.detach(), 4)
+    assert torch.equal(index, probs.detach().topk(4, -1).indices)
+    grads = torch.autograd.grad(out.sum(), (probs, w))
+    grads_ref = torch.autograd.grad(out_ref.sum(), (p_ref, w_ref))
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@needs_cpp
 def test_cpp_top_k_ties_go_to_the_lower_column():
     probs = torch.full((2, 40), 0.025)
     probs[1, 30] = 0.5
@@ -125,7 +149,8 @@ def test_cpp_top_k_backward_refuses_an_index_outside_the_vocabulary():
         wrong[1, 2] = bad
         with pytest.raises(RuntimeError, match=r"index must hold ids in \[0, 10\)"):
             backward(torch.ones_like(out), w, out, wrong, coef, row_sum, probs.dtype)
-    with pytest.raises(RuntimeError, match="index must be an int64"):
+    with pytest.raises(RuntimeError, match=r"index must be an int64 \[N, k\] tensor, got Int "
+                                           r"\[2, 3\]"):
         backward(torch.ones_like(out), w, out, index.int(), coef, row_sum, probs.dtype)
 
 
