@@ -325,7 +325,9 @@ class RLGAFTrainer:
 
     def tau(self, step: int | None = None) -> float:
         """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
-        ``tau_start`` to ``tau_end`` over ``total_steps``."""
+        ``tau_start`` at step 0 to ``tau_end`` at step ``total_steps``. As with learning-rate
+        schedules, the last update (step ``total_steps - 1``) uses the value one step short of
+        ``tau_end``."""
         c = self.config
         progress = min(1.0, (self.step_count if step is None else step) / max(1, c.total_steps))
         if c.tau_schedule == "linear":
