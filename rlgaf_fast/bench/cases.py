@@ -187,6 +187,8 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
     hard = case.variant == "hard"
     top_k = _top_k(case)
     found: dict[str, Provider] = {}
+    if case.op in ("ppo_loss", "fused_linear_ppo_loss"):  # no CUDA C++ kernel of these
+        fused_backends = [b for b in fused_backends if b != "cuda"]
     if case.op == "gumbel_softmax":
         found["eager"] = lambda p: (F.gumbel_softmax(p.tensors["logits"], TAU, hard),)
         compiled = _compile("gumbel_softmax", F.gumbel_softmax)
@@ -391,19 +393,31 @@ def check(case: Case, problem: Problem, name: str, outputs: tuple[Tensor, ...]) 
 
 # --- work: bytes and FLOPs that bound each case -----------------------------------------------
 
-def work(case: Case) -> tuple[str, float]:
-    """The case's bound ("bytes" or "flops") and the amount of it one call must move or do.
+def work(case: Case) -> dict[str, float]:
+    """The bytes one call must move and the FLOPs it must do, at the least: ``{"bytes": ...,
+    "flops": ...}``. Its time cannot be below either amount over the device's ceiling for it
+    (the roofline), whichever takes longer.
 
-    Bytes count the [N, V] traffic a fused kernel cannot avoid: Gumbel-Softmax reads the logits
-    and writes y forward, and reads grad_y and y and writes grad backward; the PPO loss reads the
-    logits and, with a gradient, writes it. FLOPs are those of the matrix products.
+    Bytes count the traffic a fused kernel cannot avoid: Gumbel-Softmax reads the logits and
+    writes y forward, and reads grad_y and y and writes grad backward; the PPO loss reads the
+    logits and, with a gradient, writes it; the embedding ops read the [N, V] probabilities or
+    logits and the [V, D] weight and write the [N, D] output forward, and backward read them
+    again with the output gradient and write both input gradients; the top-k embedding reads the
+    probabilities and gathers k rows; the fused linear loss reads the hidden states and the LM
+    head, and backward writes their gradients. FLOPs are those of the matrix products.
     """
     element = torch.finfo(DTYPES[case.dtype]).bits // 8
-    nv = case.n * case.v
+    n, v, d, backward = case.n, case.v, case.d, case.backward
     if case.op == "gumbel_softmax":
-        return "bytes", float((2 + 3 * case.backward) * nv * element)
+        return {"bytes": float((2 + 3 * backward) * n * v * element), "flops": 0.0}
     if case.op == "ppo_loss":
-        return "bytes", float((1 + case.backward) * nv * element)
-    if case.op == "soft_embedding" and _top_k(case) is not None:
-        return "bytes", float(nv * element)
-    return "flops", float(2 * nv * case.d * (3 if case.backward else 1))
+        return {"bytes": float((1 + backward) * n * v * element), "flops": 0.0}
+    top_k = _top_k(case) if case.op == "soft_embedding" else None
+    if top_k is not None:
+        return {"bytes": float((n * v + n * top_k * d + n * d) * element), "flops": 0.0}
+    flops = float(2 * n * v * d * (3 if backward else 1))
+    if case.op == "fused_linear_ppo_loss":
+        return {"bytes": float((1 + 2 * backward) * (n * d + v * d) * element), "flops": flops}
+    forward = n * v + v * d + n * d
+    return {"bytes": float((forward + backward * (2 * n * v + 2 * v * d + 2 * n * d)) * element),
+            "flops": flops}

@@ -178,10 +178,10 @@ def peak_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int | Non
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device) - before, CUDA_MEMORY_METHOD
     if os.environ.get("RLGAF_BENCH_CPU_MEMORY") != "rss":
+        # No profiler events: the peak is unknown (None), as fn must run once only (a second
+        # fwd+bwd would accumulate its gradients twice before the result is checked).
         result, peak = _profiled_peak_bytes(fn)
-        if peak is not None:
-            return result, peak, CPU_MEMORY_METHOD
-        return result, *_rss_peak_bytes(fn), RSS_MEMORY_METHOD
+        return result, peak, CPU_MEMORY_METHOD
     return *_rss_peak_bytes(fn), RSS_MEMORY_METHOD
 
 

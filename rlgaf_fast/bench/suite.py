@@ -123,10 +123,15 @@ def ceilings(device: torch.device, preset: str) -> dict:
         nbytes, size, dtype = 256 << 20, 1024, torch.float32
     bandwidth = measure.copy_bandwidth(device, nbytes)
     flops = measure.matmul_flops(device, size, dtype)
+    extra = {}
+    if device.type == "cuda":  # float32 cases are held to a float32 product, not bfloat16's
+        extra = {"flops_float32_per_s": measure.matmul_flops(device, size, torch.float32),
+                 "flops_float32_method": f"{size}x{size}x{size} float32 matmul (torch's "
+                                         "default precision)"}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
+    return {**extra,
         "bytes_per_s": bandwidth,
         "bytes_method": (f"{'device-to-device' if device.type == 'cuda' else 'memory-to-memory'} "
                          f"copy of {nbytes >> 20} MiB, counted as read + write"),
@@ -202,8 +207,7 @@ def run_provider(case: Case, problem: cases_module.Problem, name: str, provider,
         row["first_call_s"] = time.perf_counter() - started
         result = cases_module.check(case, problem, name, outputs)
         row.update(check=result.passed, max_error=result.max_error, check_note=result.note)
-        del outputs
-        _free(device)
+        del outputs  # back to the caching allocator, which the timed calls reuse as they would
         t = measure.time_call(run, device, setup=problem.clear_grads, **timing)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=len(t.times_ms))
         problem.clear_grads()
@@ -235,14 +239,25 @@ def derive(rows: list[dict], ceiling: dict) -> None:
             row[f"time_ratio_vs_{base}"] = row["median_ms"] / ref["median_ms"] if ok else None
             mem_ok = row["peak_bytes"] is not None and ref is not None and ref["peak_bytes"]
             row[f"mem_ratio_vs_{base}"] = row["peak_bytes"] / ref["peak_bytes"] if mem_ok else None
-        bound, amount = cases_module.work(case)
+        # The roofline: the least time the bytes and the FLOPs each take at the ceiling; the
+        # larger is the bound, and the fraction of ceiling is that time over the measured one.
+        amounts = cases_module.work(case)
+        floors = {kind: amount / _ceiling_for(ceiling, kind, case.dtype)
+                  for kind, amount in amounts.items() if amount}
+        bound = max(floors, key=floors.get)
         row["bound"] = bound
         if row["median_ms"]:
-            achieved = amount / (row["median_ms"] * 1e-3)
-            row["achieved_per_s"] = achieved
-            row["fraction_of_ceiling"] = achieved / ceiling[f"{bound}_per_s"]
+            seconds = row["median_ms"] * 1e-3
+            row["achieved_per_s"] = amounts[bound] / seconds
+            row["fraction_of_ceiling"] = floors[bound] / seconds
         else:
             row["achieved_per_s"] = row["fraction_of_ceiling"] = None
+
+
+def _ceiling_for(ceiling: dict, kind: str, dtype: str) -> float:
+    """The ceiling of ``kind`` (bytes or flops) for a case in ``dtype``: the matmul throughput
+    measured in that dtype where there is one (GPUs: bfloat16 and float32)."""
+    return ceiling.get(f"{kind}_{dtype}_per_s", ceiling[f"{kind}_per_s"])
 
 
 def evaluate_goals(goals: list[Goal], rows: list[dict]) -> list[dict]:
@@ -290,6 +305,8 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
     started = time.perf_counter()
     doc = {"preset": preset, "environment": environment(dev), "ceilings": ceilings(dev, preset),
            "memory_method": (measure.CUDA_MEMORY_METHOD if dev.type == "cuda"
+                             else measure.RSS_MEMORY_METHOD
+                             if os.environ.get("RLGAF_BENCH_CPU_MEMORY") == "rss"
                              else measure.CPU_MEMORY_METHOD),
            "rows": [], "goals": []}
     order = {case.key: i for i, case in enumerate(selected)}

@@ -1,8 +1,8 @@
-"""Tests of the benchmark machinery itself (not timings): plain ``pytest benchmarks/test_suite.py``
-(``--benchmark-only`` skips them)."""
+"""Tests of the benchmark machinery itself (rlgaf_fast.bench), not of timings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -79,3 +79,56 @@ def test_presets_select_known_ops(preset):
         assert all(c.op in presets.OPS for c in selected)
         keys = {c.key for c in selected}
         assert all(g.case_key in keys for g in goals)
+
+
+def test_peak_memory_without_profiler_events_runs_once_and_says_unknown(monkeypatch):
+    calls = []
+    monkeypatch.delenv("RLGAF_BENCH_CPU_MEMORY", raising=False)
+    monkeypatch.setattr(measure, "_profiled_peak_bytes", lambda fn: (fn(), None))
+    result, peak, method = measure.peak_memory(lambda: calls.append(1) or 7, torch.device("cpu"))
+    assert (result, peak, method, calls) == (7, None, measure.CPU_MEMORY_METHOD, [1])
+
+
+def test_memory_method_of_the_run_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLGAF_BENCH_CPU_MEMORY", "rss")
+    doc = suite.run_suite("tiny", ops=["gumbel_softmax"], out_dir=str(tmp_path), progress=False,
+                          compile_baseline=False, plots=False)
+    assert doc["memory_method"] == measure.RSS_MEMORY_METHOD
+    assert {r["memory_method"] for r in doc["rows"] if r["status"] == "ok"} == \
+        {measure.RSS_MEMORY_METHOD}
+
+
+def test_the_ppo_losses_are_not_offered_to_the_cuda_backend():
+    for op in ("ppo_loss", "fused_linear_ppo_loss"):
+        case = next(c for c in presets.select("quick", "cuda", [op])[0])
+        assert "cuda" not in cases.providers(case, ["triton", "cuda"])
+        assert "triton" in cases.providers(case, ["triton", "cuda"])
+    case = next(c for c in presets.select("quick", "cuda", ["gumbel_softmax"])[0])
+    assert "cuda" in cases.providers(case, ["triton", "cuda"])
+
+
+def test_fraction_of_ceiling_is_the_roofline_bound():
+    """An embedding with few rows is bound by reading its [V, D] weight, not by its FLOPs; a
+    wide one with many rows by its FLOPs (2 D FLOPs per probability read); a float32 case is
+    held to the float32 matmul ceiling."""
+    ceiling = {"bytes_per_s": 1e12, "flops_per_s": 1e15, "flops_float32_per_s": 1e14}
+
+    def derived(case, median_ms):
+        row = {**dataclasses.asdict(case), "case": case.key, "provider": "triton",
+               "median_ms": median_ms, "peak_bytes": None}
+        suite.derive([row], ceiling)
+        return row
+
+    few = cases.Case("soft_embedding", "fwd", 4, 128256, 256, "bfloat16")
+    row = derived(few, 1.0)
+    weight_bytes = 128256 * 256 * 2
+    assert row["bound"] == "bytes" and cases.work(few)["bytes"] > weight_bytes
+    assert row["fraction_of_ceiling"] == pytest.approx(cases.work(few)["bytes"] / 1e12 / 1e-3)
+    many = cases.Case("soft_embedding", "fwd", 8192, 32000, 4096, "bfloat16")
+    flops = 2 * 8192 * 32000 * 4096
+    assert derived(many, 10.0)["bound"] == "flops"
+    assert derived(many, 10.0)["fraction_of_ceiling"] == pytest.approx(flops / 1e15 / 1e-2)
+    fp32 = dataclasses.replace(many, dtype="float32")
+    assert derived(fp32, 100.0)["fraction_of_ceiling"] == pytest.approx(flops / 1e14 / 1e-1)
+    gumbel = cases.Case("gumbel_softmax", "fwd+bwd", 512, 32000)
+    assert cases.work(gumbel) == {"bytes": 5 * 512 * 32000 * 4, "flops": 0.0}
