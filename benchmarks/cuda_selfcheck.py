@@ -64,7 +64,7 @@ def load_cuda_ops(build: bool) -> str:
         name="rlgaf_fast_cuda_selfcheck",
         sources=[str(CU_SOURCE)],
         build_directory=str(build_dir),
-        extra_cuda_cflags=["-O3", "--use_fast_math"],  # as setup.py builds it
+        extra_cuda_cflags=["-O3", "-std=c++17"],  # as setup.py builds it
         is_python_module=False,
         verbose=False,
     )

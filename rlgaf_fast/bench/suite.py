@@ -28,7 +28,11 @@ from rlgaf_fast.bench import measure, report
 from rlgaf_fast.bench.cases import Case
 from rlgaf_fast.bench.presets import BASELINES, FUSED, Goal, select
 
+# The source checkout this package runs from (an editable install); installed into
+# site-packages, the current directory instead, so that results and the commit are the user's.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+if not (REPO_ROOT / "setup.py").exists():
+    REPO_ROOT = Path.cwd()
 
 # Repeats and time budget per provider and case, by preset.
 TIMING = {
@@ -76,6 +80,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout (``+uncommitted`` if it has changes), or RLGAF_BENCH_COMMIT where
+    the tree was copied without its .git (a lent GPU machine)."""
+    if os.environ.get("RLGAF_BENCH_COMMIT"):
+        return os.environ["RLGAF_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10)

@@ -132,3 +132,28 @@ def test_fraction_of_ceiling_is_the_roofline_bound():
     assert derived(fp32, 100.0)["fraction_of_ceiling"] == pytest.approx(flops / 1e14 / 1e-1)
     gumbel = cases.Case("gumbel_softmax", "fwd+bwd", 512, 32000)
     assert cases.work(gumbel) == {"bytes": 5 * 512 * 32000 * 4, "flops": 0.0}
+
+
+def test_bench_command_fails_on_a_fused_error_but_not_on_a_baseline_error(tmp_path, monkeypatch):
+    from rlgaf_fast.bench.cli import main
+
+    real = cases.providers
+
+    def raising(provider):
+        def providers(case, fused):
+            found = dict(real(case, fused))
+            found[provider] = lambda p: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
+            return found
+        return providers
+
+    args = ["--tiny", "--ops", "gumbel_softmax", "--out", str(tmp_path), "--no-plots",
+            "--no-progress", "--no-compile"]
+    monkeypatch.setattr(cases, "providers", raising("cpp"))
+    assert main(args) == 1
+    monkeypatch.setattr(cases, "providers", raising("eager"))
+    assert main(args) == 0
+
+
+def test_commit_can_be_given_where_the_tree_has_no_git(monkeypatch):
+    monkeypatch.setenv("RLGAF_BENCH_COMMIT", "0123abc")
+    assert suite.environment(torch.device("cpu"))["commit"] == "0123abc"

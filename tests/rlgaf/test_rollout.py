@@ -17,6 +17,14 @@ def test_sample_categorical_matches_probabilities():
     assert chi2 < 16.3  # 99.9% quantile of chi-square with 3 degrees of freedom
 
 
+def test_sample_categorical_never_draws_a_zero_probability_token(monkeypatch):
+    """At the ends of the uniform draw: exactly 0, and the largest float below 1."""
+    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.25, 0.75, 0.0]])
+    for u in (0.0, 1.0 - 2.0 ** -24):
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
+        assert sample_categorical(probs).tolist() == [2, 1 if u == 0 else 2]
+
+
 def test_generate_stops_after_eos_and_masks():
     torch.manual_seed(0)
     model = build_causal_lm(8, hidden_size=16, num_layers=1, num_heads=2)
