@@ -8,8 +8,11 @@
 #   OUT=/tmp/x bash benchmarks/gpu_check.sh --cpu       # dry run of the python parts on a CPU
 #
 # Files written (at most 8): build.log, tests.log, cuda_selfcheck.log, bench/results.json,
-# bench/results.md, one bench/*.png, summary.txt, and bench/bench.log when
-# the suite exits non-zero (an error, or a result that failed its check).
+# bench/results.md, one bench/*.png, bench/bench.log and summary.txt (each stage's exit status,
+# then the benchmark's table). The script exits 1 if a stage failed: the build, a test, the
+# self-check, a training run, or a fused kernel of the benchmark (an error or a wrong result).
+# Every stage has a time cap; a process that ignores the terminate signal is killed 10 s later.
+# Set RLGAF_BENCH_COMMIT to the commit the tree was copied from (a copy without .git cannot say).
 # Stage caps in seconds (each also shrinks to leave the later stages their share of the total
 # GPU_CHECK_BUDGET_S, default 460): GPU_CHECK_BUILD_S (240), GPU_CHECK_TESTS_S (150),
 # GPU_CHECK_SELFCHECK_S (60), GPU_CHECK_TRAIN_S (30 per mode), GPU_CHECK_BENCH_S (300). The benchmark runs fused and eager
@@ -52,12 +55,19 @@ stage_timeout() {
 
 banner() { echo; echo "=== $* ($(date +%T), ${SECONDS}s)"; }
 
+STATUS=()  # one "stage: exit status N" line per stage, for summary.txt and the exit status
+record() {
+  STATUS+=("$1: exit status $2${3:+ ($3)}")
+  echo "$1: exit status $2${3:+ ($3)}"
+}
+
 banner "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
   || echo "no nvidia-smi"
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
-python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "no triton"
+timeout -k 5 60 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+timeout -k 5 60 python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null \
+  || echo "no triton"
 
 if [ "$CPU_DRY" = 1 ]; then
   banner "build (skipped in --cpu dry run)"
@@ -65,11 +75,11 @@ if [ "$CPU_DRY" = 1 ]; then
 else
   banner "build the extension in place (MAX_JOBS=$MAX_JOBS)"
   t=$(stage_timeout "${GPU_CHECK_BUILD_S:-240}" 250)
-  timeout "$t" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-  echo "build exit status $? (timeout ${t}s); last lines:"
+  timeout -k 10 "$t" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  record build $? "timeout ${t}s"
   tail -n 5 "$OUT/build.log"
 fi
-python3 - <<'EOF'
+timeout -k 5 120 python3 - <<'EOF'
 import torch
 try:
     import rlgaf_fast._C as ext
@@ -82,19 +92,24 @@ EOF
 
 banner "GPU tests (tests/ops)"
 if [ "$CPU_DRY" = 1 ]; then
-  timeout 120 python3 -m pytest -q --co tests/ops 2>&1 | tail -n 3 | tee "$OUT/tests.log"
+  timeout -k 10 120 python3 -m pytest -q --co tests/ops > "$OUT/tests.log" 2>&1
+  record "tests (collected only)" $?
+  tail -n 3 "$OUT/tests.log"
 else
   t=$(stage_timeout "${GPU_CHECK_TESTS_S:-150}" 170)
-  timeout "$t" python3 -m pytest -q -x tests/ops -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" \
-    | tail -n 25
-  echo "tests exit status $? (timeout ${t}s)"
+  timeout -k 10 "$t" python3 -m pytest -q -x tests/ops -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  record tests $? "timeout ${t}s"
+  tail -n 25 "$OUT/tests.log"
 fi
 
-if [ -f benchmarks/cuda_selfcheck.py ]; then
+if [ "$CPU_DRY" = 1 ]; then
+  banner "CUDA self-check (skipped in --cpu dry run: it needs a GPU)"
+elif [ -f benchmarks/cuda_selfcheck.py ]; then
   banner "CUDA self-check"
   t=$(stage_timeout "${GPU_CHECK_SELFCHECK_S:-60}" 150)
-  timeout "$t" python3 benchmarks/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -n 20
-  echo "self-check exit status $? (timeout ${t}s)"
+  timeout -k 10 "$t" python3 benchmarks/cuda_selfcheck.py > "$OUT/cuda_selfcheck.log" 2>&1
+  record "CUDA self-check" $? "timeout ${t}s"
+  tail -n 20 "$OUT/cuda_selfcheck.log"
 fi
 
 banner "RLGAF trainer, fused kernels (tiny preset: ppo and gumbel, 20 steps each)"
@@ -102,9 +117,9 @@ banner "RLGAF trainer, fused kernels (tiny preset: ppo and gumbel, 20 steps each
 if python3 -c "import transformers, accelerate, datasets" 2>/dev/null; then
   for mode in ppo gumbel; do
     t=$(stage_timeout "${GPU_CHECK_TRAIN_S:-30}" 110)
-    timeout "$t" python3 -m rlgaf_fast.cli train --preset tiny --mode "$mode" --fused --steps 20 \
-      2>&1 | grep -v "it/s" | tail -n 3
-    echo "train $mode exit status $? (timeout ${t}s)"
+    timeout -k 10 "$t" python3 -m rlgaf_fast.cli train --preset tiny --mode "$mode" --fused \
+      --steps 20 2>&1 | grep -v "it/s" | tail -n 3
+    record "train $mode" "${PIPESTATUS[0]}" "timeout ${t}s"
   done
 else
   echo "skipped: transformers, accelerate or datasets not installed"
@@ -119,18 +134,16 @@ fi
 t=$(stage_timeout "${GPU_CHECK_BENCH_S:-300}" 10)
 # the suite stops starting new runs at its own limit and writes after every run; timeout is
 # the backstop
-timeout "$t" python3 -m rlgaf_fast.bench "${BENCH_ARGS[@]}" --out "$OUT/bench" --max-plots 1 \
-  --no-progress --time-limit $((t > 60 ? t - 30 : t / 2)) > "$OUT/bench/bench.log" 2>&1
+timeout -k 10 "$t" python3 -m rlgaf_fast.bench "${BENCH_ARGS[@]}" --out "$OUT/bench" \
+  --max-plots 1 --no-progress --time-limit $((t > 60 ? t - 30 : t / 2)) \
+  > "$OUT/bench/bench.log" 2>&1
 status=$?
-echo "bench exit status $status (timeout ${t}s)"
-if [ "$status" = 0 ]; then
-  rm -f "$OUT/bench/bench.log"  # its summary is printed below; keeps the file count at 8
-else
-  tail -n 40 "$OUT/bench/bench.log"
-fi
+record benchmarks "$status" "timeout ${t}s"
+[ "$status" = 0 ] || tail -n 40 "$OUT/bench/bench.log"
 
 banner "summary"
-python3 - "$OUT/bench/results.json" <<'EOF' | tee "$OUT/summary.txt"
+printf '%s\n' "${STATUS[@]}" > "$OUT/summary.txt"
+timeout -k 5 60 python3 - "$OUT/bench/results.json" <<'EOF' >> "$OUT/summary.txt"
 import json, sys
 from rlgaf_fast.bench.cli import summary
 try:
@@ -139,3 +152,10 @@ except (OSError, ValueError) as error:
     sys.exit(f"no benchmark results: {error}")
 print(summary(doc))
 EOF
+cat "$OUT/summary.txt"
+for line in "${STATUS[@]}"; do
+  case "$line" in
+    *"exit status 0"*) ;;
+    *) echo "FAILED: $line"; exit 1 ;;
+  esac
+done
