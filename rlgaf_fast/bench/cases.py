@@ -153,9 +153,15 @@ _compiled: dict[str, Callable] = {}
 
 
 def _compile(name: str, fn: Callable) -> Callable:
-    """One torch.compile wrapper per reference function, shared by all cases of the process."""
+    """One torch.compile wrapper per reference function, shared by all cases of the process.
+
+    Static shapes (dynamic=False): each case gets a graph specialised to its sizes, as a user
+    compiling for one training shape would, instead of the dynamic-shape graph torch builds on
+    the second shape it sees. The recompile limit is raised so that no case falls back to eager
+    (Dynamo keeps one limit per function, and a preset has more shapes than its default 8)."""
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _compiled[name] = torch.compile(fn, dynamic=False)
     return _compiled[name]
 
 

@@ -138,8 +138,10 @@ def _header(doc: dict) -> list[str]:
             "",
             f"Peak memory: the extra bytes above the inputs, {doc['memory_method']}. Speed-up: "
             "the provider's median time divided into the baseline's; memory ratio: the "
-            "provider's peak over the baseline's. Throughput counts the [N, V] bytes a fused "
-            "kernel must move (bandwidth-bound ops) or the matmul FLOPs (the others)."]
+            "provider's peak over the baseline's. Throughput and % of ceiling follow the "
+            "roofline: the bytes a fused kernel must move and the FLOPs of its matrix "
+            "products each take a least time at the ceilings above; the longer of the two "
+            "bounds the case, and % of ceiling is that time over the measured one."]
 
 
 def markdown(doc: dict, heading: str = "#") -> str:
