@@ -228,8 +228,10 @@ struct LossParams {
   int64_t kl_estimator;  // 0: no KL term, 1: k1, 2: k2, 3: k3
 };
 
-// d (pg + kl_coef * kl) / d logp for one token. The ties follow torch's maximum/minimum/clamp
-// (which split or pass the gradient so that every tie has the same value as here).
+// d (pg + kl_coef * kl) / d logp for one token. The ties of the clipping follow torch's
+// maximum/clamp (which split or pass the gradient so that every tie has the same value as here);
+// at an exact tie with the dual-clip bound torch.minimum would pass half the gradient, this the
+// whole (an event of probability zero for real-valued log-probabilities).
 template <typename acc_t>
 acc_t dloss_dlogp(acc_t logp, acc_t old_logp, acc_t adv, acc_t ref_logp,
                   const LossParams<acc_t>& p) {
