@@ -43,12 +43,12 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     """One index per row of ``probs [N, V]`` by inverse-CDF sampling (cumulative sum and binary
     search): several times faster on the CPU than torch.multinomial for large V."""
     cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * total
-    # The first index whose cdf exceeds u (right=True), with u kept below the total: then
-    # probs[index] > 0, also when u is exactly 0 or a rounding brings it up to the total.
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    # The first index whose cdf reaches u: token j takes (cdf[j-1], cdf[j]], and a run of
+    # zero-probability tokens shares its cdf with the token before it, which is found first.
+    # u = 0 (torch.rand can return 0) would find token 0 even at probability 0: lift it.
+    u = u.clamp(min=torch.finfo(u.dtype).tiny)
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -18,11 +18,13 @@ def test_sample_categorical_matches_probabilities():
 
 
 def test_sample_categorical_never_draws_a_zero_probability_token(monkeypatch):
-    """At the ends of the uniform draw: exactly 0, and the largest float below 1."""
-    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.25, 0.75, 0.0]])
-    for u in (0.0, 1.0 - 2.0 ** -24):
+    """At the ends of the uniform draw (exactly 0, the largest float below 1) and where it
+    meets the cumulative sum exactly, next to zero-probability tokens."""
+    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.25, 0.75, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    expected = {0.0: [2, 1, 0], 0.5: [2, 2, 0], 1.0 - 2.0 ** -24: [2, 2, 2]}
+    for u, tokens in expected.items():
         monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
-        assert sample_categorical(probs).tolist() == [2, 1 if u == 0 else 2]
+        assert sample_categorical(probs).tolist() == tokens, u
 
 
 def test_generate_stops_after_eos_and_masks():
