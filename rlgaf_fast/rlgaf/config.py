@@ -35,6 +35,9 @@ class RLGAFConfig:
     # Batches (per process).
     batch_size: int = 16
     max_new_tokens: int = 20
+    # Keep at most this many prompt tokens, the last ones (TRL's left truncation); None keeps
+    # whole prompts, which must then fit the generator's positions with max_new_tokens.
+    max_prompt_length: int | None = None
     sample_temperature: float = 1.0
 
     # Generator optimisation.
@@ -148,6 +151,9 @@ class RLGAFConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 or None, "
+                             f"got {self.max_prompt_length!r}")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
         if not 0 <= self.adam_beta1 < 1:
@@ -183,7 +189,8 @@ class RLGAFConfig:
 # The annotations above, as written (``from __future__ import annotations`` keeps them strings).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (float,), "bool": (bool,), "str": (str,),
-    "str | None": (str, type(None)), "dict[str, Any]": (dict,),
+    "str | None": (str, type(None)), "int | None": (int, type(None)),
+    "dict[str, Any]": (dict,),
 }
 
 

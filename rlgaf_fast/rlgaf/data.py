@@ -120,16 +120,23 @@ class ExampleSampler:
     tokenised dataset. The rows are kept as Python lists: datasets here are small enough, and
     indexing a list is cheaper than an Arrow table per batch."""
 
-    def __init__(self, dataset: Any, pad_id: int, max_response_len: int) -> None:
+    def __init__(self, dataset: Any, pad_id: int, max_response_len: int,
+                 max_prompt_len: int | None = None) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
-        self.prompts = [list(p) for p in dataset["prompt_ids"]]
+        # A prompt's end is what the response continues: truncate from the left.
+        self.prompts = [list(p)[-max_prompt_len:] if max_prompt_len else list(p)
+                        for p in dataset["prompt_ids"]]
         self.responses = [list(r) for r in dataset["response_ids"]]
         self.pad_id = pad_id
         self.max_response_len = max_response_len
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(len(p) for p in self.prompts)
 
     def batch(self, batch_size: int, seed: int) -> Batch:
         generator = torch_generator(seed)

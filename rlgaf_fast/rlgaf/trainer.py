@@ -214,15 +214,24 @@ class RLGAFTrainer:
         if demonstrations is None and prompts is None:
             raise ValueError("give prompts (or demonstrations, whose prompts are used)")
 
-        max_len = config.max_new_tokens
+        lengths = (config.max_new_tokens, config.max_prompt_length)
         self.demos = None
         if demonstrations is not None:
             self.demos = ExampleSampler(load_examples(demonstrations, tokenizer, eos_token_id),
-                                        self.pad_token_id, max_len)
+                                        self.pad_token_id, *lengths)
         self.prompts = self.demos
         if prompts is not None:
             self.prompts = ExampleSampler(load_examples(prompts, tokenizer, eos_token_id),
-                                          self.pad_token_id, max_len)
+                                          self.pad_token_id, *lengths)
+        positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
+        for name, sampler in (("demonstrations", self.demos), ("prompts", self.prompts)):
+            if isinstance(positions, int) and sampler is not None \
+                    and sampler.longest_prompt + config.max_new_tokens > positions:
+                raise ValueError(
+                    f"the longest of the {name}' prompts ({sampler.longest_prompt} tokens) plus "
+                    f"max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
+                    f"{positions} positions; set max_prompt_length (at most "
+                    f"{positions - config.max_new_tokens}) to keep the last tokens of each prompt")
 
         # Models: the policy (with a value head for PPO), the discriminator, the reference.
         if config.disable_dropout:

@@ -47,3 +47,12 @@ def test_sampler_pads_and_is_reproducible():
     assert (a.prompt_mask[:, -1] == 1).all()  # prompts are left-padded
     assert (a.response_mask[:, 0] == 1).all()  # responses right-padded
     assert not torch.equal(sampler.batch(6, seed=8).prompt_ids, a.prompt_ids)
+
+
+def test_sampler_keeps_the_last_prompt_tokens():
+    rows = [{"prompt_ids": [5, 6, 7, 8, 9], "response_ids": [3, 1]}, {"prompt_ids": [4],
+                                                                       "response_ids": [2, 1]}]
+    sampler = ExampleSampler(load_examples(rows), pad_id=0, max_response_len=4, max_prompt_len=3)
+    batch = sampler.take([0, 1])
+    assert batch.prompt_ids.tolist() == [[7, 8, 9], [0, 0, 4]]
+    assert sampler.longest_prompt == 3

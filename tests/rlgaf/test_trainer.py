@@ -322,3 +322,13 @@ def test_fused_kernels_give_the_same_training(mode, demos):
         for key in keys:
             assert fused[key] == pytest.approx(ref[key], rel=PARITY_RTOL, abs=PARITY_ATOL), \
                 (step, key)
+
+
+def test_prompts_longer_than_the_positions_are_refused_or_truncated(demos):
+    long = [{"prompt_ids": list(range(2, 30)) * 10, "response_ids": [3, 1]}]  # 280 tokens
+    with pytest.raises(ValueError, match=r"prompts \(280 tokens\) plus max_new_tokens \(6\) "
+                                         r"exceeds the generator's 256 positions"):
+        make_trainer("sft", long, batch_size=1, minibatch_size=1)
+    trainer = make_trainer("sft", long, batch_size=1, minibatch_size=1, max_prompt_length=250)
+    assert trainer.demos.longest_prompt == 250
+    assert math.isfinite(trainer.step()["g_loss"])
