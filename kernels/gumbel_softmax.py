@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
 from .philox import gumbel_noise_row, gumbel_noise_tile
 
 # ----------------------------------------------------------------------------------------------
@@ -669,6 +670,7 @@ def _check_vocabulary(logits: torch.Tensor, weight: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def gumbel_softmax_fwd(
     logits: torch.Tensor, tau: float, hard: bool, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,6 +705,7 @@ def gumbel_softmax_fwd(
     return y.to(logits.dtype), index
 
 
+@on_tensor_device
 def gumbel_softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
     """grad_logits = y * (grad_y - sum_v(grad_y * y)) / tau per row.
 
@@ -735,6 +738,7 @@ def gumbel_softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor, tau: float) -> tor
     return grad_x.to(y.dtype)
 
 
+@on_tensor_device
 def gumbel_softmax_bwd_from_logits(
     grad_y: torch.Tensor, logits: torch.Tensor, tau: float, seed: int
 ) -> torch.Tensor:
@@ -772,6 +776,7 @@ def gumbel_softmax_bwd_from_logits(
     return grad_x.to(logits.dtype)
 
 
+@on_tensor_device
 def gumbel_softmax_embedding_fwd(
     logits: torch.Tensor, weight: torch.Tensor, tau: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -838,6 +843,7 @@ def gumbel_softmax_embedding_fwd(
     return out.to(weight.dtype), tokens, lse
 
 
+@on_tensor_device
 def gumbel_softmax_embedding_bwd(
     grad_out: torch.Tensor,
     logits: torch.Tensor,

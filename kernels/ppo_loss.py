@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 _NUM_PARAMS = 6  # inv_temp, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef
 
 
@@ -198,6 +200,7 @@ def _launch(
     return logprobs, entropy
 
 
+@on_tensor_device
 def ppo_loss_fwd(
     logits: torch.Tensor, actions: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +214,7 @@ def ppo_loss_fwd(
     return _launch(logits, actions, None, None, None, None, params, None, 0, False, False)
 
 
+@on_tensor_device
 def ppo_loss_fwd_grad(
     logits: torch.Tensor,
     actions: torch.Tensor,

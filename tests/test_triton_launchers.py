@@ -1,0 +1,48 @@
+"""Every Triton launcher runs with its tensors' GPU as the current device (Triton launches on the
+current device and stream, whatever device the pointers belong to)."""
+
+import contextlib
+import importlib
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
+
+LAUNCHERS = {
+    "gumbel_softmax": ["gumbel_softmax_fwd", "gumbel_softmax_bwd",
+                       "gumbel_softmax_bwd_from_logits", "gumbel_softmax_embedding_fwd",
+                       "gumbel_softmax_embedding_bwd"],
+    "ppo_loss": ["ppo_loss_fwd", "ppo_loss_fwd_grad"],
+}
+
+
+def test_every_launcher_enters_its_tensors_device(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def recording_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", recording_device)
+    # A stand-in for a tensor on the second GPU: the launcher fails on it once inside the scope.
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    for module_name, names in LAUNCHERS.items():
+        module = importlib.import_module(f"rlgaf_fast.kernels.{module_name}")
+        public = {n for n in dir(module) if n.startswith(("gumbel_softmax_", "ppo_loss_"))
+                  and callable(getattr(module, n))}
+        assert public == set(names), "a launcher missing from this test"
+        for name in names:
+            entered.clear()
+            with pytest.raises((AttributeError, TypeError, ValueError)):
+                getattr(module, name)(on_gpu1, on_gpu1, 1.0, 0)
+            assert entered == [torch.device("cuda", 1)], name
+    entered.clear()
+    module = importlib.import_module("rlgaf_fast.kernels.ppo_loss")
+    with pytest.raises((AttributeError, TypeError, ValueError)):
+        module.ppo_loss_fwd(SimpleNamespace(is_cuda=False), None, 1.0)
+    assert entered == []  # CPU tensors (the interpreter) need no device scope
