@@ -43,29 +43,34 @@ def _(logits, tau, hard, seed, backend):
 
 @torch.library.custom_op("rlgaf_fast::gumbel_softmax_backward", mutates_args=())
 def _gumbel_softmax_backward_op(
-    grad_y: Tensor, saved: Tensor, tau: float, hard: bool, seed: int, backend: str
+    grad_y: Tensor, saved: Tensor, tau: float, from_logits: bool, seed: int, backend: str
 ) -> Tensor:
     kernels = _kernels(backend)
     grad_y = grad_y.contiguous()
-    if hard:  # saved are the logits: the soft sample is regenerated from the seed
+    if from_logits:  # saved are the logits: the soft sample is regenerated from the seed
         return kernels.gumbel_softmax_bwd_from_logits(grad_y, saved, tau, seed)
     return kernels.gumbel_softmax_bwd(grad_y, saved, tau)
 
 
 @_gumbel_softmax_backward_op.register_fake
-def _(grad_y, saved, tau, hard, seed, backend):
+def _(grad_y, saved, tau, from_logits, seed, backend):
     return torch.empty_like(saved)
 
 
 def _gumbel_softmax_setup_context(ctx, inputs, output):
     logits, tau, hard, seed, backend = inputs
-    ctx.save_for_backward(logits if hard else output[0])
-    ctx.tau, ctx.hard, ctx.seed, ctx.backend = tau, hard, seed, backend
+    # The backward needs the soft sample. A hard sample's output is the one-hot, and a 16-bit
+    # soft output is the sample rounded, whose gradient would be worse than torch's (which keeps
+    # it in float32): both regenerate it from the logits and the seed, in float32.
+    ctx.from_logits = hard or logits.dtype in (torch.float16, torch.bfloat16)
+    ctx.save_for_backward(logits if ctx.from_logits else output[0])
+    ctx.tau, ctx.seed, ctx.backend = tau, seed, backend
 
 
 def _gumbel_softmax_backward(ctx, grad_y, grad_index):
     (saved,) = ctx.saved_tensors
-    grad = _gumbel_softmax_backward_op(grad_y, saved, ctx.tau, ctx.hard, ctx.seed, ctx.backend)
+    grad = _gumbel_softmax_backward_op(grad_y, saved, ctx.tau, ctx.from_logits, ctx.seed,
+                                       ctx.backend)
     return grad, None, None, None, None
 
 

@@ -77,6 +77,31 @@ def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
     assert err_kernel <= err_torch + 1e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hard", [False, True])
+def test_low_precision_gradient_at_least_as_close_as_torch_in_that_dtype(backend, dtype, hard):
+    torch.manual_seed(12)  # seeds whose soft gradient exposed a sample saved in 16 bits
+    for _ in range(4):
+        x32 = _logits(6, 257, torch.float32, backend) * 2
+        grad_y = torch.randn(6, 257)
+
+        def gradient(fn, x):
+            x = x.detach().clone().requires_grad_()
+            (fn(x).float().cpu() * grad_y).sum().backward()
+            return x.grad.float().cpu()
+
+        seed = int(torch.randint(1 << 30, ()))
+        truth = gradient(lambda t: reference.gumbel_softmax(t, 0.9, False, seed=seed), x32.cpu())
+        kernel = gradient(lambda t: rlgaf_fast.gumbel_softmax(t, 0.9, hard, seed=seed,
+                                                              backend=backend), x32.to(dtype))
+        torch_low = gradient(lambda t: reference.gumbel_softmax(t, 0.9, hard, seed=seed),
+                             x32.cpu().to(dtype))
+        err_kernel = (kernel - truth).abs().max().item()
+        err_torch = (torch_low - truth).abs().max().item()
+        assert err_kernel <= err_torch + 1e-6, (err_kernel, err_torch)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_hard_sample_frequencies_follow_softmax(backend):
     # Every row holds the same logits, so the row-keyed noise gives independent draws.
