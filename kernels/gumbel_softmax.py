@@ -782,8 +782,8 @@ def gumbel_softmax_embedding_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax(z) @ weight without writing the [N, V] probabilities.
 
-    logits [N, V], weight [V, D], contiguous. Returns out [N, D] in the weight dtype
-    (accumulated in float32, float64 for float64 weight), tokens [N] int64 = argmax(z) and
+    logits [N, V], weight [V, D], contiguous. Returns out [N, D] in float32 (float64 where the
+    logits or the weight are), the accumulation dtype, tokens [N] int64 = argmax(z) and
     lse [N] = logsumexp(z) (float32, float64 for float64 logits).
     """
     _check_matrix("logits", logits)
@@ -794,11 +794,14 @@ def gumbel_softmax_embedding_fwd(
     N, V = logits.shape
     D = weight.shape[1]
     fp64 = logits.dtype == torch.float64
-    out = _result_buffer((N, D), weight.dtype, logits.device)
+    # out in float32 (float64 where an input is): the op returns it in the weight's dtype, and
+    # the backward reads this one, so that grad_out . out carries no 16-bit rounding
+    out_dtype = torch.float64 if torch.float64 in (logits.dtype, weight.dtype) else torch.float32
+    out = torch.empty((N, D), dtype=out_dtype, device=logits.device)
     tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
     lse = torch.empty(N, dtype=torch.float64 if fp64 else torch.float32, device=logits.device)
     if N == 0 or V == 0:
-        return out.to(weight.dtype), tokens, lse
+        return out.zero_(), tokens, lse
     inv_hi, inv_lo = _inv_tau_parts(tau)
     ptx_log = _ptx_log(logits)
     grid, block, num_warps = _row_launch(N, V, logits, "noise")
@@ -840,7 +843,7 @@ def gumbel_softmax_embedding_fwd(
             PTX_LOG=ptx_log,
             num_warps=cfg["num_warps"][0],
         )
-    return out.to(weight.dtype), tokens, lse
+    return out, tokens, lse
 
 
 @on_tensor_device

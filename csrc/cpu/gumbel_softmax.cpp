@@ -350,6 +350,14 @@ at::Tensor weight_block(const at::Tensor& weight, int64_t begin, int64_t end, at
   return converted;
 }
 
+// The dtype of the embedding's out: float32, or float64 where the logits or the weight are. The
+// op returns it in the weight's dtype, and the backward reads this one: a 16-bit out would put
+// its rounding into grad_out . out, which every gradient of the logits shares.
+at::ScalarType embedding_out_type(const at::Tensor& logits, const at::Tensor& weight) {
+  return logits.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble ? at::kDouble
+                                                                                     : at::kFloat;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. fused forward: out = softmax(z) @ weight (online softmax over vocabulary blocks),
 //    tokens = argmax(z), lse = logsumexp(z)
@@ -364,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
   const at::ScalarType acc_type = compute_type(logits);
-  at::Tensor out = at::empty({rows, dim}, weight.options());
+  at::Tensor out =
+      at::empty({rows, dim}, weight.options().dtype(embedding_out_type(logits, weight)));
   at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
   at::Tensor lse = at::empty({rows}, logits.options().dtype(acc_type));
   // Tiles of up to kEmbedRows rows, but enough tiles for every thread when rows are few.
@@ -453,10 +462,14 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == rows &&
-                  out.size(1) == dim,
-              op, ": out must be a CPU tensor of shape [", num_str(rows), ", ", num_str(dim),
-              "], got ", shape_str(out.sizes()));
-  check_like(op, "grad_out", grad_out, out);
+                  out.size(1) == dim && out.scalar_type() == embedding_out_type(logits, weight),
+              op, ": out must be a CPU ", dtype_str(embedding_out_type(logits, weight)),
+              " tensor of shape [", num_str(rows), ", ", num_str(dim), "], got ",
+              dtype_str(out.scalar_type()), " ", shape_str(out.sizes()));
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), op,
+              ": grad_out must be a floating-point tensor, got ",
+              dtype_str(grad_out.scalar_type()));
+  check_like(op, "grad_out", grad_out.to(out.scalar_type()), out);
   const at::ScalarType acc_type = compute_type(logits);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == rows &&
                   lse.scalar_type() == acc_type && lse.is_contiguous(),

@@ -461,7 +461,7 @@ template <typename scalar_t, typename weight_t, typename acc_t, typename sum_t>
 __global__ void __launch_bounds__(kTileThreads)
     gumbel_embedding_fwd_kernel(const scalar_t* __restrict__ logits,
                                 const weight_t* __restrict__ weight,
-                                const acc_t* __restrict__ lse, weight_t* __restrict__ out,
+                                const acc_t* __restrict__ lse, sum_t* __restrict__ out,
                                 int64_t N, int64_t V, int64_t D, acc_t tau, uint32_t k0,
                                 uint32_t k1) {
   constexpr int kRows = 16, kVocab = 32, kCols = 64;
@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
   for (int k = 0; k < kRowsPerThread; ++k) {
     const int64_t n = row0 + r_first + kRowStride * k;
-    if (n < N && c < D) out[n * D + c] = static_cast<weight_t>(acc[k]);
+    if (n < N && c < D) out[n * D + c] = acc[k];
   }
 }
 
@@ -865,7 +865,10 @@ std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_embedding_fwd(const Tensor& lo
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const int64_t D = weight.size(1);
-  Tensor out = at::empty({N, D}, weight.options());
+  // out in the accumulation dtype (sum_t below): the op returns it in the weight's dtype, and the
+  // backward reads this one, so that grad_out . out carries no 16-bit rounding.
+  const bool wide = logits.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
+  Tensor out = at::empty({N, D}, weight.options().dtype(wide ? at::kDouble : at::kFloat));
   Tensor tokens = at::empty({N}, logits.options().dtype(at::kLong));
   Tensor lse = at::empty({N}, logits.options().dtype(lse_dtype(logits)));
   if (N == 0) return {out, tokens, lse};
@@ -895,7 +898,7 @@ std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_embedding_fwd(const Tensor& lo
       gumbel_embedding_fwd_kernel<logits_t, weight_t, acc_t, sum_t>
           <<<grid, kTileThreads, 0, stream>>>(
               logits.data_ptr<logits_t>(), weight.data_ptr<weight_t>(), lse.data_ptr<acc_t>(),
-              out.data_ptr<weight_t>(), N, V, D, static_cast<acc_t>(tau), key.first, key.second);
+              out.data_ptr<sum_t>(), N, V, D, static_cast<acc_t>(tau), key.first, key.second);
       check_launch();
     });
   });

@@ -129,12 +129,19 @@ def _gumbel_softmax_embedding_op(
     return out, tokens, lse
 
 
+def _embedding_out_dtype(logits: Tensor, weight: Tensor) -> torch.dtype:
+    """The fused op's out: float32, float64 where an input is. The public function returns it in
+    the weight's dtype; the backward reads it unrounded (grad_out . out enters every gradient of
+    the logits, and a 16-bit out made them worse than torch's in that dtype)."""
+    return torch.float64 if torch.float64 in (logits.dtype, weight.dtype) else torch.float32
+
+
 @_gumbel_softmax_embedding_op.register_fake
 def _(logits, weight, tau, seed, backend):
     n = logits.shape[0]
     lse_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return (
-        weight.new_empty((n, weight.shape[1])),
+        weight.new_empty((n, weight.shape[1]), dtype=_embedding_out_dtype(logits, weight)),
         logits.new_empty((n,), dtype=torch.int64),
         logits.new_empty((n,), dtype=lse_dtype),
     )
@@ -223,5 +230,7 @@ def gumbel_softmax_embedding(
         x, (weight.detach() if hard else weight).contiguous(), tau, seed, name
     )
     if hard:
-        out = weight[tokens] + (out - out.detach())
+        out = weight[tokens] + (out - out.detach()).to(weight.dtype)
+    else:
+        out = out.to(weight.dtype)
     return out.reshape(*lead, weight.shape[1]), tokens.reshape(lead)
