@@ -81,22 +81,23 @@ def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hard", [False, True])
 def test_low_precision_gradient_at_least_as_close_as_torch_in_that_dtype(backend, dtype, hard):
+    def gradient(fn, x, grad_y):
+        x = x.detach().clone().requires_grad_()
+        (fn(x).float().cpu() * grad_y).sum().backward()
+        return x.grad.float().cpu()
+
     torch.manual_seed(12)  # seeds whose soft gradient exposed a sample saved in 16 bits
     for _ in range(4):
         x32 = _logits(6, 257, torch.float32, backend) * 2
         grad_y = torch.randn(6, 257)
-
-        def gradient(fn, x):
-            x = x.detach().clone().requires_grad_()
-            (fn(x).float().cpu() * grad_y).sum().backward()
-            return x.grad.float().cpu()
-
         seed = int(torch.randint(1 << 30, ()))
-        truth = gradient(lambda t: reference.gumbel_softmax(t, 0.9, False, seed=seed), x32.cpu())
-        kernel = gradient(lambda t: rlgaf_fast.gumbel_softmax(t, 0.9, hard, seed=seed,
-                                                              backend=backend), x32.to(dtype))
-        torch_low = gradient(lambda t: reference.gumbel_softmax(t, 0.9, hard, seed=seed),
-                             x32.cpu().to(dtype))
+        truth = gradient(lambda t, s=seed: reference.gumbel_softmax(t, 0.9, False, seed=s),
+                         x32.cpu(), grad_y)
+        kernel = gradient(lambda t, s=seed: rlgaf_fast.gumbel_softmax(t, 0.9, hard, seed=s,
+                                                                      backend=backend),
+                          x32.to(dtype), grad_y)
+        torch_low = gradient(lambda t, s=seed: reference.gumbel_softmax(t, 0.9, hard, seed=s),
+                             x32.cpu().to(dtype), grad_y)
         err_kernel = (kernel - truth).abs().max().item()
         err_torch = (torch_low - truth).abs().max().item()
         assert err_kernel <= err_torch + 1e-6, (err_kernel, err_torch)
