@@ -228,7 +228,7 @@ class RLGAFTrainer:
             if isinstance(positions, int) and sampler is not None \
                     and sampler.longest_prompt + config.max_new_tokens > positions:
                 raise ValueError(
-                    f"the longest of the {name}' prompts ({sampler.longest_prompt} tokens) plus "
+                    f"the longest prompt of the {name} ({sampler.longest_prompt} tokens) plus "
                     f"max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
                     f"{positions} positions; set max_prompt_length (at most "
                     f"{positions - config.max_new_tokens}) to keep the last tokens of each prompt")

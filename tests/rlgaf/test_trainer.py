@@ -326,7 +326,7 @@ def test_fused_kernels_give_the_same_training(mode, demos):
 
 def test_prompts_longer_than_the_positions_are_refused_or_truncated(demos):
     long = [{"prompt_ids": list(range(2, 30)) * 10, "response_ids": [3, 1]}]  # 280 tokens
-    with pytest.raises(ValueError, match=r"prompts \(280 tokens\) plus max_new_tokens \(6\) "
+    with pytest.raises(ValueError, match=r"demonstrations \(280 tokens\) plus max_new_tokens \(6\) "
                                          r"exceeds the generator's 256 positions"):
         make_trainer("sft", long, batch_size=1, minibatch_size=1)
     trainer = make_trainer("sft", long, batch_size=1, minibatch_size=1, max_prompt_length=250)
