@@ -636,6 +636,15 @@ def _inv_tau_parts(tau: float) -> tuple[float, float]:
     return hi, lo
 
 
+def _check_grid(grid: tuple[int, int], kernel: str) -> tuple[int, int]:
+    """A launch grid within CUDA's limits (2^31 - 1 programs on axis 0, 65535 on axis 1), or a
+    clear error instead of the launch's "invalid argument"."""
+    if grid[0] > 2**31 - 1 or grid[1] > 65535:
+        raise ValueError(f"{kernel}: the problem is too large for one launch (grid {grid}, "
+                         "limits 2^31 - 1 and 65535)")
+    return grid
+
+
 def _check_matrix(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
@@ -822,7 +831,7 @@ def gumbel_softmax_embedding_fwd(
     if D > 0:
         cfg = _tile_config(weight.dtype, D, _on_gpu(logits))
         block_n, block_v, block_d = cfg["fwd"]
-        grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+        grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
         _embedding_fwd_kernel[grid](
             logits,
             weight,
@@ -895,7 +904,7 @@ def gumbel_softmax_embedding_bwd(
     }
     block_n, block_v, block_d = cfg["logits"]
     # row blocks vary fastest, so programs running together share the weight rows they read
-    grid = (triton.cdiv(N, block_n), triton.cdiv(V, block_v))
+    grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(V, block_v)), "embedding bwd")
     _embedding_bwd_logits_kernel[grid](
         grad_out,
         logits,
@@ -916,7 +925,7 @@ def gumbel_softmax_embedding_bwd(
     )
     if D > 0:
         block_n, block_v, block_d = cfg["weight"]
-        grid = (triton.cdiv(V, block_v), triton.cdiv(D, block_d))
+        grid = _check_grid((triton.cdiv(V, block_v), triton.cdiv(D, block_d)), "embedding bwd")
         _embedding_bwd_weight_kernel[grid](
             grad_out,
             logits,

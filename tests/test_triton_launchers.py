@@ -46,3 +46,12 @@ def test_every_launcher_enters_its_tensors_device(monkeypatch):
     with pytest.raises((AttributeError, TypeError, ValueError)):
         module.ppo_loss_fwd(SimpleNamespace(is_cuda=False), None, 1.0)
     assert entered == []  # CPU tensors (the interpreter) need no device scope
+
+
+def test_a_grid_beyond_cuda_limits_is_a_clear_error():
+    from rlgaf_fast.kernels.gumbel_softmax import _check_grid
+
+    assert _check_grid((2**31 - 1, 65535), "k") == (2**31 - 1, 65535)
+    for grid in ((1, 65536), (2**31, 1)):
+        with pytest.raises(ValueError, match="k: the problem is too large for one launch"):
+            _check_grid(grid, "k")

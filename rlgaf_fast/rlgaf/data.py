@@ -72,7 +72,10 @@ def load_examples(source: Any, tokenizer: Any = None, eos_token_id: int | None =
         if row.get("response") is not None:
             response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
             response = response + ([eos] if eos is not None else [])
-        return {"prompt_ids": tokenizer(row["prompt"])["input_ids"], "response_ids": response}
+        prompt = tokenizer(row["prompt"])["input_ids"]  # with the model's BOS, if it has one
+        if len(prompt) > 1 and eos is not None and prompt[-1] == eos:
+            prompt = prompt[:-1]  # tokenizers that close every text with EOS: the response follows
+        return {"prompt_ids": prompt, "response_ids": response}
 
     return dataset.map(tokenize)
 

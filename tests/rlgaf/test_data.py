@@ -56,3 +56,15 @@ def test_sampler_keeps_the_last_prompt_tokens():
     batch = sampler.take([0, 1])
     assert batch.prompt_ids.tolist() == [[7, 8, 9], [0, 0, 4]]
     assert sampler.longest_prompt == 3
+
+
+def test_a_tokenizer_that_closes_texts_with_eos_leaves_prompts_open():
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)])  # as T5's tokenizer does
+    assert tokenizer("say hello")["input_ids"] == [5, 3, 1]
+    dataset = load_examples([{"prompt": "say hello", "response": "hello world"}], tokenizer)
+    assert dataset["prompt_ids"] == [[5, 3]]
+    assert dataset["response_ids"] == [[3, 4, 1]]
