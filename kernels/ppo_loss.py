@@ -25,6 +25,8 @@ of the compute dtype, since kernel scalar arguments are float32.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -146,6 +148,14 @@ def _ppo_loss_kernel(
             tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _params(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernel's scalar parameters as a device tensor, made once per distinct set: building
+    it on every call is a blocking host-to-device copy, which would stall every call (and every
+    chunk of the fused linear loss) until the GPU caught up. Read-only."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _block(V: int, on_gpu: bool) -> tuple[int, int]:
     if not on_gpu:  # the interpreter: small blocks keep tests fast
         return min(triton.next_power_of_2(V), 256), 4
@@ -206,11 +216,8 @@ def ppo_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs [N], entropy [N]) in the compute dtype for logits [N, V] and actions [N]."""
     _check(logits, actions)
-    params = torch.tensor(
-        [1.0 / temperature] + [0.0] * (_NUM_PARAMS - 1),
-        dtype=_compute_dtype(logits),
-        device=logits.device,
-    )
+    params = _params((1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), _compute_dtype(logits),
+                     logits.device)
     return _launch(logits, actions, None, None, None, None, params, None, 0, False, False)
 
 
@@ -242,11 +249,8 @@ def ppo_loss_fwd_grad(
         raise ValueError("ppo_loss kernel: grad_logits must be contiguous, shaped as logits")
     if ref_logprobs is None:
         kl_estimator = 0
-    params = torch.tensor(
-        [1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef],
-        dtype=_compute_dtype(logits),
-        device=logits.device,
-    )
+    params = _params((1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef),
+                     _compute_dtype(logits), logits.device)
     return _launch(
         logits,
         actions,

@@ -55,3 +55,14 @@ def test_a_grid_beyond_cuda_limits_is_a_clear_error():
     for grid in ((1, 65536), (2**31, 1)):
         with pytest.raises(ValueError, match="k: the problem is too large for one launch"):
             _check_grid(grid, "k")
+
+
+def test_ppo_parameters_reach_the_device_once_per_distinct_set():
+    from rlgaf_fast.kernels.ppo_loss import _params
+
+    cpu = torch.device("cpu")
+    first = _params((1.0, 0.8, 1.2), torch.float32, cpu)
+    assert _params((1.0, 0.8, 1.2), torch.float32, cpu) is first
+    assert first.tolist() == pytest.approx([1.0, 0.8, 1.2])
+    assert _params((1.0, 0.8, 1.3), torch.float32, cpu) is not first
+    assert _params((1.0, 0.8, 1.2), torch.float64, cpu).dtype == torch.float64
