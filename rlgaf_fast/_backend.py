@@ -96,35 +96,38 @@ def _say_torch_fallback_once(reason: str) -> None:
     warnings.warn(f"rlgaf_fast: running on the torch backend because {reason}", stacklevel=6)
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+def resolve_backend(backend: str, tensor: torch.Tensor, lacks: tuple[str, ...] = ()) -> str:
     """The concrete backend that runs an op on ``tensor``'s device for the user's ``backend``.
+    ``lacks``: backends that have no kernel of this op, which "auto" passes over.
 
     Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
     """
-    return _resolve_for_device(backend, tensor.device.type)
+    return _resolve_for_device(backend, tensor.device.type, lacks)
 
 
 # The choice depends only on strings, the environment and what is installed, so torch.compile may
 # run it once while tracing and keep the answer, instead of tracing into imports.
 @torch.compiler.assume_constant_result
-def _resolve_for_device(backend: str, device: str) -> str:
+def _resolve_for_device(backend: str, device: str, lacks: tuple[str, ...] = ()) -> str:
     _check_name(backend, "backend")
     if backend == "auto":
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(device)
+        return _auto_backend(device, lacks)
     _require(backend, device)
     return backend
 
 
-def _auto_backend(device: str) -> str:
+def _auto_backend(device: str, lacks: tuple[str, ...] = ()) -> str:
     if device == "cuda":
-        if _triton()[0]:
+        if _triton()[0] and "triton" not in lacks:
             return "triton"
-        if cuda_available():
+        if cuda_available() and "cuda" not in lacks:
             return "cuda"
-        _say_torch_fallback_once("neither Triton nor the CUDA extension is available")
+        _say_torch_fallback_once("Triton is not available and the CUDA extension has no kernel "
+                                 "of this op" if cuda_available() else
+                                 "neither Triton nor the CUDA extension is available")
         return "torch"
     if device == "cpu":
         if cpp_available():

@@ -55,3 +55,18 @@ def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
         ops.gumbel_softmax_embedding_fwd(logits, torch.randn(4, 2), 1.0, 0)
     with pytest.raises(RuntimeError, match=r"actions must be in \[0, 5\)"):
         torch.ops.rlgaf_fast_cpu.ppo_loss_fwd(logits, torch.tensor([0, 5, 1]), 1.0)
+
+
+def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
+    """On a GPU where Triton is missing but the CUDA extension is built, "auto" must not pick
+    cuda for an op without a CUDA kernel (the PPO losses): it falls back to torch, saying so."""
+    from rlgaf_fast import _backend
+
+    monkeypatch.setattr(_backend, "_triton", lambda: (False, "not installed"))
+    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    _backend._say_torch_fallback_once.cache_clear()
+    assert _backend._auto_backend("cuda") == "cuda"
+    with pytest.warns(UserWarning, match="the CUDA extension has no kernel of this op"):
+        assert _backend._auto_backend("cuda", lacks=("cuda",)) == "torch"
+    monkeypatch.setattr(_backend, "_triton", lambda: (True, ""))
+    assert _backend._auto_backend("cuda", lacks=("cuda",)) == "triton"

@@ -22,7 +22,7 @@ def add_bench_parser(subparsers: Any) -> None:
                       help="small sizes, the CPU targets of the issues (default; aims at under "
                       "3 minutes on an idle 2-core CPU)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
-                      help="DESIGN.md's sizes (vocabularies 32000-151936, 1k-16k tokens)")
+                      help="the design notes' sizes (vocabularies 32000-151936, 1k-16k tokens)")
     size.add_argument("--goals", dest="preset", action="store_const", const="goals",
                       help="only the cases that carry a target (the GPU targets on a GPU)")
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",

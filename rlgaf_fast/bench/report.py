@@ -247,13 +247,15 @@ def performance_section(result_files: Iterable[Path], docs_path: Path) -> str:
     lines = ["# Performance", "",
              "Generated from the JSON that `rlgaf-fast bench` writes under benchmarks/results/ "
              "(`rlgaf-fast bench --docs README.md`, or `python -m "
-             "rlgaf_fast.bench.report OUT.md benchmarks/results/*/results.json`, which links the "
+             "rlgaf_fast.bench.report OUT.md RESULTS.json ...`, which links the "
              "plots relative to OUT.md); do not edit by hand. Reproduce with "
              "`rlgaf-fast bench --quick` (small sizes and the CPU targets; aims at under 3 "
-             "minutes on an idle 2-core CPU), `rlgaf-fast bench --full` (DESIGN.md's sizes), "
+             "minutes on an idle 2-core CPU), `rlgaf-fast bench --full` (the design notes' sizes: "
+             "vocabularies 32000 to 151936, 1k to 16k tokens), "
              "`rlgaf-fast bench --train` (training steps) or, on a GPU machine, "
              "`bash benchmarks/gpu_check.sh`. `pytest benchmarks/ --benchmark-only` runs the "
-             "same cases through pytest-benchmark.", "",
+             "tiny preset's cases through pytest-benchmark (RLGAF_BENCH_PRESET=quick or full "
+             "for the others).", "",
              "Providers: **eager** is the PyTorch code one writes without this library "
              "(`torch.nn.functional.gumbel_softmax`, then `@ weight` for the embedding; "
              "rlgaf_fast.reference for the PPO loss; logits = hidden @ weight.T then the "

@@ -395,7 +395,7 @@ def ppo_loss(
     )
     shape, V = logits.shape[:-1], logits.shape[-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, logits.device, V)
-    name = resolve_backend(backend, logits)
+    name = resolve_backend(backend, logits, lacks=("cuda",))  # no CUDA C++ kernel of it
     if name == "torch":
         return reference.ppo_loss(
             logits, actions, old_logprobs, advantages, mask, clip_eps=clip_eps,
@@ -649,7 +649,7 @@ def fused_linear_ppo_loss(
     )
     shape = hidden.shape[:-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, hidden.device, V)
-    name = resolve_backend(backend, hidden)
+    name = resolve_backend(backend, hidden, lacks=("cuda",))
     if name == "torch":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.ppo_loss(
