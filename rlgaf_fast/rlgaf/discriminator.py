@@ -7,6 +7,7 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -214,6 +215,13 @@ def left_aligned_inputs() -> Iterator[None]:
         logger.removeFilter(_CLASSIFIER_PADDING_WARNING)
 
 
+@functools.cache
+def _takes_position_ids(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``position_ids`` parameter (asked once per class: the
+    discriminator is called several times a step)."""
+    return "position_ids" in inspect.signature(cls.forward).parameters
+
+
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:
     """The "real" logit ``[B]`` of sequences given as embeddings ``[B, L, D]`` (float32).
 
@@ -221,7 +229,7 @@ def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) 
     only: with absolute position embeddings (GPT-2, BERT) left padding would otherwise shift a
     sequence's positions and change its score with the length of its batch-mates."""
     kwargs = {}
-    if "position_ids" in inspect.signature(discriminator.forward).parameters:
+    if _takes_position_ids(type(discriminator)):
         kwargs["position_ids"] = position_ids(mask)
     out = discriminator(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     logits = (out.logits if hasattr(out, "logits") else out).float()

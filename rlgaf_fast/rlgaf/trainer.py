@@ -224,7 +224,10 @@ class RLGAFTrainer:
             self.prompts = ExampleSampler(load_examples(prompts, tokenizer, eos_token_id),
                                           self.pad_token_id, *lengths)
         positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
-        for name, sampler in (("demonstrations", self.demos), ("prompts", self.prompts)):
+        samplers = {"demonstrations": self.demos, "prompts": self.prompts}
+        if prompts is None:
+            del samplers["prompts"]  # the demonstrations' own prompts, checked once
+        for name, sampler in samplers.items():
             if isinstance(positions, int) and sampler is not None \
                     and sampler.longest_prompt + config.max_new_tokens > positions:
                 raise ValueError(
