@@ -97,7 +97,7 @@ if [ "$CPU_DRY" = 1 ]; then
   tail -n 3 "$OUT/tests.log"
 else
   t=$(stage_timeout "${GPU_CHECK_TESTS_S:-150}" 170)
-  timeout -k 10 "$t" python3 -m pytest -q -x tests/ops -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  timeout -k 10 "$t" python3 -m pytest -q tests/ops -p no:cacheprovider > "$OUT/tests.log" 2>&1
   record tests $? "timeout ${t}s"
   tail -n 25 "$OUT/tests.log"
 fi

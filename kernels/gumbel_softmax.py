@@ -372,8 +372,10 @@ def _embedding_fwd_kernel(
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PTX_LOG: tl.constexpr,
+    SPLIT_P: tl.constexpr,
 ):
-    """out[rows, d tile] = sum over vocabulary blocks of exp(z - lse) @ weight[block, d tile]."""
+    """out[rows, d tile] = sum over vocabulary blocks of exp(z - lse) @ weight[block, d tile].
+    SPLIT_P (16-bit weight): p = p_hi + p_lo, both 16-bit, two dots."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < N
@@ -395,7 +397,14 @@ def _embedding_fwd_kernel(
             mask=v_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        acc = tl.dot(p.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        p_hi = p.to(w.dtype)
+        acc = tl.dot(p_hi, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if SPLIT_P:
+            # a 16-bit p would put its rounding into every entry of out, and the backward's
+            # grad_out . out cancels against grad_out @ weight^T: the remainder's product makes
+            # out float32-accurate with tensor-core dots
+            p_lo = (p - p_hi.to(p.dtype)).to(w.dtype)
+            acc = tl.dot(p_lo, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
     tl.store(
         out_ptr + rows[:, None] * D + dcols[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -445,6 +454,7 @@ def _embedding_bwd_logits_kernel(
             mask=v_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        # go is exact in the weight's dtype: the public function returns out in that dtype
         dy = tl.dot(
             go.to(w.dtype), tl.trans(w), dy, input_precision=DOT_PRECISION, out_dtype=acc_dtype
         )
@@ -850,6 +860,7 @@ def gumbel_softmax_embedding_fwd(
             ACC_FP64=weight.dtype == torch.float64,
             DOT_PRECISION=_dot_precision(weight.dtype),
             PTX_LOG=ptx_log,
+            SPLIT_P=weight.dtype in (torch.float16, torch.bfloat16),
             num_warps=cfg["num_warps"][0],
         )
     return out, tokens, lse
