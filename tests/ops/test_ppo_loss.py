@@ -11,7 +11,8 @@ from rlgaf_fast import reference
 from rlgaf_fast.ops import ppo_loss as ops
 from tests.conftest import fused_backends
 
-BACKENDS = fused_backends()
+# the PPO losses have no CUDA C++ kernel (test_cuda_backend_is_a_clear_error)
+BACKENDS = [b for b in fused_backends() if b != "cuda"]
 ALL_BACKENDS = ["torch", *BACKENDS]
 METRICS = ("clipfrac", "approx_kl", "ratio_mean", "kl")
 
@@ -70,13 +71,27 @@ def _call(fn, b, logits, options, mask="given", **extra):
 
 
 def _assert_outputs_close(out, expected, atol, rtol):
-    torch.testing.assert_close(out.loss.cpu(), expected.loss.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.loss.cpu(), expected.loss.detach().cpu(), atol=atol,
+                               rtol=rtol)
     for name in ("logprobs", "entropy", *METRICS):
         got, want = getattr(out, name), getattr(expected, name)
         if want is None:
             assert got is None, name
         else:
-            torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol, msg=name)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.skipif("cuda" not in rlgaf_fast.available_backends(),
+                    reason="needs the CUDA extension")
+def test_cuda_backend_is_a_clear_error():
+    b = _batch(device="cuda")
+    with pytest.raises(RuntimeError, match="ppo_loss has no 'cuda' kernel"):
+        _call(ops.ppo_loss, b, b["logits"], {}, backend="cuda")
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64, device="cuda")
+    weight = torch.randn(37, 8, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="fused_linear_ppo_loss has no 'cuda' kernel"):
+        _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
+              backend="cuda")
 
 
 @pytest.mark.parametrize("case", OPTION_CASES)
@@ -392,13 +407,9 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
     if _interpreted(backend):  # seen with triton 3.9: a bias that the products accumulate
         pytest.skip("the Triton interpreter truncates float32 -> bfloat16 instead of rounding")
     dev = _device(backend)
-    gen = torch.Generator().manual_seed(5)
-    h64 = torch.randn(1, 24, 32, generator=gen, dtype=torch.float64).bfloat16().double()
-    w64 = (torch.randn(203, 32, generator=gen, dtype=torch.float64) / 4).bfloat16().double()
-    b = _batch(B=1, T=24, V=203, dtype=torch.float32, device=dev)
     options = dict(entropy_coef=0.01, clip_eps_high=0.28)
 
-    def run(fn, h, w):
+    def run(fn, h, w, b):
         h, w = h.to(dev).requires_grad_(), w.to(dev).requires_grad_()
         out = _call(lambda x, *a, **k: fn(x, w, *a, **k), b, h, options)
         return [out.loss.double().cpu()] + [g.double().cpu() for g in
@@ -410,14 +421,25 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
     def fused(h, w, *a, **k):
         return ops.fused_linear_ppo_loss(h, w, *a, **k, chunk_size=7, backend=backend)
 
-    truth = run(eager, h64, w64)
-    eager_low = run(eager, h64.bfloat16(), w64.bfloat16())
-    fused_low = run(fused, h64.bfloat16(), w64.bfloat16())
-    for name, want, got_eager, got_fused in zip(("loss", "hidden", "weight"), truth, eager_low,
-                                                 fused_low, strict=True):
-        err_eager = (got_eager - want).abs().max().item()
-        err_fused = (got_fused - want).abs().max().item()
-        assert err_fused <= 1.5 * err_eager + 1e-6, name
+    # Errors summed over several draws: both sides round the logits to bfloat16, and on a GPU
+    # the chunks' matrix products (7 rows) and eager's (24 rows) may round differently, so one
+    # draw's ratio is noise (2.4 was seen once on an H200).
+    names = ("loss", "hidden", "weight")
+    err_eager, err_fused = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for draw in range(6):
+        gen = torch.Generator().manual_seed(5 + draw)
+        h64 = torch.randn(1, 24, 32, generator=gen, dtype=torch.float64).bfloat16().double()
+        w64 = (torch.randn(203, 32, generator=gen, dtype=torch.float64) / 4).bfloat16().double()
+        b = _batch(B=1, T=24, V=203, dtype=torch.float32, device=dev, seed=draw)
+        truth = run(eager, h64, w64, b)
+        eager_low = run(eager, h64.bfloat16(), w64.bfloat16(), b)
+        fused_low = run(fused, h64.bfloat16(), w64.bfloat16(), b)
+        for name, want, got_eager, got_fused in zip(names, truth, eager_low, fused_low,
+                                                     strict=True):
+            err_eager[name] += (got_eager - want).abs().max().item()
+            err_fused[name] += (got_fused - want).abs().max().item()
+    for name in names:
+        assert err_fused[name] <= 1.5 * err_eager[name] + 1e-6, (name, err_fused, err_eager)
 
 
 def test_value_loss_matches_a_loop():
