@@ -161,7 +161,7 @@ def _block(V: int, on_gpu: bool) -> tuple[int, int]:
         return min(triton.next_power_of_2(V), 256), 4
     # H200, triton 3.6, bf16 V = 128256 with gradient: (2048, 8) took 3.79 ms at N = 16384 and
     # 0.99 ms at N = 4096, against 4.15 and 1.07 for (4096, 8), 3.78 and 1.04 for (1024, 4),
-    # 4.3 to 5.8 for 8192 and 16384
+    # and 4.3 to 5.8 ms at N = 16384 for blocks of 8192 and 16384
     return min(triton.next_power_of_2(V), 2048), 8
 
 

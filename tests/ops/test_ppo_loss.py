@@ -424,8 +424,8 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
     # Errors summed over several draws, so that no single draw's luck decides. On an H200
     # (torch 2.11, cuBLAS) this failed for triton in the one draw it had (2.4x eager's loss
     # error): there cuBLAS rounds the 7-row chunks' bf16 logits less accurately than eager's
-    # 24-row product (mean error 2.4e-3 against 1.6e-3, 1/3 of the entries differ), a real
-    # accuracy gap of small chunks that this summed version has not yet been run against.
+    # 24-row product (mean error 2.4e-3 against 1.6e-3, 1/3 of the entries differ): a real
+    # accuracy gap of small chunks. This summed version has not run on a GPU yet.
     names = ("loss", "hidden", "weight")
     err_eager, err_fused = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for draw in range(6):
