@@ -110,11 +110,16 @@ def _reward_model_fn(model):
     from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences, RLGAFTrainer
 
     scorer = DiscriminatorOnSequences(model.requires_grad_(False).eval())
+    device = None  # where the scorer is: moved once, as moving walks every parameter
 
     def reward(batch):
+        nonlocal device
         ids, mask = RLGAFTrainer._hard_sequences(batch)
+        if ids.device != device:
+            scorer.to(ids.device)
+            device = ids.device
         with torch.no_grad():
-            return scorer.to(ids.device)(ids, mask).float()
+            return scorer(ids, mask)
 
     return reward
 

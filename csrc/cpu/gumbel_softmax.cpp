@@ -204,12 +204,14 @@ void check_logits(const char* op, const char* name, const at::Tensor& t) {
               shape_str(t.sizes()));
 }
 
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                bool same_dtype = true) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", device_str(t));
   TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ",
               shape_str(like.sizes()), ", got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
-              dtype_str(like.scalar_type()), ", got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK(!same_dtype || t.scalar_type() == like.scalar_type(), op, ": ", name,
+              " must have dtype ", dtype_str(like.scalar_type()), ", got ",
+              dtype_str(t.scalar_type()));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -469,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
   TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), op,
               ": grad_out must be a floating-point tensor, got ",
               dtype_str(grad_out.scalar_type()));
-  check_like(op, "grad_out", grad_out.to(out.scalar_type()), out);
+  check_like(op, "grad_out", grad_out, out, /*same_dtype=*/false);  // any floating dtype
   const at::ScalarType acc_type = compute_type(logits);
   TORCH_CHECK(lse.device().is_cpu() && lse.dim() == 1 && lse.size(0) == rows &&
                   lse.scalar_type() == acc_type && lse.is_contiguous(),

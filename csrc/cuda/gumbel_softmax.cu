@@ -756,6 +756,12 @@ at::ScalarType lse_dtype(const Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The embedding's accumulation dtype (sum_t of its kernels): float64 where an input is.
+at::ScalarType embedding_sum_dtype(const Tensor& logits, const Tensor& weight) {
+  const bool wide = logits.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
+  return wide ? at::kDouble : at::kFloat;
+}
+
 std::tuple<Tensor, Tensor> gumbel_softmax_fwd(const Tensor& logits, double tau, bool hard,
                                               int64_t seed) {
   check_matrix(logits, "logits");
@@ -867,8 +873,7 @@ std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_embedding_fwd(const Tensor& lo
   const int64_t D = weight.size(1);
   // out in the accumulation dtype (sum_t below): the op returns it in the weight's dtype, and the
   // backward reads this one, so that grad_out . out carries no 16-bit rounding.
-  const bool wide = logits.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
-  Tensor out = at::empty({N, D}, weight.options().dtype(wide ? at::kDouble : at::kFloat));
+  Tensor out = at::empty({N, D}, weight.options().dtype(embedding_sum_dtype(logits, weight)));
   Tensor tokens = at::empty({N}, logits.options().dtype(at::kLong));
   Tensor lse = at::empty({N}, logits.options().dtype(lse_dtype(logits)));
   if (N == 0) return {out, tokens, lse};
@@ -941,8 +946,7 @@ std::tuple<Tensor, Tensor> gumbel_softmax_embedding_bwd(const Tensor& grad_out,
   }
   const DeviceScope device_scope(logits);
   const cudaStream_t stream = current_stream();
-  const bool wide = logits.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
-  const auto sum_dtype = wide ? at::kDouble : at::kFloat;
+  const auto sum_dtype = embedding_sum_dtype(logits, weight);
   // grad_out[n] . out[n]: an [N] vector, computed with ATen (on the current stream).
   const Tensor row_dot = (go.to(sum_dtype) * out.to(sum_dtype)).sum(1).contiguous();
 

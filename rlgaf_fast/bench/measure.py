@@ -11,9 +11,9 @@ Peak memory, the extra bytes a call needs above what was allocated before it (it
 intermediates and gradients). On a GPU, ``torch.cuda.max_memory_allocated`` after a reset minus
 ``torch.cuda.memory_allocated`` before. On a CPU there is no allocator statistic, so the call
 runs once under ``torch.profiler`` with ``profile_memory=True`` and the peak of the running sum
-of the tensor allocations and frees it records is taken; where that profiler API is missing, the
-process's resident-set high-water mark (reset through /proc/self/clear_refs) is used instead.
-``memory_method`` says which.
+of the tensor allocations and frees it records is taken (None where it records no allocation);
+with ``RLGAF_BENCH_CPU_MEMORY=rss`` the process's resident-set high-water mark (reset through
+/proc/self/clear_refs) is used instead. ``memory_method`` says which.
 """
 
 from __future__ import annotations
@@ -168,21 +168,30 @@ def _rss_peak_bytes(fn: Callable[[], T]) -> tuple[T, int | None]:
     return result, max(0, _rss_kib("VmHWM") - before) * 1024
 
 
+def memory_method(device: torch.device) -> str:
+    """How :func:`peak_memory` measures on ``device`` (one of the *_MEMORY_METHOD strings)."""
+    if device.type == "cuda":
+        return CUDA_MEMORY_METHOD
+    if os.environ.get("RLGAF_BENCH_CPU_MEMORY") == "rss":
+        return RSS_MEMORY_METHOD
+    return CPU_MEMORY_METHOD
+
+
 def peak_memory(fn: Callable[[], T], device: torch.device) -> tuple[T, int | None, str]:
     """``fn()``, the extra bytes allocated at its peak, and the method used to measure them."""
-    if device.type == "cuda":
+    method = memory_method(device)
+    if method == CUDA_MEMORY_METHOD:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         result = fn()
         torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - before, CUDA_MEMORY_METHOD
-    if os.environ.get("RLGAF_BENCH_CPU_MEMORY") != "rss":
+        return result, torch.cuda.max_memory_allocated(device) - before, method
+    if method == CPU_MEMORY_METHOD:
         # No profiler events: the peak is unknown (None), as fn must run once only (a second
         # fwd+bwd would accumulate its gradients twice before the result is checked).
-        result, peak = _profiled_peak_bytes(fn)
-        return result, peak, CPU_MEMORY_METHOD
-    return *_rss_peak_bytes(fn), RSS_MEMORY_METHOD
+        return *_profiled_peak_bytes(fn), method
+    return *_rss_peak_bytes(fn), method
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:

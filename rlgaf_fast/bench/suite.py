@@ -131,21 +131,21 @@ def ceilings(device: torch.device, preset: str) -> dict:
         nbytes, size, dtype = 256 << 20, 1024, torch.float32
     bandwidth = measure.copy_bandwidth(device, nbytes)
     flops = measure.matmul_flops(device, size, dtype)
-    extra = {}
-    if device.type == "cuda":  # float32 cases are held to a float32 product, not bfloat16's
-        extra = {"flops_float32_per_s": measure.matmul_flops(device, size, torch.float32),
-                 "flops_float32_method": f"{size}x{size}x{size} float32 matmul (torch's "
-                                         "default precision)"}
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {**extra,
+    result = {
         "bytes_per_s": bandwidth,
         "bytes_method": (f"{'device-to-device' if device.type == 'cuda' else 'memory-to-memory'} "
                          f"copy of {nbytes >> 20} MiB, counted as read + write"),
         "flops_per_s": flops,
         "flops_method": f"{size}x{size}x{size} {str(dtype).removeprefix('torch.')} matmul",
     }
+    if device.type == "cuda":  # float32 cases are held to a float32 product, not bfloat16's
+        result["flops_float32_per_s"] = measure.matmul_flops(device, size, torch.float32)
+        result["flops_float32_method"] = (f"{size}x{size}x{size} float32 matmul (torch's "
+                                          "default precision)")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -312,10 +312,7 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
              and (b == "cpp") == (dev.type == "cpu")]
     started = time.perf_counter()
     doc = {"preset": preset, "environment": environment(dev), "ceilings": ceilings(dev, preset),
-           "memory_method": (measure.CUDA_MEMORY_METHOD if dev.type == "cuda"
-                             else measure.RSS_MEMORY_METHOD
-                             if os.environ.get("RLGAF_BENCH_CPU_MEMORY") == "rss"
-                             else measure.CPU_MEMORY_METHOD),
+           "memory_method": measure.memory_method(dev),
            "rows": [], "goals": []}
     order = {case.key: i for i, case in enumerate(selected)}
     jobs = [(case, name) for case in selected for name in cases_module.providers(case, fused)

@@ -38,6 +38,15 @@ def check_same_device(a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
                          f"{b.device}")
 
 
+def check_vocab_weight(x: Tensor, name: str, weight: Tensor) -> None:
+    """``x`` is ``[..., V]`` and ``weight`` ``[V, D]``."""
+    if x.dim() < 1:
+        raise ValueError(f"{name} must be [..., V] (at least 1-D), got shape {list(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [V, D] with V = {name}.shape[-1] = {x.shape[-1]}, "
+                         f"got {list(weight.shape)}")
+
+
 def check_dim(dim: int, ndim: int, name: str = "dim") -> int:
     if not isinstance(dim, int) or not -max(ndim, 1) <= dim < max(ndim, 1):
         raise IndexError(f"{name} must be in [{-max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim}")

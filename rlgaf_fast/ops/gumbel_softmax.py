@@ -18,6 +18,7 @@ from rlgaf_fast.ops._checks import (
     check_floating,
     check_positive,
     check_same_device,
+    check_vocab_weight,
     resolve_seed,
 )
 
@@ -212,11 +213,7 @@ def gumbel_softmax_embedding(
     check_floating(logits, "logits")
     check_floating(weight, "weight")
     check_same_device(logits, "logits", weight, "weight")
-    if logits.dim() < 1:
-        raise ValueError(f"logits must be [..., V] (at least 1-D), got shape {list(logits.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != logits.shape[-1]:
-        raise ValueError(f"weight must be [V, D] with V = logits.shape[-1] = {logits.shape[-1]}, "
-                         f"got {list(weight.shape)}")
+    check_vocab_weight(logits, "logits", weight)
     tau = check_positive(tau, "tau")
     seed = resolve_seed(seed)
     name = resolve_backend(backend, logits)

@@ -31,6 +31,7 @@ from rlgaf_fast.reference import KL_ESTIMATORS, LOSS_AGGS, PPOLossOutput
 __all__ = ["PPOLossOutput", "fused_linear_ppo_loss", "gae", "ppo_loss", "value_loss"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+LACKS = ("cuda",)  # backends without a kernel of the PPO losses (no CUDA C++ one)
 # Bytes of logits that fused_linear_ppo_loss materialises per chunk of tokens.
 _CHUNK_BYTES_CPU = 128 << 20
 _CHUNK_BYTES_GPU = 1 << 30
@@ -115,13 +116,21 @@ def _saved_gradients(ctx, op: str) -> tuple[Tensor, ...]:
         ) from error
 
 
+def _scaled(grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
+    """grad * scale (in each gradient's dtype), or the gradients themselves for a scale of
+    exactly 1."""
+    if _is_exactly_one(scale):
+        return grads
+    return [None if g is None else g * scale.to(g.dtype) for g in grads]
+
+
 def _handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
     """grad * scale of each saved gradient for a backward of ctx's node. For a scale of exactly
     1 the first backward gets the saved buffers themselves, so that the usual single backward
     never copies an [N, V] gradient; as they may become .grad tensors that are later changed in
     place, every further backward gets copies."""
     if not _is_exactly_one(scale):
-        return [None if g is None else g * scale.to(g.dtype) for g in grads]
+        return _scaled(grads, scale)
     if getattr(ctx, "gradients_handed_out", False):
         return [None if g is None else g.clone() for g in grads]
     ctx.gradients_handed_out = True
@@ -195,10 +204,11 @@ def _ppo_loss_backward(ctx, grad_loss, *unused):
         return (None,) * 15
     _refuse_double_backward("ppo_loss")
     if ctx.inputs is not None:  # the forward did not expect a gradient: run it again with one
-        grad_logits = _ppo_loss_op(*ctx.inputs[:13], True, ctx.inputs[14])[3]
+        # (a fresh tensor on every backward: nothing to copy)
+        grads = _scaled([_ppo_loss_op(*ctx.inputs[:13], True, ctx.inputs[14])[3]], grad_loss)
     else:
-        (grad_logits,) = _saved_gradients(ctx, "ppo_loss")
-    return (*_handed_out(ctx, [grad_logits], grad_loss), *(None,) * 14)
+        grads = _handed_out(ctx, _saved_gradients(ctx, "ppo_loss"), grad_loss)
+    return (*grads, *(None,) * 14)
 
 
 _ppo_loss_op.register_autograd(_ppo_loss_backward, setup_context=_ppo_loss_setup_context)
@@ -230,7 +240,7 @@ class _InplacePPOLoss(torch.autograd.Function):
                 "retain_graph is not supported with this op; use inplace_grad=False or "
                 "backend='torch'"
             )
-        return (grad if _is_exactly_one(grad_loss) else grad * grad_loss.to(grad.dtype)), None, None
+        return (*_scaled([grad], grad_loss), None, None)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -395,7 +405,7 @@ def ppo_loss(
     )
     shape, V = logits.shape[:-1], logits.shape[-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, logits.device, V)
-    name = resolve_backend(backend, logits, lacks=("cuda",))  # no CUDA C++ kernel of it
+    name = resolve_backend(backend, logits, lacks=LACKS)
     if name == "torch":
         return reference.ppo_loss(
             logits, actions, old_logprobs, advantages, mask, clip_eps=clip_eps,
@@ -570,11 +580,13 @@ def _fused_linear_backward(ctx, grad_loss, *unused):
     needed = inputs[16:19]
     if any(w and not n for w, n in zip(wanted, needed, strict=True)):
         saved = _fused_linear_op(*inputs[:16], *wanted, inputs[19])[3:]
-        needed = wanted
+        grads = [g if w else None for g, w in zip(saved, wanted, strict=True)]
+        grads = _scaled(grads, grad_loss)  # fresh tensors on every backward: nothing to copy
     else:
         saved = _saved_gradients(ctx, "fused_linear_ppo_loss")
-    grads = [g if n else None for g, n in zip(saved, needed, strict=True)]
-    return (*_handed_out(ctx, grads, grad_loss), *([None] * 17))
+        grads = [g if n else None for g, n in zip(saved, needed, strict=True)]
+        grads = _handed_out(ctx, grads, grad_loss)
+    return (*grads, *([None] * 17))
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward,
@@ -649,7 +661,7 @@ def fused_linear_ppo_loss(
     )
     shape = hidden.shape[:-1]
     _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, hidden.device, V)
-    name = resolve_backend(backend, hidden, lacks=("cuda",))
+    name = resolve_backend(backend, hidden, lacks=LACKS)
     if name == "torch":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.ppo_loss(

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rlgaf_fast import reference
 from rlgaf_fast._backend import cpp_ops, resolve_backend
-from rlgaf_fast.ops._checks import check_floating, check_same_device
+from rlgaf_fast.ops._checks import check_floating, check_same_device, check_vocab_weight
 
 
 @torch.library.custom_op("rlgaf_fast::soft_embedding_topk", mutates_args=())
@@ -88,11 +88,7 @@ def soft_embedding(
     check_floating(probs, "probs")
     check_floating(weight, "weight")
     check_same_device(probs, "probs", weight, "weight")
-    if probs.dim() < 1:
-        raise ValueError(f"probs must be [..., V] (at least 1-D), got shape {list(probs.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != probs.shape[-1]:
-        raise ValueError(f"weight must be [V, D] with V = probs.shape[-1] = {probs.shape[-1]}, "
-                         f"got {list(weight.shape)}")
+    check_vocab_weight(probs, "probs", weight)
     vocab = weight.shape[0]
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or not 1 <= top_k <= vocab):

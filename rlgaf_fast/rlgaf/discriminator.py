@@ -200,19 +200,27 @@ _CLASSIFIER_PADDING_WARNING = _ClassifierPaddingWarningFilter()
 
 
 @contextlib.contextmanager
-def left_aligned_inputs() -> Iterator[None]:
+def left_aligned_inputs(discriminator: nn.Module | None = None) -> Iterator[None]:
     """Calls of a discriminator on left-aligned sequences (:func:`sequences_for_discriminator`,
     :func:`stack_batches`): drops transformers' warning that a sequence classifier given
     ``inputs_embeds`` cannot find the padding and reads the last position, which is real in
     every left-aligned row. Only for the duration, so that other code keeps the warning (but
-    transformers gives it once per process, and a dropped one counts as given)."""
-    # The logger of transformers' generic sequence-classification head (Llama, Qwen, ...).
-    logger = logging.getLogger("transformers.modeling_layers")
-    logger.addFilter(_CLASSIFIER_PADDING_WARNING)
+    transformers gives it once per process, and a dropped one counts as given).
+
+    The generic sequence-classification head (Llama, Qwen, ...) warns through
+    ``transformers.modeling_layers``; models with their own head (GPT-2, OPT, ...) through their
+    module's logger, which ``discriminator`` names."""
+    names = {"transformers.modeling_layers"}
+    if discriminator is not None:
+        names.add(type(discriminator).__module__)
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(_CLASSIFIER_PADDING_WARNING)
     try:
         yield
     finally:
-        logger.removeFilter(_CLASSIFIER_PADDING_WARNING)
+        for logger in loggers:
+            logger.removeFilter(_CLASSIFIER_PADDING_WARNING)
 
 
 @functools.cache

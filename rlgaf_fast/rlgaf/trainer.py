@@ -105,7 +105,7 @@ class DiscriminatorOnSequences(nn.Module):
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
         if not values.is_floating_point():
             values = self.discriminator.get_input_embeddings()(values)
-        with left_aligned_inputs():
+        with left_aligned_inputs(self.discriminator):
             logit = discriminator_logit(self.discriminator, values, mask)
         # Not a view of the discriminator's [B, 1] output (FSDP2 warns about views, as above).
         return logit.clone()
@@ -224,17 +224,19 @@ class RLGAFTrainer:
             self.prompts = ExampleSampler(load_examples(prompts, tokenizer, eos_token_id),
                                           self.pad_token_id, *lengths)
         positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
-        samplers = {"demonstrations": self.demos, "prompts": self.prompts}
-        if prompts is None:
-            del samplers["prompts"]  # the demonstrations' own prompts, checked once
-        for name, sampler in samplers.items():
-            if isinstance(positions, int) and sampler is not None \
-                    and sampler.longest_prompt + config.max_new_tokens > positions:
-                raise ValueError(
-                    f"the longest prompt of the {name} ({sampler.longest_prompt} tokens) plus "
-                    f"max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
-                    f"{positions} positions; set max_prompt_length (at most "
-                    f"{positions - config.max_new_tokens}) to keep the last tokens of each prompt")
+        samplers = {"demonstrations": self.demos}
+        if prompts is not None:  # else the prompts are the demonstrations', checked once
+            samplers["prompts"] = self.prompts
+        if isinstance(positions, int):
+            for name, sampler in samplers.items():
+                if sampler is not None \
+                        and sampler.longest_prompt + config.max_new_tokens > positions:
+                    raise ValueError(
+                        f"the longest prompt of the {name} ({sampler.longest_prompt} tokens) "
+                        f"plus max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
+                        f"{positions} positions; set max_prompt_length (at most "
+                        f"{positions - config.max_new_tokens}) to keep the last tokens of each "
+                        f"prompt")
 
         # Models: the policy (with a value head for PPO), the discriminator, the reference.
         if config.disable_dropout:

@@ -244,3 +244,35 @@ def test_absolute_positions_do_not_depend_on_left_padding():
     shifted = discriminator.discriminator(inputs_embeds=embeds,
                                           position_ids=torch.arange(4, 9)[None]).logits
     assert not torch.allclose(shifted.reshape(1), alone)
+
+
+def test_padding_warning_is_dropped_for_models_with_their_own_classifier_head():
+    """GPT-2 warns from its own module's logger, not transformers.modeling_layers."""
+    import logging
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers.utils import logging as transformers_logging
+
+    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
+
+    model = GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=8, num_labels=1,
+        pad_token_id=0))
+    logger = logging.getLogger(type(model).__module__)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    embeds, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
+    try:
+        transformers_logging.warning_once.cache_clear()
+        DiscriminatorOnSequences(model)(embeds, mask)
+        assert not [r for r in records if "will not detect padding" in r.getMessage()]
+        transformers_logging.warning_once.cache_clear()
+        model(inputs_embeds=embeds, attention_mask=mask)  # elsewhere the warning stays
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("will not detect padding" in r.getMessage() for r in records)
