@@ -57,10 +57,12 @@ stage_timeout() {
 
 banner() { echo; echo "=== $* ($(date +%T), ${SECONDS}s)"; }
 
-STATUS=()  # one "stage: exit status N" line per stage, for summary.txt and the exit status
+STATUS=()  # one "stage: exit status N" line per stage, for summary.txt
+FAILED=""  # the first stage that failed, for the exit status
 record() {
   STATUS+=("$1: exit status $2${3:+ ($3)}")
-  echo "$1: exit status $2${3:+ ($3)}"
+  echo "${STATUS[-1]}"
+  if [ "$2" != 0 ] && [ -z "$FAILED" ]; then FAILED=${STATUS[-1]}; fi
 }
 
 banner "environment"
@@ -155,9 +157,4 @@ except (OSError, ValueError) as error:
 print(summary(doc))
 EOF
 cat "$OUT/summary.txt"
-for line in "${STATUS[@]}"; do
-  case "$line" in
-    *"exit status 0"*) ;;
-    *) echo "FAILED: $line"; exit 1 ;;
-  esac
-done
+if [ -n "$FAILED" ]; then echo "FAILED: $FAILED"; exit 1; fi

@@ -10,16 +10,21 @@ import torch
 
 from rlgaf_fast.bench import cases, measure, presets, report, suite
 
+_REAL_PROVIDERS = cases.providers
+
+
+def _with_raising(provider: str):
+    """cases.providers with one more provider, or one replaced, that raises."""
+
+    def providers(case, fused):
+        found = dict(_REAL_PROVIDERS(case, fused))
+        found[provider] = lambda p: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
+        return found
+    return providers
+
 
 def test_tiny_run_writes_reports_and_records_errors(tmp_path, monkeypatch):
-    real = cases.providers
-
-    def with_broken(case, fused):
-        found = dict(real(case, fused))
-        found["broken"] = lambda p: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
-        return found
-
-    monkeypatch.setattr(cases, "providers", with_broken)
+    monkeypatch.setattr(cases, "providers", _with_raising("broken"))
     doc = suite.run_suite("tiny", ops=["soft_embedding"], out_dir=str(tmp_path), progress=False,
                           compile_baseline=False)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -137,20 +142,11 @@ def test_fraction_of_ceiling_is_the_roofline_bound():
 def test_bench_command_fails_on_a_fused_error_but_not_on_a_baseline_error(tmp_path, monkeypatch):
     from rlgaf_fast.bench.cli import main
 
-    real = cases.providers
-
-    def raising(provider):
-        def providers(case, fused):
-            found = dict(real(case, fused))
-            found[provider] = lambda p: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
-            return found
-        return providers
-
     args = ["--tiny", "--ops", "gumbel_softmax", "--out", str(tmp_path), "--no-plots",
             "--no-progress", "--no-compile"]
-    monkeypatch.setattr(cases, "providers", raising("cpp"))
+    monkeypatch.setattr(cases, "providers", _with_raising("cpp"))
     assert main(args) == 1
-    monkeypatch.setattr(cases, "providers", raising("eager"))
+    monkeypatch.setattr(cases, "providers", _with_raising("eager"))
     assert main(args) == 0
 
 
