@@ -67,13 +67,24 @@ constexpr acc_t lowest_t() {
   return std::is_same<acc_t, float>::value ? acc_t(-100) : acc_t(-800);
 }
 
+// Reinterprets a vector's bits as another vector type of the same size. A reinterpret_cast
+// between them breaks strict aliasing (the element types differ); memcpy is the defined way,
+// and it compiles to nothing.
+template <typename To, typename From>
+static inline To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as needs types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 // exp of 16 floats: fast_expf's algorithm (fast_math.h) on vectors; -inf and x < -86 give 0.
 static inline vec<float> exp_of(vec<float> x) {
   typedef VecOf<float>::int_type ivec;
   const float lowest = -86.0f, round_magic = 12582912.0f;
   const vec<float> clamped = x < lowest ? vec<float>{} + lowest : x;
   const vec<float> shifted = clamped * kLog2E + round_magic;
-  const ivec n = reinterpret_cast<const ivec&>(shifted) - static_cast<int32_t>(float_bits(round_magic));
+  const ivec n = bits_as<ivec>(shifted) - static_cast<int32_t>(float_bits(round_magic));
   const vec<float> nf = shifted - round_magic;
   const vec<float> r = (clamped - nf * kLn2Hi) - nf * kLn2Lo;
   vec<float> q = vec<float>{} + 0.0013814611593261361f;
@@ -83,7 +94,7 @@ static inline vec<float> exp_of(vec<float> x) {
   q = q * r + 0.4999999403953552f;
   const vec<float> exp_r = 1.0f + (r + r * r * q);
   const ivec two_to_n_bits = (n + 127) << 23;
-  const vec<float> y = exp_r * reinterpret_cast<const vec<float>&>(two_to_n_bits);
+  const vec<float> y = exp_r * bits_as<vec<float>>(two_to_n_bits);
   return x < lowest ? vec<float>{} : y;
 }
 
@@ -115,7 +126,7 @@ inline vec<float> load<float, c10::BFloat16>(const c10::BFloat16* x) {
   u16x16 half_words;
   std::memcpy(&half_words, x, sizeof(half_words));
   const u32x16 bits = __builtin_convertvector(half_words, u32x16) << 16;
-  return reinterpret_cast<const vec<float>&>(bits);
+  return bits_as<vec<float>>(bits);
 }
 template <typename acc_t, typename scalar_t>
 static inline vec<acc_t> load_part(const scalar_t* x, int64_t n, acc_t pad) {
@@ -136,7 +147,7 @@ inline void store<float, float>(float* out, vec<float> v, int64_t n) {
 template <>
 inline void store<c10::BFloat16, float>(c10::BFloat16* out, vec<float> v, int64_t n) {
   // Round to nearest even, as c10::BFloat16(float); NaN stays a (quiet) NaN.
-  const u32x16 bits = reinterpret_cast<const u32x16&>(v);
+  const u32x16 bits = bits_as<u32x16>(v);
   const u32x16 rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
   const u32x16 result = v != v ? u32x16{} + 0x7fc0u : rounded;
   const u16x16 half_words = __builtin_convertvector(result, u16x16);
