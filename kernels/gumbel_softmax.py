@@ -7,12 +7,14 @@ by seed, row, column), arithmetic in float32 (float64 for float64 logits).
 Row kernels (fwd, bwd, bwd_from_logits, the embedding statistics) give each row to one program
 (a persistent grid) that loops over vocabulary blocks with an online max / sum, then loops again
 to write, regenerating the noise (the forward is bound by the noise arithmetic: Philox-10 and
-two logarithms per element, twice). The embedding kernels work on [BLOCK_N, BLOCK_V] tiles of the
-probabilities p = exp(z - lse), regenerated from the seed, and never store them: forward
-accumulates p @ weight per D tile (the row statistics come from a first pass), backward forms
-grad_logits per tile with a K-loop over D, and grad_weight = p^T @ grad_out in a separate kernel
-over (V, D) tiles that loops over the rows (no atomics). The price is that the noise is
-regenerated once per D tile in the embedding forward and in grad_weight.
+two logarithms per element, twice). The embedding never holds all [N, V] probabilities
+p = exp(z - lse): it regenerates them from the seed a vocabulary chunk at a time into a workspace
+of about two [N, D] outputs. Forward: the row statistics (one pass of the noise), then per chunk
+the probabilities (a second pass, in all) and a Triton product that adds p @ weight[chunk] to a
+float32 accumulator. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D
+(a third pass), then per chunk the probabilities again (a fourth) and grad_weight[chunk] =
+p^T @ grad_out by torch (cuBLAS on a GPU). An earlier design regenerated the noise inside the
+products, once per D tile (18 passes at D = 2048), and was 8 times slower than eager on an H200.
 
 1 / tau enters as two float32 numbers (hi + lo): a kernel scalar argument is float32, and the
 float64 path needs 1 / tau to double precision (hi + lo carries it to about 2^-48).
@@ -354,62 +356,100 @@ def _row_lse_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _embedding_fwd_kernel(
+def _embedding_probs_kernel(
     x_ptr,
     w_ptr,
     lse_ptr,
-    out_ptr,
+    p_hi_ptr,
+    p_lo_ptr,
     N,
     V,
-    D,
+    col_start,
+    width,
+    p_stride,
     seed,
     inv_tau_hi,
     inv_tau_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     FP64: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     PTX_LOG: tl.constexpr,
     SPLIT_P: tl.constexpr,
 ):
-    """out[rows, d tile] = sum over vocabulary blocks of exp(z - lse) @ weight[block, d tile].
-    SPLIT_P (16-bit weight): p = p_hi + p_lo, both 16-bit, two dots."""
+    """p = exp(z - lse) of columns [col_start, col_start + width) into the [N, width] workspace
+    (row stride p_stride), rounded to the weight's dtype. SPLIT_P (16-bit weight) also writes
+    the remainder p - p_hi, rounded the same way."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (local < width)[None, :]
+    z = _z_tile(
+        x_ptr, rows, col_start + tl.program_id(1) * BLOCK_V, mask, V, seed, inv_tau_hi,
+        inv_tau_lo, BLOCK_V, FP64, PTX_LOG
+    )
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    w_dtype = w_ptr.dtype.element_ty  # the rounding of the dot operands (the weight is not read)
+    p_hi = p.to(w_dtype)
+    offsets = rows[:, None] * p_stride + local[None, :]
+    tl.store(p_hi_ptr + offsets, p_hi.to(p_hi_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_P:
+        p_lo = (p - p_hi.to(p.dtype)).to(w_dtype)
+        tl.store(p_lo_ptr + offsets, p_lo.to(p_lo_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _embedding_product_kernel(
+    p_hi_ptr,
+    p_lo_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    K,
+    D,
+    p_stride,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_P: tl.constexpr,
+):
+    """out[rows, d tile] (+)= p_hi[rows, :K] @ w[:K, d tile] (+ p_lo @ w): one vocabulary chunk
+    of the forward. out is the accumulator across chunks, float32 or float64: the sum over the
+    vocabulary never passes through a 16-bit result."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < N
     d_mask = dcols < D
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    out_offsets = rows[:, None] * D + dcols[None, :]
+    out_mask = row_mask[:, None] & d_mask[None, :]
     # out_dtype explicit: triton 3.6 defaults it to float32 even for a float64 accumulator
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
-    for col_start in range(0, V, BLOCK_V):
-        cols = col_start + tl.arange(0, BLOCK_V)
-        v_mask = cols < V
-        mask = row_mask[:, None] & v_mask[None, :]
-        z = _z_tile(
-            x_ptr, rows, col_start, mask, V, seed, inv_tau_hi, inv_tau_lo, BLOCK_V, FP64, PTX_LOG
-        )
-        p = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
+    if ACCUMULATE:
+        acc = tl.load(out_ptr + out_offsets, mask=out_mask, other=0.0).to(acc_dtype)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
         w = tl.load(
-            w_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :],
-            mask=v_mask[:, None] & d_mask[None, :],
+            w_ptr + ks.to(tl.int64)[:, None] * D + dcols[None, :],
+            mask=k_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        p_hi = p.to(w.dtype)
+        p_offsets = rows[:, None] * p_stride + ks[None, :]
+        p_mask = row_mask[:, None] & k_mask[None, :]
+        p_hi = tl.load(p_hi_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
         acc = tl.dot(p_hi, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         if SPLIT_P:
             # a 16-bit p would put its rounding into every entry of out, and the backward's
             # grad_out . out cancels against grad_out @ weight^T: the remainder's product makes
             # out float32-accurate with tensor-core dots
-            p_lo = (p - p_hi.to(p.dtype)).to(w.dtype)
+            p_lo = tl.load(p_lo_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
             acc = tl.dot(p_lo, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-    tl.store(
-        out_ptr + rows[:, None] * D + dcols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & d_mask[None, :],
-    )
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -417,7 +457,7 @@ def _embedding_bwd_logits_kernel(
     grad_out_ptr,
     x_ptr,
     w_ptr,
-    out_ptr,
+    go_dot_out_ptr,
     lse_ptr,
     grad_x_ptr,
     N,
@@ -434,7 +474,8 @@ def _embedding_bwd_logits_kernel(
     DOT_PRECISION: tl.constexpr,
     PTX_LOG: tl.constexpr,
 ):
-    """grad_logits tile = y * (grad_out @ weight^T - grad_out . out) / tau, y = exp(z - lse)."""
+    """grad_logits tile = y * (grad_out @ weight^T - grad_out . out) / tau, y = exp(z - lse);
+    grad_out . out per row comes computed (go_dot_out, the accumulation dtype)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_start = tl.program_id(1) * BLOCK_V
     cols = col_start + tl.arange(0, BLOCK_V)
@@ -442,13 +483,11 @@ def _embedding_bwd_logits_kernel(
     v_mask = cols < V
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     dy = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
-    go_dot_out = tl.zeros([BLOCK_N], acc_dtype)
     for d_start in range(0, D, BLOCK_D):
         dcols = d_start + tl.arange(0, BLOCK_D)
         d_mask = dcols < D
         nd_mask = row_mask[:, None] & d_mask[None, :]
         go = tl.load(grad_out_ptr + rows[:, None] * D + dcols[None, :], mask=nd_mask, other=0.0)
-        out = tl.load(out_ptr + rows[:, None] * D + dcols[None, :], mask=nd_mask, other=0.0)
         w = tl.load(
             w_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :],
             mask=v_mask[:, None] & d_mask[None, :],
@@ -458,12 +497,12 @@ def _embedding_bwd_logits_kernel(
         dy = tl.dot(
             go.to(w.dtype), tl.trans(w), dy, input_precision=DOT_PRECISION, out_dtype=acc_dtype
         )
-        go_dot_out += tl.sum(go.to(acc_dtype) * out.to(acc_dtype), 1)
     mask = row_mask[:, None] & v_mask[None, :]
     z = _z_tile(
         x_ptr, rows, col_start, mask, V, seed, inv_tau_hi, inv_tau_lo, BLOCK_V, FP64, PTX_LOG
     )
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    go_dot_out = tl.load(go_dot_out_ptr + rows, mask=row_mask, other=0.0)
     y = tl.exp(z - lse[:, None])
     dtype = tl.float64 if FP64 else tl.float32
     gx = y * (dy.to(dtype) - go_dot_out.to(dtype)[:, None])
@@ -472,64 +511,6 @@ def _embedding_bwd_logits_kernel(
         grad_x_ptr + rows[:, None] * V + cols[None, :],
         gx.to(grad_x_ptr.dtype.element_ty),
         mask=mask,
-    )
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _embedding_bwd_weight_kernel(
-    grad_out_ptr,
-    x_ptr,
-    w_ptr,
-    lse_ptr,
-    grad_w_ptr,
-    N,
-    V,
-    D,
-    seed,
-    inv_tau_hi,
-    inv_tau_lo,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FP64: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    PTX_LOG: tl.constexpr,
-):
-    """grad_weight[v tile, d tile] = sum over row blocks of y^T @ grad_out, y = exp(z - lse)."""
-    col_start = tl.program_id(0) * BLOCK_V
-    cols = col_start + tl.arange(0, BLOCK_V)
-    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    v_mask = cols < V
-    d_mask = dcols < D
-    w_dtype = w_ptr.dtype.element_ty  # the dot operands' dtype (the weight is not read)
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    acc = tl.zeros([BLOCK_V, BLOCK_D], acc_dtype)
-    for row_start in range(0, N, BLOCK_N):
-        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = rows < N
-        mask = row_mask[:, None] & v_mask[None, :]
-        z = _z_tile(
-            x_ptr, rows, col_start, mask, V, seed, inv_tau_hi, inv_tau_lo, BLOCK_V, FP64, PTX_LOG
-        )
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        y = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
-        go = tl.load(
-            grad_out_ptr + rows[:, None] * D + dcols[None, :],
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(
-            tl.trans(y.to(w_dtype)),
-            go.to(w_dtype),
-            acc,
-            input_precision=DOT_PRECISION,
-            out_dtype=acc_dtype,
-        )
-    tl.store(
-        grad_w_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :],
-        acc.to(w_dtype),
-        mask=v_mask[:, None] & d_mask[None, :],
     )
 
 
@@ -579,41 +560,99 @@ def _row_launch(N: int, V: int, t: torch.Tensor, kind: str) -> tuple[int, int, i
 
 def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tuple[int, ...]]:
     """Tiles of the embedding kernels (every dot dimension >= 16):
-    fwd (BLOCK_N, BLOCK_V, BLOCK_D): [BLOCK_N, BLOCK_V] probabilities @ [BLOCK_V, BLOCK_D] weight;
-    logits (BLOCK_N, BLOCK_V, BLOCK_D): grad_logits tiles, a K-loop over D in steps of BLOCK_D;
-    weight (BLOCK_N, BLOCK_V, BLOCK_D): grad_weight tiles, a K-loop over rows in steps of
-    BLOCK_N; and num_warps. Wider weight elements get smaller tiles (shared memory)."""
+    probs (BLOCK_N, BLOCK_V): the probabilities kernel's tiles (elementwise: <= 16 noise elements
+    a thread); product (BLOCK_N, BLOCK_K, BLOCK_D): [BLOCK_N, BLOCK_K] probabilities @
+    [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary chunk; logits (BLOCK_N, BLOCK_V,
+    BLOCK_D): grad_logits tiles, a K-loop over D in steps of BLOCK_D; and num_warps. Wider weight
+    elements get smaller tiles (shared memory)."""
     if not gpu:
         return {
-            "fwd": (16, 32, 16),
+            "probs": (16, 32),
+            "product": (16, 32, 16),
             "logits": (16, 32, 16),
-            "weight": (16, 32, 16),
             "num_warps": (4,),
         }
     d_tile = min(
         {2: 256, 4: 128}.get(weight_dtype.itemsize, 64), max(16, triton.next_power_of_2(D))
     )
-    # the noise tiles are kept small (<= 16 elements a thread) next to the accumulators
     if weight_dtype.itemsize <= 2:
         return {
-            "fwd": (64, 32, d_tile),
+            "probs": (32, 128),
+            "product": (64, 64, d_tile),
             "logits": (64, 64, 64),
-            "weight": (64, 64, d_tile),
             "num_warps": (8,),
         }
     if weight_dtype.itemsize == 4:  # float32: three-pass TF32 dots need more registers
         return {
-            "fwd": (64, 32, d_tile),
+            "probs": (32, 128),
+            "product": (64, 32, d_tile),
             "logits": (32, 64, 32),
-            "weight": (32, 64, d_tile),
             "num_warps": (8,),
         }
     return {
-        "fwd": (32, 32, d_tile),
+        "probs": (16, 128),
+        "product": (32, 32, d_tile),
         "logits": (32, 64, 32),
-        "weight": (32, 32, d_tile),
         "num_warps": (4,),
     }
+
+
+# Under the interpreter the vocabulary chunks are small, so that the tests' vocabularies span
+# several chunks and end in a partial one.
+_INTERPRETER_CHUNK = 64
+
+
+def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
+    """Vocabulary columns per chunk of the probabilities workspace [N, chunk]: about two [N, D]
+    outputs' worth of elements (2^22 at least), so that the extra memory stays O(N * D) and each
+    chunk's product is still a large matrix product. A multiple of 256 on a GPU (of every
+    BLOCK_V and BLOCK_K, and of 4, the noise's column alignment)."""
+    if not gpu:
+        return _INTERPRETER_CHUNK
+    chunk = max(2 * D, 2**22 // max(N, 1)) // 256 * 256
+    return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
+
+
+def _write_probs(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    lse: torch.Tensor,
+    p_hi: torch.Tensor,
+    p_lo: torch.Tensor,
+    col_start: int,
+    width: int,
+    seed: int,
+    tau: float,
+    split: bool,
+) -> None:
+    """Fill p_hi[:, :width] (and p_lo, if split) with exp(z - lse) of the columns
+    [col_start, col_start + width), regenerating the noise."""
+    N, V = logits.shape
+    cfg = _tile_config(weight.dtype, weight.shape[1], _on_gpu(logits))
+    block_n, block_v = cfg["probs"]
+    inv_hi, inv_lo = _inv_tau_parts(tau)
+    grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(width, block_v)), "embedding probs")
+    _embedding_probs_kernel[grid](
+        logits,
+        weight,
+        lse,
+        p_hi,
+        p_lo,
+        N,
+        V,
+        col_start,
+        width,
+        p_hi.shape[1],
+        seed,
+        inv_hi,
+        inv_lo,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        FP64=logits.dtype == torch.float64,
+        PTX_LOG=_ptx_log(logits),
+        SPLIT_P=split,
+        num_warps=cfg["num_warps"][0],
+    )
 
 
 def _result_buffer(
@@ -839,30 +878,38 @@ def gumbel_softmax_embedding_fwd(
         num_warps=num_warps,
     )
     if D > 0:
-        cfg = _tile_config(weight.dtype, D, _on_gpu(logits))
-        block_n, block_v, block_d = cfg["fwd"]
+        # The probabilities are written once, a vocabulary chunk at a time, to a bounded
+        # workspace, and a matrix-product kernel reads them: regenerating them inside the
+        # product instead costs one pass of the noise per D tile.
+        gpu = _on_gpu(logits)
+        cfg = _tile_config(weight.dtype, D, gpu)
+        block_n, block_k, block_d = cfg["product"]
+        split = weight.dtype in (torch.float16, torch.bfloat16)
+        chunk = _chunk_width(N, V, D, gpu)
+        p_hi = _result_buffer((N, chunk), weight.dtype, logits.device)
+        p_lo = _result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
         grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
-        _embedding_fwd_kernel[grid](
-            logits,
-            weight,
-            lse,
-            out,
-            N,
-            V,
-            D,
-            seed,
-            inv_hi,
-            inv_lo,
-            BLOCK_N=block_n,
-            BLOCK_V=block_v,
-            BLOCK_D=block_d,
-            FP64=fp64,
-            ACC_FP64=weight.dtype == torch.float64,
-            DOT_PRECISION=_dot_precision(weight.dtype),
-            PTX_LOG=ptx_log,
-            SPLIT_P=weight.dtype in (torch.float16, torch.bfloat16),
-            num_warps=cfg["num_warps"][0],
-        )
+        for col_start in range(0, V, chunk):
+            width = min(chunk, V - col_start)
+            _write_probs(logits, weight, lse, p_hi, p_lo, col_start, width, seed, tau, split)
+            _embedding_product_kernel[grid](
+                p_hi,
+                p_lo,
+                weight[col_start:col_start + width],
+                out,
+                N,
+                width,
+                D,
+                chunk,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_D=block_d,
+                ACCUMULATE=col_start > 0,
+                ACC_FP64=weight.dtype == torch.float64,
+                DOT_PRECISION=_dot_precision(weight.dtype),
+                SPLIT_P=split,
+                num_warps=cfg["num_warps"][0],
+            )
     return out, tokens, lse
 
 
@@ -903,16 +950,11 @@ def gumbel_softmax_embedding_bwd(
     grad_x = _result_buffer((N, V), logits.dtype, logits.device)
     if N == 0 or V == 0:
         return grad_x.to(logits.dtype), torch.zeros_like(weight)
-    grad_w = _result_buffer((V, D), weight.dtype, weight.device)
-    cfg = _tile_config(weight.dtype, D, _on_gpu(logits))
+    gpu = _on_gpu(logits)
+    cfg = _tile_config(weight.dtype, D, gpu)
     inv_hi, inv_lo = _inv_tau_parts(tau)
-    common = {
-        "FP64": fp64,
-        "ACC_FP64": weight.dtype == torch.float64,
-        "DOT_PRECISION": _dot_precision(weight.dtype),
-        "PTX_LOG": _ptx_log(logits),
-        "num_warps": cfg["num_warps"][0],
-    }
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    go_dot_out = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1)
     block_n, block_v, block_d = cfg["logits"]
     # row blocks vary fastest, so programs running together share the weight rows they read
     grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(V, block_v)), "embedding bwd")
@@ -920,7 +962,7 @@ def gumbel_softmax_embedding_bwd(
         grad_out,
         logits,
         weight,
-        out,
+        go_dot_out,
         lse,
         grad_x,
         N,
@@ -932,26 +974,23 @@ def gumbel_softmax_embedding_bwd(
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_D=block_d,
-        **common,
+        FP64=fp64,
+        ACC_FP64=weight.dtype == torch.float64,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+        PTX_LOG=_ptx_log(logits),
+        num_warps=cfg["num_warps"][0],
     )
+    # grad_weight = y^T @ grad_out a vocabulary chunk at a time: y written once to the
+    # workspace, the product by torch (cuBLAS on a GPU), accumulated in float32 (float64) and
+    # rounded once, as a dot of y and grad_out in the weight's dtype.
+    grad_w = torch.empty((V, D), dtype=weight.dtype, device=weight.device)
     if D > 0:
-        block_n, block_v, block_d = cfg["weight"]
-        grid = _check_grid((triton.cdiv(V, block_v), triton.cdiv(D, block_d)), "embedding bwd")
-        _embedding_bwd_weight_kernel[grid](
-            grad_out,
-            logits,
-            weight,
-            lse,
-            grad_w,
-            N,
-            V,
-            D,
-            seed,
-            inv_hi,
-            inv_lo,
-            BLOCK_N=block_n,
-            BLOCK_V=block_v,
-            BLOCK_D=block_d,
-            **common,
-        )
-    return grad_x.to(logits.dtype), grad_w.to(weight.dtype)
+        chunk = _chunk_width(N, V, D, gpu)
+        p = _result_buffer((N, chunk), weight.dtype, logits.device)
+        go = grad_out.to(weight.dtype)
+        for col_start in range(0, V, chunk):
+            width = min(chunk, V - col_start)
+            _write_probs(logits, weight, lse, p, p, col_start, width, seed, tau, False)
+            torch.mm(p[:, :width].to(weight.dtype).t(), go,
+                     out=grad_w[col_start:col_start + width])
+    return grad_x.to(logits.dtype), grad_w
