@@ -578,7 +578,7 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
     if weight_dtype.itemsize <= 2:
         return {
             "probs": (32, 128),
-            "product": (64, 64, d_tile),
+            "product": (64, 32, d_tile),
             "logits": (64, 64, 64),
             "num_warps": (8,),
         }
