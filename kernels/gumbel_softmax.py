@@ -10,11 +10,12 @@ to write, regenerating the noise (the forward is bound by the noise arithmetic: 
 two logarithms per element, twice). The embedding never holds all [N, V] probabilities
 p = exp(z - lse): it regenerates them from the seed a vocabulary chunk at a time into a workspace
 of about two [N, D] outputs. Forward: the row statistics (one pass of the noise), then per chunk
-the probabilities (a second pass, in all) and a Triton product that adds p @ weight[chunk] to a
-float32 accumulator. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D
-(a third pass), then per chunk the probabilities again (a fourth) and grad_weight[chunk] =
-p^T @ grad_out by torch (cuBLAS on a GPU). An earlier design regenerated the noise inside the
-products, once per D tile (18 passes at D = 2048), and was 8 times slower than eager on an H200.
+the probabilities (a second pass, in all) and a Triton product kernel for p @ weight[chunk],
+split over the chunk's columns when N x D has few output tiles, whose float32 partial sums add
+to out. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D (a third pass),
+then per chunk the probabilities again (a fourth) and grad_weight[chunk] = p^T @ grad_out by
+torch (cuBLAS on a GPU). An earlier design regenerated the noise inside the products, once per
+D tile (18 passes at D = 2048), and was 8 times slower than eager on an H200.
 
 1 / tau enters as two float32 numbers (hi + lo): a kernel scalar argument is float32, and the
 float64 path needs 1 / tau to double precision (hi + lo carries it to about 2^-48).
@@ -403,37 +404,34 @@ def _embedding_product_kernel(
     p_hi_ptr,
     p_lo_ptr,
     w_ptr,
-    out_ptr,
+    partial_ptr,
     N,
     K,
     D,
     p_stride,
+    k_per_split,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_P: tl.constexpr,
 ):
-    """out[rows, d tile] (+)= p_hi[rows, :K] @ w[:K, d tile] (+ p_lo @ w): one vocabulary chunk
-    of the forward. out is the accumulator across chunks, float32 or float64: the sum over the
-    vocabulary never passes through a 16-bit result."""
+    """partial[s, rows, d tile] = p_hi[rows, ks] @ w[ks, d tile] (+ p_lo @ w), ks the columns
+    [s * k_per_split, (s + 1) * k_per_split) of one vocabulary chunk of K columns. The split
+    over K (axis 2) keeps the GPU busy when N x D has few tiles (a batch of single tokens)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     row_mask = rows < N
     d_mask = dcols < D
-    out_offsets = rows[:, None] * D + dcols[None, :]
-    out_mask = row_mask[:, None] & d_mask[None, :]
     # out_dtype explicit: triton 3.6 defaults it to float32 even for a float64 accumulator
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    if ACCUMULATE:
-        acc = tl.load(out_ptr + out_offsets, mask=out_mask, other=0.0).to(acc_dtype)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
-    for k_start in range(0, K, BLOCK_K):
+    acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
+    for k_start in range(k_begin, k_end, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
+        k_mask = ks < k_end
         w = tl.load(
             w_ptr + ks.to(tl.int64)[:, None] * D + dcols[None, :],
             mask=k_mask[:, None] & d_mask[None, :],
@@ -449,7 +447,12 @@ def _embedding_product_kernel(
             # out float32-accurate with tensor-core dots
             p_lo = tl.load(p_lo_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
             acc = tl.dot(p_lo, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    partial = partial_ptr + tl.program_id(2).to(tl.int64) * N * D
+    tl.store(
+        partial + rows[:, None] * D + dcols[None, :],
+        acc.to(partial_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -611,6 +614,19 @@ def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
         return _INTERPRETER_CHUNK
     chunk = max(2 * D, 2**22 // max(N, 1)) // 256 * 256
     return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
+
+
+def _k_per_split(tiles: int, chunk: int, block_k: int, t: torch.Tensor) -> int:
+    """Columns of a vocabulary chunk per program of the product kernel (a multiple of block_k).
+    A GPU launch with fewer [BLOCK_N, BLOCK_D] output tiles than two per SM splits the chunk
+    over more programs, each still at least 8 BLOCK_K steps long; the interpreter splits in two,
+    so that the tests run the split."""
+    steps = triton.cdiv(chunk, block_k)
+    if _on_gpu(t):
+        splits = max(1, min(2 * _sm_count(t.device.index or 0) // tiles, steps // 8))
+    else:
+        splits = min(2, steps)
+    return triton.cdiv(steps, splits) * block_k
 
 
 def _write_probs(
@@ -888,28 +904,38 @@ def gumbel_softmax_embedding_fwd(
         chunk = _chunk_width(N, V, D, gpu)
         p_hi = _result_buffer((N, chunk), weight.dtype, logits.device)
         p_lo = _result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
+        k_per_split = _k_per_split(tiles, chunk, block_k, logits)
+        splits = triton.cdiv(chunk, k_per_split)
         grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
+        # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
+        partial = torch.empty((splits, N, D), dtype=out.dtype, device=out.device)
         for col_start in range(0, V, chunk):
             width = min(chunk, V - col_start)
             _write_probs(logits, weight, lse, p_hi, p_lo, col_start, width, seed, tau, split)
-            _embedding_product_kernel[grid](
+            _embedding_product_kernel[(*grid, triton.cdiv(width, k_per_split))](
                 p_hi,
                 p_lo,
                 weight[col_start:col_start + width],
-                out,
+                partial,
                 N,
                 width,
                 D,
                 chunk,
+                k_per_split,
                 BLOCK_N=block_n,
                 BLOCK_K=block_k,
                 BLOCK_D=block_d,
-                ACCUMULATE=col_start > 0,
                 ACC_FP64=weight.dtype == torch.float64,
                 DOT_PRECISION=_dot_precision(weight.dtype),
                 SPLIT_P=split,
                 num_warps=cfg["num_warps"][0],
             )
+            used = partial[:triton.cdiv(width, k_per_split)]
+            if col_start == 0:
+                torch.sum(used, 0, out=out)
+            else:
+                out += used.sum(0)
     return out, tokens, lse
 
 
