@@ -7,15 +7,18 @@ by seed, row, column), arithmetic in float32 (float64 for float64 logits).
 Row kernels (fwd, bwd, bwd_from_logits, the embedding statistics) give each row to one program
 (a persistent grid) that loops over vocabulary blocks with an online max / sum, then loops again
 to write, regenerating the noise (the forward is bound by the noise arithmetic: Philox-10 and
-two logarithms per element, twice). The embedding never holds all [N, V] probabilities
-p = exp(z - lse): it regenerates them from the seed a vocabulary chunk at a time into a workspace
-of about two [N, D] outputs. Forward: the row statistics (one pass of the noise), then per chunk
-the probabilities (a second pass, in all) and a Triton product kernel for p @ weight[chunk],
-split over the chunk's columns when N x D has few output tiles, whose float32 partial sums add
-to out. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D (a third pass),
-then per chunk the probabilities again (a fourth) and grad_weight[chunk] = p^T @ grad_out by
-torch (cuBLAS on a GPU). An earlier design regenerated the noise inside the products, once per
-D tile (18 passes at D = 2048), and was 8 times slower than eager on an H200.
+two logarithms per element, twice).
+
+The embedding never holds all [N, V] probabilities p = exp(z - lse): it regenerates them from
+the seed a vocabulary chunk at a time into a workspace of O(N * D) elements (_chunk_width).
+Forward: the row statistics (one pass of the noise), then per chunk the probabilities (a second
+pass, in all) and a Triton product kernel for p @ weight[chunk], split over the chunk's columns
+when N x D has few output tiles, whose partial sums (float32, float64 where an input is) add to
+out. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D (a third pass), then
+per chunk the probabilities again (a fourth) and grad_weight[chunk] = p^T @ grad_out by torch
+(cuBLAS on a GPU, so torch's matmul settings apply to it as to eager's: TF32 under
+set_float32_matmul_precision("high")). An earlier design regenerated the noise inside the
+products, once per D tile (18 passes at D = 2048), and was 8 times slower than eager on an H200.
 
 1 / tau enters as two float32 numbers (hi + lo): a kernel scalar argument is float32, and the
 float64 path needs 1 / tau to double precision (hi + lo carries it to about 2^-48).
@@ -605,25 +608,33 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
 _INTERPRETER_CHUNK = 64
 
 
+# The fused embedding's memory beyond its float32 [N, D] output stays O(N * D), within issue 2's
+# goal on a GPU (N * D * 16 bytes + 1 MiB, for D >= 256): the probabilities workspace takes at
+# most max(N * D, 256 * N, _MIN_WORKSPACE) elements and the split product's partial sums at most
+# max(2 * N * D, _MIN_WORKSPACE), 4 bytes each (a 16-bit p is stored as two halves).
+_MIN_WORKSPACE = 2**16
+
+
 def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
-    """Vocabulary columns per chunk of the probabilities workspace [N, chunk]: about two [N, D]
-    outputs' worth of elements (2^22 at least), so that the extra memory stays O(N * D) and each
-    chunk's product is still a large matrix product. A multiple of 256 on a GPU (of every
+    """Vocabulary columns per chunk of the probabilities workspace [N, chunk]: at most
+    max(N * D, 256 * N, _MIN_WORKSPACE) elements. A multiple of 256 on a GPU (of every
     BLOCK_V and BLOCK_K, and of 4, the noise's column alignment)."""
     if not gpu:
         return _INTERPRETER_CHUNK
-    chunk = max(2 * D, 2**22 // max(N, 1)) // 256 * 256
+    chunk = max(D, _MIN_WORKSPACE // max(N, 1)) // 256 * 256
     return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
 
 
-def _k_per_split(tiles: int, chunk: int, block_k: int, t: torch.Tensor) -> int:
+def _k_per_split(N: int, D: int, tiles: int, chunk: int, block_k: int, t: torch.Tensor) -> int:
     """Columns of a vocabulary chunk per program of the product kernel (a multiple of block_k).
     A GPU launch with fewer [BLOCK_N, BLOCK_D] output tiles than two per SM splits the chunk
-    over more programs, each still at least 8 BLOCK_K steps long; the interpreter splits in two,
-    so that the tests run the split."""
+    over more programs, each at least 8 BLOCK_K steps long, with partial sums of at most
+    max(2 * N * D, _MIN_WORKSPACE) elements; the interpreter splits in two, so that the
+    tests run the split."""
     steps = triton.cdiv(chunk, block_k)
     if _on_gpu(t):
-        splits = max(1, min(2 * _sm_count(t.device.index or 0) // tiles, steps // 8))
+        most = max(2 * N * D, _MIN_WORKSPACE) // max(N * D, 1)
+        splits = max(1, min(2 * _sm_count(t.device.index or 0) // tiles, steps // 8, most))
     else:
         splits = min(2, steps)
     return triton.cdiv(steps, splits) * block_k
@@ -854,7 +865,7 @@ def gumbel_softmax_bwd_from_logits(
 def gumbel_softmax_embedding_fwd(
     logits: torch.Tensor, weight: torch.Tensor, tau: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax(z) @ weight without writing the [N, V] probabilities.
+    """softmax(z) @ weight without holding all [N, V] probabilities at once.
 
     logits [N, V], weight [V, D], contiguous. Returns out [N, D] in float32 (float64 where the
     logits or the weight are), the accumulation dtype, tokens [N] int64 = argmax(z) and
@@ -905,7 +916,7 @@ def gumbel_softmax_embedding_fwd(
         p_hi = _result_buffer((N, chunk), weight.dtype, logits.device)
         p_lo = _result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
         tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
-        k_per_split = _k_per_split(tiles, chunk, block_k, logits)
+        k_per_split = _k_per_split(N, D, tiles, chunk, block_k, logits)
         splits = triton.cdiv(chunk, k_per_split)
         grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
         # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
@@ -953,8 +964,8 @@ def gumbel_softmax_embedding_bwd(
 
     grad_out, out [N, D]; logits [N, V]; weight [V, D]; lse [N] from the forward. Returns
     grad_logits [N, V] (logits dtype) = y * (grad_out @ weight^T - grad_out . out) / tau and
-    grad_weight [V, D] (weight dtype) = y^T @ grad_out, accumulated in float32 (float64 for
-    float64 weight).
+    grad_weight [V, D] (weight dtype) = y^T @ grad_out, a torch.mm of y and grad_out in the
+    weight's dtype (torch's matmul settings apply, as to eager's).
     """
     for name, t in (("grad_out", grad_out), ("logits", logits), ("weight", weight), ("out", out)):
         _check_matrix(name, t)
@@ -1007,8 +1018,7 @@ def gumbel_softmax_embedding_bwd(
         num_warps=cfg["num_warps"][0],
     )
     # grad_weight = y^T @ grad_out a vocabulary chunk at a time: y written once to the
-    # workspace, the product by torch (cuBLAS on a GPU), accumulated in float32 (float64) and
-    # rounded once, as a dot of y and grad_out in the weight's dtype.
+    # workspace, the product by torch (cuBLAS on a GPU) in the weight's dtype, as eager's.
     grad_w = torch.empty((V, D), dtype=weight.dtype, device=weight.device)
     if D > 0:
         chunk = _chunk_width(N, V, D, gpu)

@@ -193,7 +193,7 @@ def gumbel_softmax_embedding(
     seed: int | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Embed a Gumbel-Softmax sample without writing its ``[N, V]`` probabilities.
+    """Embed a Gumbel-Softmax sample without holding all its ``[N, V]`` probabilities at once.
 
     Equal to ``soft_embedding(gumbel_softmax(logits, tau, hard, seed=s), weight)`` for the same
     seed; the backward pass regenerates the noise from the seed.

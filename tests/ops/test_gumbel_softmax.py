@@ -1,5 +1,6 @@
 """Every backend of the Gumbel-Softmax family against rlgaf_fast.reference."""
 
+import importlib.util
 import os
 
 import pytest
@@ -278,7 +279,10 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24)])
+# (64, 1100, 24): several row tiles, and several vocabulary chunks on a GPU as well as under the
+# interpreter (chunks of 64 there); (3, 50, 0): an empty embedding width
+@pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24), (64, 1100, 24),
+                                   (3, 50, 0)])
 def test_embedding_matches_reference_float64(backend, hard, n, v, d):
     if _interpreted(backend) and hard:
         pytest.skip("hard mode shares the soft kernels, covered by the soft case here")
@@ -323,6 +327,39 @@ def test_embedding_gradient_in_low_precision_is_the_exact_one_rounded(backend, d
         # half an ulp of the rounding, one ulp of margin, and float32 noise where terms cancel
         bound = torch.finfo(dtype).eps * gx64.abs() + 1e-5 * gx64.abs().max()
         assert (error <= bound).all(), (error / bound).max().item()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize(("n", "d", "dtype"), [(16, 256, torch.float32), (64, 256, torch.float32),
+                                               (64, 2048, torch.bfloat16), (1, 8, torch.float16)])
+def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch, n, d, dtype):
+    """What the Triton forward allocates with its GPU configuration (chunk width, split), the
+    kernels not launched: within issue 2's goal (the benchmark's, on a GPU) of N * D * 16 bytes
+    + 1 MiB beyond the inputs, at V = 128256."""
+    from rlgaf_fast.kernels import gumbel_softmax as gs
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(gs, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(gs, "_sm_count", lambda device_index: 132)
+    for kernel in ("_row_lse_kernel", "_embedding_probs_kernel", "_embedding_product_kernel"):
+        monkeypatch.setattr(gs, kernel, NoLaunch())
+    allocated = []
+    empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        allocated.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    logits = torch.zeros(n, 128256, dtype=dtype)
+    weight = torch.zeros(128256, d, dtype=dtype)
+    gs.gumbel_softmax_embedding_fwd(logits, weight, 1.0, 3)
+    assert len(allocated) >= 4  # out, tokens, lse, the workspace, the partial sums
+    assert sum(allocated) <= n * d * 16 + (1 << 20), allocated
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
