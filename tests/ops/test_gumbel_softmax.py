@@ -375,6 +375,28 @@ def test_embedding_equals_gumbel_softmax_then_soft_embedding(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("logits_dtype", "weight_dtype"),
+                         [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_embedding_float32_and_float64_mixed_match_reference(backend, logits_dtype, weight_dtype):
+    """Mixed 32/64-bit inputs (the interpreter runs these, unlike 16-bit dots): the output in the
+    weight's dtype, both gradients in their input's dtype, float32-accurate."""
+    dev = _device(backend)
+    x = _logits(9, 150, logits_dtype, backend).requires_grad_()
+    w = torch.randn(150, 20, dtype=weight_dtype, device=dev, requires_grad=True)
+    out, _ = rlgaf_fast.gumbel_softmax_embedding(x, w, 0.8, seed=2, backend=backend)
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = w.detach().cpu().double().requires_grad_()
+    out64, _ = reference.gumbel_softmax_embedding(x64, w64, 0.8, seed=2)
+    grad = torch.randn(9, 20, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(out, (x, w), grad.to(dev, weight_dtype))
+    gx64, gw64 = torch.autograd.grad(out64, (x64, w64), grad)
+    assert (out.dtype, gx.dtype, gw.dtype) == (weight_dtype, logits_dtype, weight_dtype)
+    for got, want in ((out, out64), (gx, gx64), (gw, gw64)):
+        torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=2e-5,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_embedding_mixed_dtypes_and_empty_batch(backend):
     if _interpreted(backend):
         pytest.skip("the Triton interpreter computes tl.dot of bf16 operands wrongly (DESIGN.md)")
