@@ -260,7 +260,7 @@ def check_embedding_ops(
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     grad_logits, grad_weight = ops.gumbel_softmax_embedding_bwd(
-        grad_out, logits, weight, out, lse, TAU, SEED
+        grad_out, logits, weight, out, lse, TAU, SEED, True
     )
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before

@@ -110,7 +110,7 @@ def cases():
 
 def _embedding(gs, x, w):
     out, _, lse = gs.gumbel_softmax_embedding_fwd(x, w, 0.7, 3)
-    return gs.gumbel_softmax_embedding_bwd(torch.randn_like(out), x, w, out, lse, 0.7, 3)
+    return gs.gumbel_softmax_embedding_bwd(torch.randn_like(out), x, w, out, lse, 0.7, 3, True)
 
 
 def main() -> int:

@@ -959,13 +959,15 @@ def gumbel_softmax_embedding_bwd(
     lse: torch.Tensor,
     tau: float,
     seed: int,
+    weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of gumbel_softmax_embedding_fwd, regenerating y = exp(z - lse) from the seed.
 
     grad_out, out [N, D]; logits [N, V]; weight [V, D]; lse [N] from the forward. Returns
     grad_logits [N, V] (logits dtype) = y * (grad_out @ weight^T - grad_out . out) / tau and
     grad_weight [V, D] (weight dtype) = y^T @ grad_out, a torch.mm of y and grad_out in the
-    weight's dtype (torch's matmul settings apply, as to eager's).
+    weight's dtype (torch's matmul settings apply, as to eager's); with weight_grad False an
+    empty tensor instead, not computed.
     """
     for name, t in (("grad_out", grad_out), ("logits", logits), ("weight", weight), ("out", out)):
         _check_matrix(name, t)
@@ -985,8 +987,14 @@ def gumbel_softmax_embedding_bwd(
             f"{tuple(lse.shape)}"
         )
     grad_x = _result_buffer((N, V), logits.dtype, logits.device)
+    if not weight_grad:
+        grad_w = weight.new_empty((0,))
+    elif N == 0 or V == 0:
+        grad_w = torch.zeros_like(weight)
+    else:
+        grad_w = torch.empty_like(weight)
     if N == 0 or V == 0:
-        return grad_x.to(logits.dtype), torch.zeros_like(weight)
+        return grad_x.to(logits.dtype), grad_w
     gpu = _on_gpu(logits)
     cfg = _tile_config(weight.dtype, D, gpu)
     inv_hi, inv_lo = _inv_tau_parts(tau)
@@ -1019,8 +1027,7 @@ def gumbel_softmax_embedding_bwd(
     )
     # grad_weight = y^T @ grad_out a vocabulary chunk at a time: y written once to the
     # workspace, the product by torch (cuBLAS on a GPU) in the weight's dtype, as eager's.
-    grad_w = torch.empty((V, D), dtype=weight.dtype, device=weight.device)
-    if D > 0:
+    if weight_grad and D > 0:
         chunk = _chunk_width(N, V, D, gpu)
         p = _result_buffer((N, chunk), weight.dtype, logits.device)
         go = grad_out.to(weight.dtype)

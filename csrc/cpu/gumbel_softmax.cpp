@@ -453,9 +453,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_embedding_fwd(
 //    grad_logits = y * (dy - grad_out . out) / tau, grad_weight = y^T @ grad_out.
 //    Threads split the vocabulary, so each owns its rows of grad_weight: no races, no reduction.
 
+// weight_grad false: grad_weight is not formed (an empty tensor), as when the weight needs no
+// gradient (the straight-through mode detaches it).
 std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& weight,
-    const at::Tensor& out, const at::Tensor& lse, double tau, int64_t seed) {
+    const at::Tensor& out, const at::Tensor& lse, double tau, int64_t seed, bool weight_grad) {
   constexpr const char* op = "gumbel_softmax_embedding_bwd";
   // The ATen calls below (GEMMs, views, copies) are implementation details: keep autograd out.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -479,7 +481,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
               num_str(rows), "], got ", dtype_str(lse.scalar_type()), " ",
               shape_str(lse.sizes()));
   at::Tensor grad_logits = empty_output_like(logits);
-  at::Tensor grad_weight = at::empty_like(weight);
+  at::Tensor grad_weight =
+      weight_grad ? at::empty_like(weight) : at::empty({0}, weight.options());
   // N x D inputs of the GEMMs in the accumulation dtype, and grad_out . out per row.
   const at::Tensor go = grad_out.to(acc_type).contiguous();
   const at::Tensor go_dot_out = (go * out.to(acc_type)).sum(1);
@@ -508,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
         const int64_t n_cols = std::min(block_cols, cols - col0);
         const at::Tensor w = weight_block(weight, col0, col0 + n_cols, weight_buffer);
         at::Tensor gw = grad_weight_block.narrow(0, 0, n_cols);
-        gw.zero_();
+        if (weight_grad) gw.zero_();
         for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
           const int64_t n_rows = std::min(tile_rows, rows - row0);
           at::Tensor p_tile = probs.narrow(0, 0, n_rows).narrow(1, 0, n_cols);
@@ -528,9 +531,9 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
               gx_row[i] = static_cast<scalar_t>(p_row[i] * (dp_row[i] - c) / tau_c);
             }
           }
-          gw.addmm_(p_tile.t(), go_tile);
+          if (weight_grad) gw.addmm_(p_tile.t(), go_tile);
         }
-        grad_weight.narrow(0, col0, n_cols).copy_(gw);
+        if (weight_grad) grad_weight.narrow(0, col0, n_cols).copy_(gw);
       }
     });
   });
@@ -554,6 +557,6 @@ TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
         "(Tensor, Tensor, Tensor)",
         torch::dispatch(cpu, &gumbel_softmax_embedding_fwd));
   m.def("gumbel_softmax_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor out, "
-        "Tensor lse, float tau, int seed) -> (Tensor, Tensor)",
+        "Tensor lse, float tau, int seed, bool weight_grad) -> (Tensor, Tensor)",
         torch::dispatch(cpu, &gumbel_softmax_embedding_bwd));
 }

@@ -910,11 +910,12 @@ std::tuple<Tensor, Tensor, Tensor> gumbel_softmax_embedding_fwd(const Tensor& lo
   return {out, tokens, lse};
 }
 
+// weight_grad false: grad_weight is not formed (an empty tensor).
 std::tuple<Tensor, Tensor> gumbel_softmax_embedding_bwd(const Tensor& grad_out,
                                                         const Tensor& logits,
                                                         const Tensor& weight, const Tensor& out,
                                                         const Tensor& lse, double tau,
-                                                        int64_t seed) {
+                                                        int64_t seed, bool weight_grad) {
   check_embedding_args(logits, weight, tau);
   check_matrix(grad_out, "grad_out");
   check_matrix(out, "out");
@@ -935,7 +936,7 @@ std::tuple<Tensor, Tensor> gumbel_softmax_embedding_bwd(const Tensor& grad_out,
   const Tensor go = grad_out.to(weight.scalar_type()).contiguous();
   const Tensor lse_c = lse.to(lse_dtype(logits)).contiguous();
   Tensor grad_logits = at::empty_like(logits);
-  Tensor grad_weight = at::empty_like(weight);
+  Tensor grad_weight = weight_grad ? at::empty_like(weight) : at::empty({0}, weight.options());
   if (N == 0) {
     grad_weight.zero_();
     return {grad_logits, grad_weight};
@@ -978,6 +979,7 @@ std::tuple<Tensor, Tensor> gumbel_softmax_embedding_bwd(const Tensor& grad_out,
               grad_logits.data_ptr<logits_t>(), N, V, D, static_cast<acc_t>(tau), key.first,
               key.second);
       check_launch();
+      if (!weight_grad) return;
       gumbel_embedding_bwd_weight_kernel<logits_t, weight_t, acc_t, sum_t>
           <<<grid_weight, kTileThreads, 0, stream>>>(
               go.data_ptr<weight_t>(), logits.data_ptr<logits_t>(), lse_c.data_ptr<acc_t>(),
@@ -1004,6 +1006,6 @@ TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cuda, m) {
         "(Tensor, Tensor, Tensor)",
         &rlgaf_fast_cuda::gumbel_softmax_embedding_fwd);
   m.def("gumbel_softmax_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor out, "
-        "Tensor lse, float tau, int seed) -> (Tensor, Tensor)",
+        "Tensor lse, float tau, int seed, bool weight_grad) -> (Tensor, Tensor)",
         &rlgaf_fast_cuda::gumbel_softmax_embedding_bwd);
 }

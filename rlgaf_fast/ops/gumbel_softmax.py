@@ -151,17 +151,20 @@ def _(logits, weight, tau, seed, backend):
 @torch.library.custom_op("rlgaf_fast::gumbel_softmax_embedding_backward", mutates_args=())
 def _gumbel_softmax_embedding_backward_op(
     grad_out: Tensor, logits: Tensor, weight: Tensor, out: Tensor, lse: Tensor, tau: float,
-    seed: int, backend: str,
+    seed: int, backend: str, weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
+    # weight_grad False (the weight needs no gradient: hard mode detaches it): grad_weight, a
+    # product as large as the forward's, is skipped and comes back empty
     grad_logits, grad_weight = _kernels(backend).gumbel_softmax_embedding_bwd(
-        grad_out.contiguous(), logits, weight, out, lse, tau, seed
+        grad_out.contiguous(), logits, weight, out, lse, tau, seed, weight_grad
     )
     return grad_logits, grad_weight
 
 
 @_gumbel_softmax_embedding_backward_op.register_fake
-def _(grad_out, logits, weight, out, lse, tau, seed, backend):
-    return torch.empty_like(logits), torch.empty_like(weight)
+def _(grad_out, logits, weight, out, lse, tau, seed, backend, weight_grad):
+    return (torch.empty_like(logits),
+            torch.empty_like(weight) if weight_grad else weight.new_empty((0,)))
 
 
 def _embedding_setup_context(ctx, inputs, output):
@@ -173,10 +176,11 @@ def _embedding_setup_context(ctx, inputs, output):
 
 def _embedding_backward(ctx, grad_out, grad_tokens, grad_lse):
     logits, weight, out, lse = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[1]
     grad_logits, grad_weight = _gumbel_softmax_embedding_backward_op(
-        grad_out, logits, weight, out, lse, ctx.tau, ctx.seed, ctx.backend
+        grad_out, logits, weight, out, lse, ctx.tau, ctx.seed, ctx.backend, weight_grad
     )
-    return grad_logits, grad_weight, None, None, None
+    return grad_logits, grad_weight if weight_grad else None, None, None, None
 
 
 _gumbel_softmax_embedding_op.register_autograd(

@@ -363,6 +363,50 @@ def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("hard", "weight_requires_grad"), [(False, True), (False, False),
+                                                            (True, True)])
+def test_embedding_backward_forms_grad_weight_only_when_needed(monkeypatch, backend, hard,
+                                                               weight_requires_grad):
+    """The weight's gradient is a product as large as the forward's: the backward skips it where
+    the weight needs none (a frozen weight; hard mode, whose weight gradient is the gather's),
+    and the gradients that are needed still match the reference."""
+    import rlgaf_fast.ops.gumbel_softmax as op_module
+
+    flags = []
+    kernels = op_module._kernels
+
+    class Recording:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def gumbel_softmax_embedding_bwd(self, *args):
+            flags.append(args[-1])
+            grads = self.module.gumbel_softmax_embedding_bwd(*args)
+            assert args[-1] or grads[1].numel() == 0
+            return grads
+
+    monkeypatch.setattr(op_module, "_kernels", lambda backend: Recording(kernels(backend)))
+    dev = _device(backend)
+    x = _logits(6, 70, torch.float32, backend).requires_grad_()
+    w = torch.randn(70, 12, device=dev, requires_grad=weight_requires_grad)
+    out, _ = rlgaf_fast.gumbel_softmax_embedding(x, w, 0.8, hard, seed=4, backend=backend)
+    grad = torch.randn(6, 12, device=dev)
+    inputs = (x, w) if weight_requires_grad else (x,)
+    got = torch.autograd.grad(out, inputs, grad)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    w_ref = w.detach().cpu().double().requires_grad_(weight_requires_grad)
+    out_ref, _ = reference.gumbel_softmax_embedding(x_ref, w_ref, 0.8, hard, seed=4)
+    want = torch.autograd.grad(out_ref, (x_ref, w_ref) if weight_requires_grad else (x_ref,),
+                               grad.cpu().double())
+    assert flags == [weight_requires_grad and not hard]
+    for g, g_ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().double(), g_ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_embedding_equals_gumbel_softmax_then_soft_embedding(backend):
     dev = _device(backend)
     x = _logits(6, 90, torch.float32, backend)
