@@ -560,12 +560,16 @@ class RLGAFTrainer:
         prompt_len, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
-        # The generator's update needs no gradient for the discriminator's embedding. Under
-        # FSDP a detached copy of the gathered weight outlives the resharding during backward;
-        # DDP, in contrast, expects every parameter of the discriminator to get a gradient.
+        # The generator's update needs no gradient for the discriminator's embedding (and the
+        # fused op skips forming one for a detached weight). Under FSDP a detached copy of the
+        # gathered weight outlives the resharding during backward; DDP, in contrast, expects
+        # every parameter of the discriminator to get a gradient.
         with self.unsharded(self.discriminator):
             weight = self.unwrapped_discriminator.get_input_embeddings().weight
-            weight = weight.detach().clone() if self.fsdp else weight
+            if self.fsdp:
+                weight = weight.detach().clone()
+            elif self.accelerator.num_processes == 1:
+                weight = weight.detach()
         relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
                                                 c.straight_through, seed=seeds[t])
                    for t in range(length)]
