@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import (
@@ -563,12 +564,13 @@ class RLGAFTrainer:
         # The generator's update needs no gradient for the discriminator's embedding (and the
         # fused op skips forming one for a detached weight). Under FSDP a detached copy of the
         # gathered weight outlives the resharding during backward; DDP, in contrast, expects
-        # every parameter of the discriminator to get a gradient.
+        # every parameter of the discriminator to get a gradient (a one-process CPU launch is
+        # DDP-wrapped too, so the wrapper decides, not the process count).
         with self.unsharded(self.discriminator):
             weight = self.unwrapped_discriminator.get_input_embeddings().weight
             if self.fsdp:
                 weight = weight.detach().clone()
-            elif self.accelerator.num_processes == 1:
+            elif not isinstance(self.discriminator, DistributedDataParallel):
                 weight = weight.detach()
         relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
                                                 c.straight_through, seed=seeds[t])

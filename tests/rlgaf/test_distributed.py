@@ -23,21 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out_dir: Path, sharding: str) -> dict[str, list[dict]]:
+def launch(out_dir: Path, sharding: str, processes: int = 2,
+           modes: tuple[str, ...] = MODES) -> dict[str, list[dict]]:
     out_dir.mkdir()
     # A port of its own for each launch: the previous one's may not be free yet.
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()),
-               str(WORKER), str(out_dir), ",".join(MODES), sharding]
+    if processes > 1:
+        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(free_port())]
+    else:  # accelerate launch refuses --multi_gpu for one process; torchrun's is distributed
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                    "--master_port", str(free_port())]
+    command = [*launcher, str(WORKER), str(out_dir), ",".join(modes), sharding]
     repo = str(Path(__file__).parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {mode: [json.loads((out_dir / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
-            for mode in MODES}
+    return {mode: [json.loads((out_dir / f"{mode}-rank{r}.json").read_text())
+                   for r in range(processes)] for mode in modes}
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
@@ -71,3 +76,14 @@ def test_two_processes_train_and_stay_in_sync(tmp_path):
         first, second = fsdp[mode][0]["next_step"]
         assert first == second, mode
         assert first[1] != fsdp[mode][0]["generator"], mode  # the step did update the weights
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_one_process_ddp_trains_the_gumbel_mode(tmp_path):
+    """A launch of one CPU process is DDP-wrapped all the same (accelerate's MULTI_CPU), and DDP
+    needs every discriminator parameter to get a gradient: the Gumbel generator step must not
+    detach the discriminator's embedding there, as it does in a plain single process."""
+    (result,) = launch(tmp_path / "one", "ddp", processes=1, modes=("gumbel",))["gumbel"]
+    assert result["world"] == 1 and result["distributed_type"].endswith("MULTI_CPU")
+    assert len(result["history"]) == 3
+    assert result["generator"] != result["initial"]  # the steps did update the weights
