@@ -33,7 +33,8 @@ mkdir -p "$OUT/bench"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
-BUDGET=${GPU_CHECK_BUDGET_S:-460}  # leave margin under the 8 minutes
+DEFAULT_BUDGET_S=460  # leave margin under the 8 minutes
+BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET_S}
 DEADLINE=$((SECONDS + BUDGET))
 
 # rlgaf_fast.kernels is the top-level kernels/ folder mapped by setup.py's package_dir; without
@@ -49,7 +50,7 @@ trap cleanup EXIT
 # stages need: RESERVE seconds of the default 460 s budget, scaled to GPU_CHECK_BUDGET_S (a fixed
 # reserve under a smaller budget left the build 38 s on an H200, and it timed out).
 stage_timeout() {
-  local left=$((DEADLINE - SECONDS - $2 * BUDGET / 460))
+  local left=$((DEADLINE - SECONDS - $2 * BUDGET / DEFAULT_BUDGET_S))
   if [ "$left" -gt "$1" ]; then left=$1; fi
   if [ "$left" -lt 10 ]; then left=10; fi
   echo "$left"

@@ -649,15 +649,15 @@ def _write_probs(
     col_start: int,
     width: int,
     seed: int,
-    tau: float,
+    inv_tau: tuple[float, float],
+    cfg: dict[str, tuple[int, ...]],
     split: bool,
 ) -> None:
     """Fill p_hi[:, :width] (and p_lo, if split) with exp(z - lse) of the columns
-    [col_start, col_start + width), regenerating the noise."""
+    [col_start, col_start + width), regenerating the noise; inv_tau from _inv_tau_parts and
+    cfg from _tile_config, worked out once by the caller for all its chunks."""
     N, V = logits.shape
-    cfg = _tile_config(weight.dtype, weight.shape[1], _on_gpu(logits))
     block_n, block_v = cfg["probs"]
-    inv_hi, inv_lo = _inv_tau_parts(tau)
     grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(width, block_v)), "embedding probs")
     _embedding_probs_kernel[grid](
         logits,
@@ -671,8 +671,7 @@ def _write_probs(
         width,
         p_hi.shape[1],
         seed,
-        inv_hi,
-        inv_lo,
+        *inv_tau,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         FP64=logits.dtype == torch.float64,
@@ -923,8 +922,10 @@ def gumbel_softmax_embedding_fwd(
         partial = torch.empty((splits, N, D), dtype=out.dtype, device=out.device)
         for col_start in range(0, V, chunk):
             width = min(chunk, V - col_start)
-            _write_probs(logits, weight, lse, p_hi, p_lo, col_start, width, seed, tau, split)
-            _embedding_product_kernel[(*grid, triton.cdiv(width, k_per_split))](
+            used_splits = triton.cdiv(width, k_per_split)
+            _write_probs(logits, weight, lse, p_hi, p_lo, col_start, width, seed,
+                         (inv_hi, inv_lo), cfg, split)
+            _embedding_product_kernel[(*grid, used_splits)](
                 p_hi,
                 p_lo,
                 weight[col_start:col_start + width],
@@ -942,7 +943,7 @@ def gumbel_softmax_embedding_fwd(
                 SPLIT_P=split,
                 num_warps=cfg["num_warps"][0],
             )
-            used = partial[:triton.cdiv(width, k_per_split)]
+            used = partial[:used_splits]
             if col_start == 0:
                 torch.sum(used, 0, out=out)
             else:
@@ -1033,7 +1034,8 @@ def gumbel_softmax_embedding_bwd(
         go = grad_out.to(weight.dtype)
         for col_start in range(0, V, chunk):
             width = min(chunk, V - col_start)
-            _write_probs(logits, weight, lse, p, p, col_start, width, seed, tau, False)
+            _write_probs(logits, weight, lse, p, p, col_start, width, seed, (inv_hi, inv_lo),
+                         cfg, False)
             torch.mm(p[:, :width].to(weight.dtype).t(), go,
                      out=grad_w[col_start:col_start + width])
     return grad_x.to(logits.dtype), grad_w

@@ -107,14 +107,15 @@ def _reward_model_fn(model):
     like the discriminator's (left-aligned embeddings, so no pad token id is needed)."""
     import torch
 
-    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences, RLGAFTrainer
+    from rlgaf_fast.rlgaf.discriminator import token_sequences
+    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
 
     scorer = DiscriminatorOnSequences(model.requires_grad_(False).eval())
     device = None  # where the scorer is: moved once, as moving walks every parameter
 
     def reward(batch):
         nonlocal device
-        ids, mask = RLGAFTrainer._hard_sequences(batch)
+        ids, mask = token_sequences(batch)
         if ids.device != device:
             scorer.to(ids.device)
             device = ids.device

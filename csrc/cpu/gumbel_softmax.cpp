@@ -465,9 +465,10 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
   check_weight(op, weight, logits.size(1), "logits");
   check_tau_seed(op, tau, seed);
   const int64_t rows = logits.size(0), cols = logits.size(1), dim = weight.size(1);
+  const at::ScalarType out_type = embedding_out_type(logits, weight);
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == rows &&
-                  out.size(1) == dim && out.scalar_type() == embedding_out_type(logits, weight),
-              op, ": out must be a CPU ", dtype_str(embedding_out_type(logits, weight)),
+                  out.size(1) == dim && out.scalar_type() == out_type,
+              op, ": out must be a CPU ", dtype_str(out_type),
               " tensor of shape [", num_str(rows), ", ", num_str(dim), "], got ",
               dtype_str(out.scalar_type()), " ", shape_str(out.sizes()));
   TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), op,
@@ -502,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
       at::Tensor probs = at::empty({tile_rows, block_cols}, acc_options);
       at::Tensor dprobs = at::empty({tile_rows, block_cols}, acc_options);
       at::Tensor weight_buffer = at::empty({block_cols, dim}, acc_options);
-      at::Tensor grad_weight_block = at::empty({block_cols, dim}, acc_options);
+      at::Tensor grad_weight_block =
+          weight_grad ? at::empty({block_cols, dim}, acc_options) : at::Tensor();
       std::vector<float> noise(noise_buffer_size<acc_t>(block_cols));
       acc_t* probs_data = probs.data_ptr<acc_t>();
       const acc_t* dprobs_data = dprobs.const_data_ptr<acc_t>();
@@ -510,8 +512,9 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
         const int64_t col0 = block * block_cols;
         const int64_t n_cols = std::min(block_cols, cols - col0);
         const at::Tensor w = weight_block(weight, col0, col0 + n_cols, weight_buffer);
-        at::Tensor gw = grad_weight_block.narrow(0, 0, n_cols);
-        if (weight_grad) gw.zero_();
+        // grad_weight's rows of this block; undefined when the weight needs no gradient
+        at::Tensor gw =
+            weight_grad ? grad_weight_block.narrow(0, 0, n_cols).zero_() : at::Tensor();
         for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
           const int64_t n_rows = std::min(tile_rows, rows - row0);
           at::Tensor p_tile = probs.narrow(0, 0, n_rows).narrow(1, 0, n_cols);

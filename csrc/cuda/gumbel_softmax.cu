@@ -68,11 +68,11 @@ __host__ __device__ __forceinline__ uint32_t mul_hi(uint32_t a, uint32_t b) {
 }
 
 // Natural log of a positive float, within about 2 ulp whatever the nvcc flags: --use_fast_math
-// (which setup.py does not pass, but a user's build may) turns logf into lg2.approx, whose absolute error makes -log(u) for u near 1
-// (the large Gumbel values that decide the argmax) and its log wrong by far more than the ~1e-6
-// the randomness contract allows. log1pf and frexpf are not remapped, and m - 1 is exact for
-// m in [0.5, 2], so log(m * 2^e) = e * ln2 + log1pf(m - 1) is accurate; ln2 is split so that
-// e * kLn2Hi is exact.
+// (which setup.py does not pass, but a user's build may) turns logf into lg2.approx, whose
+// absolute error makes -log(u) for u near 1 (the large Gumbel values that decide the argmax)
+// and its log wrong by far more than the ~1e-6 the randomness contract allows. log1pf and
+// frexpf are not remapped, and m - 1 is exact for m in [0.5, 2], so
+// log(m * 2^e) = e * ln2 + log1pf(m - 1) is accurate; ln2 is split so that e * kLn2Hi is exact.
 __host__ __device__ __forceinline__ float accurate_logf(float x) {
   constexpr float kLn2Hi = 0.693145751953125f;       // 16 significant bits
   constexpr float kLn2Lo = 1.42860682030941723e-06f;  // ln 2 - kLn2Hi

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlgaf_fast import reference
-from rlgaf_fast.ops import ppo_loss
+from rlgaf_fast.ops.ppo_loss import LACKS as PPO_LACKS
 
 SEED = 1234
 TAU = 1.0
@@ -195,7 +195,7 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
     top_k = _top_k(case)
     found: dict[str, Provider] = {}
     if case.op in ("ppo_loss", "fused_linear_ppo_loss"):
-        fused_backends = [b for b in fused_backends if b not in ppo_loss.LACKS]
+        fused_backends = [b for b in fused_backends if b not in PPO_LACKS]
     if case.op == "gumbel_softmax":
         found["eager"] = lambda p: (F.gumbel_softmax(p.tensors["logits"], TAU, hard),)
         compiled = _compile("gumbel_softmax", F.gumbel_softmax)

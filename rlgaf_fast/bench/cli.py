@@ -24,7 +24,8 @@ def add_bench_parser(subparsers: Any) -> None:
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="the design notes' sizes (vocabularies 32000-151936, 1k-16k tokens)")
     size.add_argument("--goals", dest="preset", action="store_const", const="goals",
-                      help="only the cases that carry a target (the GPU targets on a GPU)")
+                      help="the cases that carry a target (the GPU targets on a GPU, with a few "
+                           "watched cases beside them)")
     size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                       help="seconds; a smoke test of the suite itself")
     p.add_argument("--ops", nargs="+", metavar="OP", choices=OPS,

@@ -142,9 +142,7 @@ def ceilings(device: torch.device, preset: str) -> dict:
         result["flops_float32_per_s"] = measure.matmul_flops(device, size, torch.float32)
         result["flops_float32_method"] = (f"{size}x{size}x{size} float32 matmul (torch's "
                                           "default precision)")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(device, collect=True)
     return result
 
 

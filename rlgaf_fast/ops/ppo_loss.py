@@ -116,12 +116,15 @@ def _saved_gradients(ctx, op: str) -> tuple[Tensor, ...]:
         ) from error
 
 
+def _times(grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
+    """grad * scale, in each gradient's dtype."""
+    return [None if g is None else g * scale.to(g.dtype) for g in grads]
+
+
 def _scaled(grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
     """grad * scale (in each gradient's dtype), or the gradients themselves for a scale of
     exactly 1."""
-    if _is_exactly_one(scale):
-        return grads
-    return [None if g is None else g * scale.to(g.dtype) for g in grads]
+    return grads if _is_exactly_one(scale) else _times(grads, scale)
 
 
 def _handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor | None]:
@@ -130,7 +133,7 @@ def _handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor |
     never copies an [N, V] gradient; as they may become .grad tensors that are later changed in
     place, every further backward gets copies."""
     if not _is_exactly_one(scale):
-        return _scaled(grads, scale)
+        return _times(grads, scale)
     if getattr(ctx, "gradients_handed_out", False):
         return [None if g is None else g.clone() for g in grads]
     ctx.gradients_handed_out = True

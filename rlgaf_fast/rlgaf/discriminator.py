@@ -7,8 +7,6 @@ qualify; :class:`CNNDiscriminator` is the SeqGAN-style alternative.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -18,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlgaf_fast.rlgaf.rollout import left_align, pad_left_to, position_ids
+from rlgaf_fast.rlgaf.data import Batch
+from rlgaf_fast.rlgaf.rollout import forward_takes, left_align, pad_left_to, position_ids
 
 
 def build_transformer_discriminator(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
@@ -223,13 +222,6 @@ def left_aligned_inputs(discriminator: nn.Module | None = None) -> Iterator[None
             logger.removeFilter(_CLASSIFIER_PADDING_WARNING)
 
 
-@functools.cache
-def _takes_position_ids(cls: type) -> bool:
-    """Whether ``cls.forward`` has a ``position_ids`` parameter (asked once per class: the
-    discriminator is called several times a step)."""
-    return "position_ids" in inspect.signature(cls.forward).parameters
-
-
 def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) -> Tensor:
     """The "real" logit ``[B]`` of sequences given as embeddings ``[B, L, D]`` (float32).
 
@@ -237,7 +229,7 @@ def discriminator_logit(discriminator: nn.Module, embeds: Tensor, mask: Tensor) 
     only: with absolute position embeddings (GPT-2, BERT) left padding would otherwise shift a
     sequence's positions and change its score with the length of its batch-mates."""
     kwargs = {}
-    if _takes_position_ids(type(discriminator)):
+    if forward_takes(type(discriminator), "position_ids"):
         kwargs["position_ids"] = position_ids(mask)
     out = discriminator(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     logits = (out.logits if hasattr(out, "logits") else out).float()
@@ -252,6 +244,13 @@ def sequences_for_discriminator(parts: list[tuple[Tensor, Tensor]]) -> tuple[Ten
     values = torch.cat([v for v, _ in parts], dim=1)
     mask = torch.cat([m for _, m in parts], dim=1)
     return left_align(values, mask)
+
+
+def token_sequences(batch: Batch) -> tuple[Tensor, Tensor]:
+    """Prompt + response token ids of ``batch``, left-aligned, with their mask: how the
+    discriminator (or an rlhf reward model) reads a batch of hard tokens."""
+    return sequences_for_discriminator([(batch.prompt_ids, batch.prompt_mask),
+                                        (batch.response_ids, batch.response_mask)])
 
 
 def stack_batches(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

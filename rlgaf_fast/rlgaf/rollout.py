@@ -7,6 +7,7 @@ so that its training pass can regenerate the very same noise from the seeds.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -33,10 +34,15 @@ def response_slice(logits: Tensor, prompt_len: int) -> Tensor:
     return logits[:, prompt_len - 1 : -1]
 
 
+@functools.cache
+def forward_takes(cls: type, name: str) -> bool:
+    """Whether ``cls.forward`` has a parameter ``name`` (asked once per class)."""
+    return name in inspect.signature(cls.forward).parameters
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; support both.
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if forward_takes(type(model), "cache") else "past_key_values"
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

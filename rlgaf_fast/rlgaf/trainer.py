@@ -48,6 +48,7 @@ from rlgaf_fast.rlgaf.discriminator import (
     reward_from_logit,
     sequences_for_discriminator,
     stack_batches,
+    token_sequences,
 )
 from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
 from rlgaf_fast.rlgaf.rollout import generate, response_slice, sequence_inputs
@@ -394,19 +395,13 @@ class RLGAFTrainer:
         model.train(was_training)
         return batch
 
-    @staticmethod
-    def _hard_sequences(batch: Batch) -> tuple[Tensor, Tensor]:
-        """Prompt + response token ids of ``batch``, left-aligned, with their mask."""
-        return sequences_for_discriminator([(batch.prompt_ids, batch.prompt_mask),
-                                            (batch.response_ids, batch.response_mask)])
-
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
         """Sequence reward ``[B]``: reward_fn in ``rlhf``, else the discriminator's."""
         if self.mode == "rlhf":
             return self.reward_fn(batch).to(self.device).float()
         self.discriminator.eval()  # rewards without dropout noise
-        logit = self.discriminator(*self._hard_sequences(batch))
+        logit = self.discriminator(*token_sequences(batch))
         self.discriminator.train()
         return reward_from_logit(logit, self.config.reward_type)
 
@@ -616,7 +611,7 @@ class RLGAFTrainer:
             real = self.demos.batch(fake.response_ids.shape[0],
                                     self._seed(STREAM_DEMOS, sub=sub + 1))
         real, fake = real.to(self.device), fake.to(self.device)
-        ids, mask = stack_batches(self._hard_sequences(real), self._hard_sequences(fake))
+        ids, mask = stack_batches(token_sequences(real), token_sequences(fake))
         labels = torch.cat([torch.ones(real.response_ids.shape[0]),
                             torch.zeros(fake.response_ids.shape[0])]).to(self.device)
         logit = self.discriminator(ids, mask)

@@ -1,3 +1,6 @@
+import contextlib
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,18 +192,10 @@ def test_lm_discriminator_needs_tied_embeddings():
         LMDiscriminator(untied)
 
 
-def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
-    """transformers warns that a classifier given inputs_embeds reads the last position; the
-    trainer's sequences are left-aligned, so that position is real and the warning is dropped
-    there, and only there."""
-    import logging
-
-    from transformers.utils import logging as transformers_logging
-
-    from rlgaf_fast.rlgaf import build_transformer_discriminator
-
-    transformers_logging.warning_once.cache_clear()  # its warn-once memory of earlier tests
-    logger = logging.getLogger("transformers.modeling_layers")
+@contextlib.contextmanager
+def warnings_of(logger: logging.Logger):
+    """The records ``logger`` emits at WARNING and above inside the block (transformers' loggers
+    do not propagate to the root, so pytest's caplog does not see them)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
@@ -208,6 +203,23 @@ def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
+    """transformers warns that a classifier given inputs_embeds reads the last position; the
+    trainer's sequences are left-aligned, so that position is real and the warning is dropped
+    there, and only there."""
+    from transformers.utils import logging as transformers_logging
+
+    from rlgaf_fast.rlgaf import build_transformer_discriminator
+
+    transformers_logging.warning_once.cache_clear()  # its warn-once memory of earlier tests
+    logger = logging.getLogger("transformers.modeling_layers")
+    with warnings_of(logger) as records:
         discriminator = build_transformer_discriminator(16, hidden_size=16, num_layers=1)
         embeds, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
         with left_aligned_inputs():
@@ -215,9 +227,6 @@ def test_classifier_padding_warning_is_dropped_only_for_left_aligned_inputs():
             logger.warning("another warning")
         transformers_logging.warning_once.cache_clear()
         discriminator_logit(discriminator, embeds, mask)  # elsewhere the warning stays
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     messages = [r.getMessage() for r in records]
     assert messages[0] == "another warning"
     assert len(messages) == 2 and "will not detect padding tokens" in messages[1]
@@ -248,8 +257,6 @@ def test_absolute_positions_do_not_depend_on_left_padding():
 
 def test_padding_warning_is_dropped_for_models_with_their_own_classifier_head():
     """GPT-2 warns from its own module's logger, not transformers.modeling_layers."""
-    import logging
-
     from transformers import GPT2Config, GPT2ForSequenceClassification
     from transformers.utils import logging as transformers_logging
 
@@ -258,21 +265,11 @@ def test_padding_warning_is_dropped_for_models_with_their_own_classifier_head():
     model = GPT2ForSequenceClassification(GPT2Config(
         vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=8, num_labels=1,
         pad_token_id=0))
-    logger = logging.getLogger(type(model).__module__)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
     embeds, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
-    try:
+    with warnings_of(logging.getLogger(type(model).__module__)) as records:
         transformers_logging.warning_once.cache_clear()
         DiscriminatorOnSequences(model)(embeds, mask)
         assert not [r for r in records if "will not detect padding" in r.getMessage()]
         transformers_logging.warning_once.cache_clear()
         model(inputs_embeds=embeds, attention_mask=mask)  # elsewhere the warning stays
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert any("will not detect padding" in r.getMessage() for r in records)
