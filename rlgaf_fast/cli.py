@@ -185,6 +185,8 @@ def run_oracle_command(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     if args.discriminator:
         preset = dataclasses.replace(preset, discriminator=args.discriminator)
+    if args.d_fit_steps is not None:
+        preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -222,6 +224,9 @@ def add_oracle_parser(subparsers: Any) -> None:
                    "lm-context: the head reads the LM's hidden state too; "
                    "lm-tuned: the copy trained too; lm-bigram: bigram counts of half the "
                    "demonstrations as one more feature; cnn: SeqGAN's CNN")
+    p.add_argument("--d-fit-steps", type=int, metavar="N",
+                   help="MLE steps the lm discriminators' feature model takes on the "
+                   "demonstrations past the warm start (default 0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an RLGAFConfig field of the adversarial phase (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")

@@ -169,6 +169,11 @@ class OraclePreset:
     # examples; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is at chance
     # on unseen sequences (README).
     discriminator: str = "lm"
+    # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' frozen feature model
+    # takes on the demonstrations past the warm start. The closer that model fits the
+    # demonstrations, the likelier they look beside the generator's samples, and the sharper the
+    # generator the loop settles on (README, "Proof").
+    d_fit_steps: int = 0
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
 
@@ -320,6 +325,9 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
+    if p.d_fit_steps < 0 or (p.d_fit_steps and not p.discriminator.startswith("lm")):
+        raise ValueError(f"d_fit_steps must be >= 0 and needs an lm discriminator, got "
+                         f"{p.d_fit_steps} with {p.discriminator!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -392,8 +400,19 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                 table, real_demos = demos.chunk(2)
                 bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table],
                                              1)
+            features = copy.deepcopy(generator)
+            if p.d_fit_steps:
+                fit = RLGAFConfig(mode="sft", total_steps=p.d_fit_steps, batch_size=64,
+                                  minibatch_size=64, generator_lr=1e-3, weight_decay=0.01,
+                                  output_dir=str(out_dir / "d_fit"), **base)
+                fitter = RLGAFTrainer(fit, features, demonstrations=oracle_examples(demos))
+                fitter.train()
+                fitter.close()
+                # how much closer the feature model fits: NLL per token, warm start then fit
+                metrics["d_fit_nll_demos"] = [generator_nll(m, demos) for m in (generator,
+                                                                                features)]
             discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
-                LMDiscriminator(copy.deepcopy(generator), train_lm=p.discriminator == "lm-tuned",
+                LMDiscriminator(features, train_lm=p.discriminator == "lm-tuned",
                                 context_features=p.discriminator == "lm-context",
                                 bigram_sequences=bigram_sequences)
             metrics["discriminator_trainable_params"] = sum(

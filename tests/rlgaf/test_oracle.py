@@ -177,6 +177,24 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
                    preset=dataclasses.replace(MICRO, discriminator="mlp"))
 
 
+@needs_oracle
+def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
+    import dataclasses
+
+    metrics = run_oracle(ORACLE, "ppo", tmp_path, preset=dataclasses.replace(MICRO, d_fit_steps=3))
+    fit_log = [json.loads(line) for line in
+               (tmp_path / "d_fit" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in fit_log] == [1, 2, 3]
+    warm_nll, fit_nll = metrics["d_fit_nll_demos"]
+    assert fit_nll < warm_nll  # three MLE steps at 1e-3 on 200 sequences raise their likelihood
+    assert "d_fit_nll_demos" not in run_oracle(ORACLE, "ppo", tmp_path / "none", preset=MICRO,
+                                               init=tmp_path)
+    for bad, match in ((dict(d_fit_steps=-1), "d_fit_steps must be >= 0"),
+                       (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator")):
+        with pytest.raises(ValueError, match=match):
+            run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=dataclasses.replace(MICRO, **bad))
+
+
 def test_oracle_cli_refuses_a_malformed_override(tmp_path):
     from rlgaf_fast.cli import main
 
