@@ -31,8 +31,10 @@ def frontier_nll_test(points: list[tuple[float, float]], nll_oracle: float) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--features", type=Path, default=FEATURES,
+                        help="lm_features.py's output for the runs' warm start")
     args = parser.parse_args()
-    points = frontier_points()
+    points = frontier_points(args.features)
     print("| run | NLL_oracle | NLL_test | vs. frontier |")
     print("|---|---|---|---|")
     for run in args.runs:

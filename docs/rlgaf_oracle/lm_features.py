@@ -5,6 +5,9 @@ a finer grid than run_oracle's sweep, with the same sample seed).
 
 LMDiscriminator scores tokens by these log-probabilities (and the prediction entropy), so the
 generator is pushed until its samples' mean log-probability matches the demonstrations'.
+With --d-fit-steps N, each row also gives the mean log-probability under the feature model
+that run_oracle builds with d_fit_steps=N (the warm start fit N more steps to the
+demonstrations, seed 0), which the discriminator then reads instead.
 
     python docs/rlgaf_oracle/lm_features.py --oracle ../shared/data/seqgan/target_params_py3.pkl \
         --init runs/oracle/sft --out docs/rlgaf_oracle/lm_features.json
@@ -20,9 +23,12 @@ from rlgaf_fast.rlgaf.oracle import (
     START_TOKEN,
     OracleLSTM,
     evaluate,
+    fit_features,
     load_warm_start,
     oracle_data,
 )
+
+TEMPERATURES = (0.8, 0.85, 0.9, 0.93, 0.95, 1.0, 1.1, 1.2)
 
 
 @torch.no_grad()
@@ -39,6 +45,7 @@ def main() -> None:
     parser.add_argument("--oracle", required=True)
     parser.add_argument("--init", required=True, help="an sft run's directory (seed 0)")
     parser.add_argument("--num", type=int, default=5000, help="sequences per row")
+    parser.add_argument("--d-fit-steps", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,12 +54,18 @@ def main() -> None:
     model, warm = load_warm_start(args.init, p)
     demos, test = oracle_data(oracle, warm["data_seed"], p.num_demos, p.num_test)
     model.eval()
-    rows = [{"sequences": "training demonstrations", **token_features(model, demos[: args.num])},
-            {"sequences": "held-out oracle samples", **token_features(model, test[: args.num])}]
-    for t in (0.8, 0.85, 0.9, 0.93, 0.95, 1.0, 1.1, 1.2):
+    sequences = [demos[: args.num], test[: args.num]]
+    rows = [{"sequences": "training demonstrations", **token_features(model, sequences[0])},
+            {"sequences": "held-out oracle samples", **token_features(model, sequences[1])}]
+    for t in TEMPERATURES:
         scores, samples = evaluate(model, oracle, test, p.num_sweep, seed=6000, temperature=t)
+        sequences.append(samples[: args.num])
         rows.append({"sequences": f"warm start at temperature {t}",
-                     **token_features(model, samples[: args.num]), **scores})
+                     **token_features(model, sequences[-1]), **scores})
+    if args.d_fit_steps:
+        fit = fit_features(model, demos, args.d_fit_steps, seed=0).eval()
+        for row, tokens in zip(rows, sequences, strict=True):
+            row["mean_logp_fit"] = token_features(fit, tokens)["mean_logp"]
     for row in rows:
         print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
     if args.out:

@@ -307,6 +307,26 @@ def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed:
     return metrics, samples
 
 
+def fit_features(generator: nn.Module, demos: Tensor, steps: int, seed: int,
+                 output_dir: str | Path | None = None, use_fused_kernels: bool = False
+                 ) -> nn.Module:
+    """A copy of ``generator`` trained ``steps`` more MLE steps on ``demos`` ``[N, 20]`` (batches
+    of 64, AdamW at 1e-3): the feature model of run_oracle's LM discriminators (d_fit_steps)."""
+    from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
+
+    features = copy.deepcopy(generator)
+    if steps:
+        config = RLGAFConfig(mode="sft", total_steps=steps, batch_size=64, minibatch_size=64,
+                             generator_lr=1e-3, weight_decay=0.01, seed=seed,
+                             use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
+                             output_dir=None if output_dir is None else str(output_dir),
+                             progress_bar=True, tensorboard=False)
+        trainer = RLGAFTrainer(config, features, demonstrations=oracle_examples(demos))
+        trainer.train()
+        trainer.close()
+    return features
+
+
 def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                preset: str | OraclePreset = "smoke", init: str | Path | None = None,
                seed: int = 0, use_fused_kernels: bool = False,
@@ -400,14 +420,9 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                 table, real_demos = demos.chunk(2)
                 bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table],
                                              1)
-            features = copy.deepcopy(generator)
+            features = fit_features(generator, demos, p.d_fit_steps, seed, out_dir / "d_fit",
+                                    use_fused_kernels=use_fused_kernels)
             if p.d_fit_steps:
-                fit = RLGAFConfig(mode="sft", total_steps=p.d_fit_steps, batch_size=64,
-                                  minibatch_size=64, generator_lr=1e-3, weight_decay=0.01,
-                                  output_dir=str(out_dir / "d_fit"), **base)
-                fitter = RLGAFTrainer(fit, features, demonstrations=oracle_examples(demos))
-                fitter.train()
-                fitter.close()
                 # how much closer the feature model fits: NLL per token, warm start then fit
                 metrics["d_fit_nll_demos"] = [generator_nll(m, demos) for m in (generator,
                                                                                 features)]
