@@ -184,7 +184,8 @@ def run_oracle_command(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     preset = PRESETS[args.preset]
     if args.discriminator:
-        preset = dataclasses.replace(preset, discriminator=args.discriminator)
+        no_features = {"d_fit_steps": 0} if args.discriminator == "cnn" else {}
+        preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
     overrides = {}
@@ -226,7 +227,7 @@ def add_oracle_parser(subparsers: Any) -> None:
                    "demonstrations as one more feature; cnn: SeqGAN's CNN")
     p.add_argument("--d-fit-steps", type=int, metavar="N",
                    help="MLE steps the lm discriminators' feature model takes on the "
-                   "demonstrations past the warm start (default 0)")
+                   "demonstrations past the warm start (the preset's: full 500, smoke 20)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an RLGAFConfig field of the adversarial phase (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")

@@ -170,10 +170,10 @@ class OraclePreset:
     # on unseen sequences (README).
     discriminator: str = "lm"
     # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' frozen feature model
-    # takes on the demonstrations past the warm start. The closer that model fits the
-    # demonstrations, the likelier they look beside the generator's samples, and the sharper the
-    # generator the loop settles on (README, "Proof").
-    d_fit_steps: int = 0
+    # takes on the demonstrations past the warm start (0 for the CNN, which has none). The
+    # closer that model fits the demonstrations, the likelier they look beside the generator's
+    # samples, and the sharper the generator the loop settles on (README, "Proof").
+    d_fit_steps: int = 500
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
 
 
@@ -183,7 +183,7 @@ PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
     "smoke": OraclePreset(num_demos=2000, num_test=500, num_eval=500, num_final=2000,
                           num_sweep=500, gen_hidden=32, gen_layers=1, sft_steps=100,
-                          adv_steps=10, d_pretrain_steps=5, eval_every=5),
+                          adv_steps=10, d_pretrain_steps=5, eval_every=5, d_fit_steps=20),
     "full": OraclePreset(),
 }
 
@@ -193,7 +193,7 @@ PRESETS = {
 ADVERSARIAL_DEFAULTS: dict[str, dict] = {
     "ppo": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
                 discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
-                generator_ema=0.99),
+                generator_ema=0.99, mle_coef=0.05),
     "reinforce": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4,
                       discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
                       generator_ema=0.99),

@@ -105,7 +105,7 @@ def test_oracle_matches_its_readme():
 
 MICRO = OraclePreset(num_demos=200, num_test=100, num_eval=100, num_final=300, num_sweep=100,
                      gen_hidden=16, gen_layers=1, sft_steps=4, sft_batch=16, adv_steps=2,
-                     d_pretrain_steps=1, eval_every=1,
+                     d_pretrain_steps=1, eval_every=1, d_fit_steps=0,
                      trainer={"batch_size": 8, "minibatch_size": 4})
 
 
@@ -193,6 +193,26 @@ def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
                        (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator")):
         with pytest.raises(ValueError, match=match):
             run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=dataclasses.replace(MICRO, **bad))
+
+
+def test_oracle_cli_sets_d_fit_steps_and_zero_for_the_cnn(tmp_path, monkeypatch):
+    import rlgaf_fast.rlgaf.oracle as oracle_module
+    from rlgaf_fast.cli import main
+
+    presets = []
+
+    def record(*args, preset, **kwargs):
+        presets.append(preset)
+        return {"time_s": 0.0, "final": {}}
+
+    monkeypatch.setattr(oracle_module, "run_oracle", record)
+    command = ["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
+               "--preset", "full"]
+    for extra in ([], ["--d-fit-steps", "7"], ["--discriminator", "cnn"],
+                  ["--discriminator", "lm-bigram"]):
+        assert main(command + extra) == 0
+    assert [(p.discriminator, p.d_fit_steps) for p in presets] == [
+        ("lm", 500), ("lm", 7), ("cnn", 0), ("lm-bigram", 500)]
 
 
 def test_oracle_cli_refuses_a_malformed_override(tmp_path):
