@@ -345,9 +345,11 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
-    if p.d_fit_steps < 0 or (p.d_fit_steps and not p.discriminator.startswith("lm")):
-        raise ValueError(f"d_fit_steps must be >= 0 and needs an lm discriminator, got "
-                         f"{p.d_fit_steps} with {p.discriminator!r}")
+    if p.d_fit_steps < 0:
+        raise ValueError(f"d_fit_steps must be >= 0, got {p.d_fit_steps}")
+    if p.d_fit_steps and not p.discriminator.startswith("lm"):
+        raise ValueError(f"d_fit_steps needs an lm discriminator (the {p.discriminator!r} one "
+                         f"has no feature model to fit): set it to 0, got {p.d_fit_steps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
