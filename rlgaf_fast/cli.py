@@ -179,7 +179,7 @@ def run_oracle_command(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from rlgaf_fast.rlgaf.oracle import PRESETS, run_oracle
+    from rlgaf_fast.rlgaf.oracle import PRESETS, check_discriminator, run_oracle
 
     _set_threads(args.threads)
     preset = PRESETS[args.preset]
@@ -188,6 +188,11 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
+    if args.mode not in ("sft", "rlhf"):
+        try:
+            check_discriminator(preset)
+        except ValueError as error:
+            raise SystemExit(f"rlgaf-fast oracle: {error}") from None
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -221,9 +226,10 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
     p.add_argument("--discriminator", choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn"],
-                   help="lm (default): a frozen copy of the warm start with a small head; "
+                   help="lm (default): a small head over a frozen feature model (the warm "
+                   "start, fit --d-fit-steps further); "
                    "lm-context: the head reads the LM's hidden state too; "
-                   "lm-tuned: the copy trained too; lm-bigram: bigram counts of half the "
+                   "lm-tuned: that model trained too; lm-bigram: bigram counts of half the "
                    "demonstrations as one more feature; cnn: SeqGAN's CNN")
     p.add_argument("--d-fit-steps", type=int, metavar="N",
                    help="MLE steps the lm discriminators' feature model takes on the "

@@ -67,7 +67,8 @@ def main() -> None:
         for row, tokens in zip(rows, sequences, strict=True):
             row["mean_logp_fit"] = token_features(fit, tokens)["mean_logp"]
     for row in rows:
-        print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v)
+                        for k, v in row.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -163,14 +163,15 @@ class OraclePreset:
     adv_steps: int = 300
     d_pretrain_steps: int = 600  # minibatches of 64 + 64: about 4 epochs of the negatives
     eval_every: int = 50
-    # "lm": LMDiscriminator on a frozen copy of the warm start; "lm-context": the same reading
-    # the LM's hidden state too; "lm-tuned": the copy trained too; "lm-bigram": the same with
+    # "lm": LMDiscriminator on a frozen feature model (the warm start, fit d_fit_steps further);
+    # "lm-context": the same reading the LM's hidden state too; "lm-tuned": that model trained
+    # with the head; "lm-bigram": the same with
     # bigram counts of half the demonstrations as a third feature, the other half its real
     # examples; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is at chance
     # on unseen sequences (README).
     discriminator: str = "lm"
-    # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' frozen feature model
-    # takes on the demonstrations past the warm start (0 for the CNN, which has none). The
+    # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' feature model takes
+    # on the demonstrations past the warm start (0 for the CNN, which has none). The
     # closer that model fits the demonstrations, the likelier they look beside the generator's
     # samples, and the sharper the generator the loop settles on (README, "Proof").
     d_fit_steps: int = 500
@@ -307,6 +308,18 @@ def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed:
     return metrics, samples
 
 
+def check_discriminator(p: OraclePreset) -> None:
+    """Refuse a preset whose discriminator settings cannot build one, with what was expected."""
+    if p.discriminator not in DISCRIMINATORS:
+        raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
+                         f"got {p.discriminator!r}")
+    if p.d_fit_steps < 0:
+        raise ValueError(f"d_fit_steps must be >= 0, got {p.d_fit_steps}")
+    if p.d_fit_steps and p.discriminator == "cnn":
+        raise ValueError(f"d_fit_steps needs an lm discriminator (the cnn has no feature model "
+                         f"to fit): set it to 0, got {p.d_fit_steps}")
+
+
 def fit_features(generator: nn.Module, demos: Tensor, steps: int, seed: int,
                  output_dir: str | Path | None = None, use_fused_kernels: bool = False
                  ) -> nn.Module:
@@ -314,6 +327,8 @@ def fit_features(generator: nn.Module, demos: Tensor, steps: int, seed: int,
     of 64, AdamW at 1e-3): the feature model of run_oracle's LM discriminators (d_fit_steps)."""
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
+    if steps < 0:
+        raise ValueError(f"d_fit_steps must be >= 0, got {steps}")
     features = copy.deepcopy(generator)
     if steps:
         config = RLGAFConfig(mode="sft", total_steps=steps, batch_size=64, minibatch_size=64,
@@ -345,11 +360,8 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
-    if p.d_fit_steps < 0:
-        raise ValueError(f"d_fit_steps must be >= 0, got {p.d_fit_steps}")
-    if p.d_fit_steps and not p.discriminator.startswith("lm"):
-        raise ValueError(f"d_fit_steps needs an lm discriminator (the {p.discriminator!r} one "
-                         f"has no feature model to fit): set it to 0, got {p.d_fit_steps}")
+    if mode not in ("sft", "rlhf"):  # checked before the warm start trains
+        check_discriminator(p)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -412,9 +424,6 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
 
         discriminator, real_demos = None, demos
         if mode != "rlhf":
-            if p.discriminator not in DISCRIMINATORS:
-                raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
-                                 f"got {p.discriminator!r}")
             bigram_sequences = None
             if p.discriminator == "lm-bigram":
                 # Counts from one half, real examples from the other: a real example's count is
@@ -422,16 +431,19 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                 table, real_demos = demos.chunk(2)
                 bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table],
                                              1)
-            features = fit_features(generator, demos, p.d_fit_steps, seed, out_dir / "d_fit",
-                                    use_fused_kernels=use_fused_kernels)
-            if p.d_fit_steps:
-                # how much closer the feature model fits: NLL per token, warm start then fit
-                metrics["d_fit_nll_demos"] = [generator_nll(m, demos) for m in (generator,
-                                                                                features)]
-            discriminator = CNNDiscriminator(VOCAB_SIZE) if p.discriminator == "cnn" else \
-                LMDiscriminator(features, train_lm=p.discriminator == "lm-tuned",
-                                context_features=p.discriminator == "lm-context",
-                                bigram_sequences=bigram_sequences)
+            if p.discriminator == "cnn":
+                discriminator = CNNDiscriminator(VOCAB_SIZE)
+            else:
+                features = fit_features(generator, demos, p.d_fit_steps, seed,
+                                        out_dir / "d_fit", use_fused_kernels=use_fused_kernels)
+                if p.d_fit_steps:
+                    # how much closer the feature model fits: NLL per token, warm start then fit
+                    metrics["d_fit_nll_demos"] = [generator_nll(m, demos)
+                                                  for m in (generator, features)]
+                discriminator = LMDiscriminator(features,
+                                                train_lm=p.discriminator == "lm-tuned",
+                                                context_features=p.discriminator == "lm-context",
+                                                bigram_sequences=bigram_sequences)
             metrics["discriminator_trainable_params"] = sum(
                 t.numel() for t in discriminator.parameters() if t.requires_grad)
         trainer = RLGAFTrainer(config, generator, discriminator,

@@ -187,12 +187,30 @@ def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
     assert [row["step"] for row in fit_log] == [1, 2, 3]
     warm_nll, fit_nll = metrics["d_fit_nll_demos"]
     assert fit_nll < warm_nll  # three MLE steps at 1e-3 on 200 sequences raise their likelihood
+    # tmp_path holds that run's generator, a warm start like any other
     assert "d_fit_nll_demos" not in run_oracle(ORACLE, "ppo", tmp_path / "none", preset=MICRO,
                                                init=tmp_path)
-    for bad, match in ((dict(d_fit_steps=-1), "d_fit_steps must be >= 0"),
-                       (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator")):
+
+
+@pytest.mark.parametrize("mode", ["ppo", "gumbel", "reinforce"])
+def test_discriminator_settings_are_checked_before_anything_trains(mode, tmp_path):
+    import dataclasses
+
+    from rlgaf_fast.cli import main
+
+    cases = ((dict(d_fit_steps=-1), "d_fit_steps must be >= 0"),
+             (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator"),
+             (dict(d_fit_steps=2, discriminator="mlp"), "discriminator must be one of lm, "))
+    for bad, match in cases:
+        # a missing oracle file: the check must come first
         with pytest.raises(ValueError, match=match):
-            run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=dataclasses.replace(MICRO, **bad))
+            run_oracle(tmp_path / "missing.pkl", mode, tmp_path / "bad",
+                       preset=dataclasses.replace(MICRO, **bad))
+    for extra, match in ((["--d-fit-steps", "-1"], "d_fit_steps must be >= 0"),
+                         (["--discriminator", "cnn", "--d-fit-steps", "5"], "needs an lm")):
+        with pytest.raises(SystemExit, match=match):
+            main(["oracle", "--oracle", str(tmp_path / "missing.pkl"), "--mode", mode,
+                  "--out", str(tmp_path / "bad")] + extra)
 
 
 def test_oracle_cli_sets_d_fit_steps_and_zero_for_the_cnn(tmp_path, monkeypatch):

@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_and_names_the_step(mode, demos):
     after = params(trainer.unwrapped_policy)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(torch.isfinite(p).all() for p in after)
-    assert trainer.reward_baseline == 0.5
+    if mode == "reinforce":  # the only mode that reads and moves it
+        assert trainer.reward_baseline == 0.5
 
 
 @pytest.mark.parametrize("mode", ["ppo", "reinforce", "gumbel"])
