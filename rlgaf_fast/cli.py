@@ -54,8 +54,10 @@ def _build_model(spec: dict, kind: str, pad_token_id: int | None):
     return auto.from_config(config)
 
 
-def build_from_config(spec: dict, output_dir: str | None = None):
-    """An ``RLGAFTrainer`` from a train config (the YAML's mapping): models, data, trainer."""
+def build_from_config(spec: dict, output_dir: str | None = None,
+                      overrides: dict | None = None):
+    """An ``RLGAFTrainer`` from a train config (the YAML's mapping): models, data, trainer;
+    ``overrides`` (RLGAFConfig fields) replace the trainer section's values."""
     from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
     from rlgaf_fast.rlgaf.data import synthetic_examples
 
@@ -63,7 +65,7 @@ def build_from_config(spec: dict, output_dir: str | None = None):
     if not isinstance(trainer_values, dict):
         raise ValueError(f"the config's trainer section must be a mapping, "
                          f"got {type(trainer_values).__name__}")
-    trainer_values = dict(trainer_values)
+    trainer_values = {**trainer_values, **(overrides or {})}
     if output_dir is not None:
         trainer_values["output_dir"] = output_dir
     config = RLGAFConfig.from_dict(trainer_values)
@@ -77,6 +79,8 @@ def build_from_config(spec: dict, output_dir: str | None = None):
     import torch
 
     torch.manual_seed(config.seed)  # config-built models start from the run's seed
+    if "generator" not in spec:
+        raise ValueError("the config needs a generator section (name_or_path or config)")
     generator = _build_model(spec["generator"], "causal_lm", pad_id)
     discriminator = None
     if config.mode in ("ppo", "reinforce", "gumbel"):
@@ -133,14 +137,11 @@ def run_train(args: argparse.Namespace) -> int:
     spec = json.loads(json.dumps(TINY_PRESET)) if args.preset == "tiny" else {}
     if args.config is not None:
         spec.update(load_yaml(args.config))
-    if args.mode is not None:
-        spec.setdefault("trainer", {})["mode"] = args.mode
-    if args.steps is not None:
-        spec.setdefault("trainer", {})["total_steps"] = args.steps
-    if args.fused:
-        spec.setdefault("trainer", {})["use_fused_kernels"] = True
+    overrides = {key: value for key, value in (("mode", args.mode), ("total_steps", args.steps),
+                                               ("use_fused_kernels", args.fused or None))
+                 if value is not None}
     _set_threads(args.threads)
-    trainer = build_from_config(spec, args.out)
+    trainer = build_from_config(spec, args.out, overrides)
     if args.resume:
         trainer.load_checkpoint(args.resume)
     history = trainer.train()

@@ -63,3 +63,26 @@ def test_rlhf_reward_model_needs_no_pad_token():
         alone = reward(Batch(prompt[row:row + 1], prompt_mask[row:row + 1],
                              response[row:row + 1], response_mask[row:row + 1]))
         torch.testing.assert_close(both[row:row + 1], alone)
+
+
+def test_train_flags_override_the_config_and_bad_sections_are_named(tmp_path):
+    import copy
+
+    import pytest
+
+    from rlgaf_fast.cli import TINY_PRESET, build_from_config
+
+    path = tmp_path / "config.yaml"
+    for text, match in (("trainer:\n", "needs a generator section"),
+                        ("trainer: [1, 2]\n", "trainer section must be a mapping, got list")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            main(["train", "--config", str(path), "--mode", "ppo", "--steps", "2"])
+    spec = copy.deepcopy(TINY_PRESET)
+    trainer = build_from_config(spec, None, {"mode": "sft", "total_steps": 7,
+                                             "use_fused_kernels": True})
+    config = trainer.config
+    assert (config.mode, config.total_steps, config.use_fused_kernels) == ("sft", 7, True)
+    assert config.batch_size == TINY_PRESET["trainer"]["batch_size"]  # the rest kept
+    assert spec == TINY_PRESET  # the caller's mapping is not changed
+    trainer.close()
