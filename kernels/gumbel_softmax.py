@@ -625,16 +625,17 @@ def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
     return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
 
 
-def _k_per_split(N: int, D: int, tiles: int, chunk: int, block_k: int, t: torch.Tensor) -> int:
+def _k_per_split(N: int, D: int, tiles: int, chunk: int, block_k: int, gpu: bool,
+                 device: torch.device) -> int:
     """Columns of a vocabulary chunk per program of the product kernel (a multiple of block_k).
     A GPU launch with fewer [BLOCK_N, BLOCK_D] output tiles than two per SM splits the chunk
     over more programs, each at least 8 BLOCK_K steps long, with partial sums of at most
     max(2 * N * D, _MIN_WORKSPACE) elements; the interpreter splits in two, so that the
     tests run the split."""
     steps = triton.cdiv(chunk, block_k)
-    if _on_gpu(t):
+    if gpu:
         most = max(2 * N * D, _MIN_WORKSPACE) // max(N * D, 1)
-        splits = max(1, min(2 * _sm_count(t.device.index or 0) // tiles, steps // 8, most))
+        splits = max(1, min(2 * _sm_count(device.index or 0) // tiles, steps // 8, most))
     else:
         splits = min(2, steps)
     return triton.cdiv(steps, splits) * block_k
@@ -915,7 +916,7 @@ def gumbel_softmax_embedding_fwd(
         p_hi = _result_buffer((N, chunk), weight.dtype, logits.device)
         p_lo = _result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
         tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
-        k_per_split = _k_per_split(N, D, tiles, chunk, block_k, logits)
+        k_per_split = _k_per_split(N, D, tiles, chunk, block_k, gpu, logits.device)
         splits = triton.cdiv(chunk, k_per_split)
         grid = _check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
         # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
@@ -946,6 +947,8 @@ def gumbel_softmax_embedding_fwd(
             used = partial[:used_splits]
             if col_start == 0:
                 torch.sum(used, 0, out=out)
+            elif used_splits == 1:  # the usual case at large N: no [N, D] sum to allocate
+                out += used[0]
             else:
                 out += used.sum(0)
     return out, tokens, lse
@@ -1021,7 +1024,7 @@ def gumbel_softmax_embedding_bwd(
         BLOCK_V=block_v,
         BLOCK_D=block_d,
         FP64=fp64,
-        ACC_FP64=weight.dtype == torch.float64,
+        ACC_FP64=acc_dtype == torch.float64,
         DOT_PRECISION=_dot_precision(weight.dtype),
         PTX_LOG=_ptx_log(logits),
         num_warps=cfg["num_warps"][0],

@@ -189,11 +189,10 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
-    if args.mode not in ("sft", "rlhf"):
-        try:
-            check_discriminator(preset)
-        except ValueError as error:
-            raise SystemExit(f"rlgaf-fast oracle: {error}") from None
+    try:
+        check_discriminator(preset, args.mode)
+    except ValueError as error:
+        raise SystemExit(f"rlgaf-fast oracle: {error}") from None
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")

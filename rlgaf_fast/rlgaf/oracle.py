@@ -308,8 +308,11 @@ def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed:
     return metrics, samples
 
 
-def check_discriminator(p: OraclePreset) -> None:
-    """Refuse a preset whose discriminator settings cannot build one, with what was expected."""
+def check_discriminator(p: OraclePreset, mode: str) -> None:
+    """Refuse a preset whose discriminator settings cannot build one for ``mode``, with what was
+    expected (sft and rlhf build none)."""
+    if mode in ("sft", "rlhf"):
+        return
     if p.discriminator not in DISCRIMINATORS:
         raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
                          f"got {p.discriminator!r}")
@@ -360,8 +363,7 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
-    if mode not in ("sft", "rlhf"):  # checked before the warm start trains
-        check_discriminator(p)
+    check_discriminator(p, mode)  # before the warm start trains
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
