@@ -20,14 +20,17 @@ def _extensions_and_cmdclass():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("rlgaf_fast: torch is not importable at build time; skipping the C++ extension",
-              file=sys.stderr)
+        print(
+            "rlgaf_fast: torch is not importable at build time; skipping the C++ extension",
+            file=sys.stderr,
+        )
         return [], {}
     if os.environ.get("RLGAF_FAST_NO_EXTENSION") == "1":
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        print("rlgaf_fast: no C++ compiler found; installing without the extension",
-              file=sys.stderr)
+        print(
+            "rlgaf_fast: no C++ compiler found; installing without the extension", file=sys.stderr
+        )
         return [], {}
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -51,8 +54,11 @@ def _extensions_and_cmdclass():
         )
     else:
         ext = CppExtension(
-            "rlgaf_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"], optional=True,
+            "rlgaf_fast._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            optional=True,
         )
 
     class OptionalBuildExtension(BuildExtension):
@@ -62,8 +68,11 @@ def _extensions_and_cmdclass():
             try:
                 super().build_extension(extension)
             except Exception as error:  # noqa: BLE001 - any compiler failure
-                print(f"rlgaf_fast: building {extension.name} failed ({error}); the package "
-                      "will run on the torch backend", file=sys.stderr)
+                print(
+                    f"rlgaf_fast: building {extension.name} failed ({error}); the package "
+                    "will run on the torch backend",
+                    file=sys.stderr,
+                )
 
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
@@ -71,9 +80,13 @@ def _extensions_and_cmdclass():
 ext_modules, cmdclass = _extensions_and_cmdclass()
 
 setup(
-    packages=["rlgaf_fast", "rlgaf_fast.ops", "rlgaf_fast.rlgaf", "rlgaf_fast.kernels",
-              "rlgaf_fast.bench"],
-    package_dir={"rlgaf_fast.kernels": "kernels"},
+    packages=[
+        "rlgaf_fast",
+        "rlgaf_fast.ops",
+        "rlgaf_fast.rlgaf",
+        "rlgaf_fast.kernels",
+        "rlgaf_fast.bench",
+    ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from .launch import on_tensor_device
 from .philox import gumbel_noise_row, gumbel_noise_tile
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +388,17 @@ def _embedding_probs_kernel(
     row_mask = rows < N
     mask = row_mask[:, None] & (local < width)[None, :]
     z = _z_tile(
-        x_ptr, rows, col_start + tl.program_id(1) * BLOCK_V, mask, V, seed, inv_tau_hi,
-        inv_tau_lo, BLOCK_V, FP64, PTX_LOG
+        x_ptr,
+        rows,
+        col_start + tl.program_id(1) * BLOCK_V,
+        mask,
+        V,
+        seed,
+        inv_tau_hi,
+        inv_tau_lo,
+        BLOCK_V,
+        FP64,
+        PTX_LOG,
     )
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
@@ -625,8 +634,9 @@ def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
     return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
 
 
-def _k_per_split(N: int, D: int, tiles: int, chunk: int, block_k: int, gpu: bool,
-                 device: torch.device) -> int:
+def _k_per_split(
+    N: int, D: int, tiles: int, chunk: int, block_k: int, gpu: bool, device: torch.device
+) -> int:
     """Columns of a vocabulary chunk per program of the product kernel (a multiple of block_k).
     A GPU launch with fewer [BLOCK_N, BLOCK_D] output tiles than two per SM splits the chunk
     over more programs, each at least 8 BLOCK_K steps long, with partial sums of at most
@@ -716,8 +726,10 @@ def _check_grid(grid: tuple[int, int], kernel: str) -> tuple[int, int]:
     """A launch grid within CUDA's limits (2^31 - 1 programs on axis 0, 65535 on axis 1), or a
     clear error instead of the launch's "invalid argument"."""
     if grid[0] > 2**31 - 1 or grid[1] > 65535:
-        raise ValueError(f"{kernel}: the problem is too large for one launch (grid {grid}, "
-                         "limits 2^31 - 1 and 65535)")
+        raise ValueError(
+            f"{kernel}: the problem is too large for one launch (grid {grid}, "
+            "limits 2^31 - 1 and 65535)"
+        )
     return grid
 
 
@@ -924,12 +936,23 @@ def gumbel_softmax_embedding_fwd(
         for col_start in range(0, V, chunk):
             width = min(chunk, V - col_start)
             used_splits = triton.cdiv(width, k_per_split)
-            _write_probs(logits, weight, lse, p_hi, p_lo, col_start, width, seed,
-                         (inv_hi, inv_lo), cfg, split)
+            _write_probs(
+                logits,
+                weight,
+                lse,
+                p_hi,
+                p_lo,
+                col_start,
+                width,
+                seed,
+                (inv_hi, inv_lo),
+                cfg,
+                split,
+            )
             _embedding_product_kernel[(*grid, used_splits)](
                 p_hi,
                 p_lo,
-                weight[col_start:col_start + width],
+                weight[col_start : col_start + width],
                 partial,
                 N,
                 width,
@@ -1037,8 +1060,10 @@ def gumbel_softmax_embedding_bwd(
         go = grad_out.to(weight.dtype)
         for col_start in range(0, V, chunk):
             width = min(chunk, V - col_start)
-            _write_probs(logits, weight, lse, p, p, col_start, width, seed, (inv_hi, inv_lo),
-                         cfg, False)
-            torch.mm(p[:, :width].to(weight.dtype).t(), go,
-                     out=grad_w[col_start:col_start + width])
+            _write_probs(
+                logits, weight, lse, p, p, col_start, width, seed, (inv_hi, inv_lo), cfg, False
+            )
+            torch.mm(
+                p[:, :width].to(weight.dtype).t(), go, out=grad_w[col_start : col_start + width]
+            )
     return grad_x.to(logits.dtype), grad_w

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from .launch import on_tensor_device
 
 _NUM_PARAMS = 6  # inv_temp, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef
 
@@ -177,7 +177,17 @@ def _check(logits: torch.Tensor, actions: torch.Tensor) -> None:
 
 
 def _launch(
-    logits, actions, old, adv, ref, weight, params, grad, kl_estimator, dual_clip, entropy_grad,
+    logits,
+    actions,
+    old,
+    adv,
+    ref,
+    weight,
+    params,
+    grad,
+    kl_estimator,
+    dual_clip,
+    entropy_grad,
     config=None,
 ):
     """config: (BLOCK, num_warps) instead of the default, for tuning."""
@@ -219,8 +229,9 @@ def ppo_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs [N], entropy [N]) in the compute dtype for logits [N, V] and actions [N]."""
     _check(logits, actions)
-    params = _params((1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), _compute_dtype(logits),
-                     logits.device)
+    params = _params(
+        (1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), _compute_dtype(logits), logits.device
+    )
     return _launch(logits, actions, None, None, None, None, params, None, 0, False, False)
 
 
@@ -252,8 +263,11 @@ def ppo_loss_fwd_grad(
         raise ValueError("ppo_loss kernel: grad_logits must be contiguous, shaped as logits")
     if ref_logprobs is None:
         kl_estimator = 0
-    params = _params((1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef),
-                     _compute_dtype(logits), logits.device)
+    params = _params(
+        (1.0 / temperature, ratio_low, ratio_high, dual_clip, kl_coef, entropy_coef),
+        _compute_dtype(logits),
+        logits.device,
+    )
     return _launch(
         logits,
         actions,

@@ -1,6 +1,9 @@
-"""Triton kernels of rlgaf_fast (installed as rlgaf_fast.kernels): @triton.jit functions and their
-launchers, nothing else. Imported lazily by the op modules, so that rlgaf_fast works without
-Triton."""
+"""Launch helpers shared by the Triton kernel modules of ``rlgaf_fast.kernels``.
+
+The folder has no ``__init__.py`` on purpose: it is installed as ``rlgaf_fast.kernels``, and as a
+namespace portion at the repository root it cannot hide another distribution's ``kernels``
+package (Hugging Face's, which transformers imports) from scripts run there.
+"""
 
 from __future__ import annotations
 
