@@ -21,12 +21,16 @@ import rlgaf_fast
 from rlgaf_fast.bench import cases, measure, presets
 
 PRESET = os.environ.get("RLGAF_BENCH_PRESET", "tiny")
-DEVICE = torch.device(os.environ.get("RLGAF_BENCH_DEVICE")
-                      or ("cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = torch.device(
+    os.environ.get("RLGAF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+)
 OPS = [op for op in os.environ.get("RLGAF_BENCH_OPS", "").split(",") if op] or None
 ONLY = {p for p in os.environ.get("RLGAF_BENCH_PROVIDERS", "").split(",") if p}
-FUSED = [b for b in rlgaf_fast.available_backends()
-         if b != "torch" and (b == "cpp") == (DEVICE.type == "cpu")]
+FUSED = [
+    b
+    for b in rlgaf_fast.available_backends()
+    if b != "torch" and (b == "cpp") == (DEVICE.type == "cpu")
+]
 
 
 def _params():
@@ -63,7 +67,8 @@ def test_op(benchmark, case: cases.Case, provider_name: str) -> None:
     result = cases.check(case, problem, provider_name, outputs)
     del outputs
     assert result.passed is not False, (
-        f"{case.key} {provider_name}: max relative error {result.max_error} ({result.note})")
+        f"{case.key} {provider_name}: max relative error {result.max_error} ({result.note})"
+    )
 
     def run():
         cases.step(case, problem, provider)
@@ -73,5 +78,6 @@ def test_op(benchmark, case: cases.Case, provider_name: str) -> None:
     benchmark.pedantic(run, setup=problem.clear_grads, rounds=5, iterations=1, warmup_rounds=1)
     _, peak, method = measure.peak_memory(run, DEVICE)
     problem.clear_grads()
-    benchmark.extra_info.update(peak_bytes=peak, memory_method=method,
-                                max_error=result.max_error, check=result.note)
+    benchmark.extra_info.update(
+        peak_bytes=peak, memory_method=method, max_error=result.max_error, check=result.note
+    )

@@ -89,11 +89,15 @@ def cases():
             name += f" weight {str(weight_dtype).removeprefix('torch.')}"
         else:
             for hard in (False, True):
-                yield f"gumbel_softmax_fwd {name} hard={hard}", \
-                    lambda x=x, hard=hard: gs.gumbel_softmax_fwd(x, 0.7, hard, 3)
+                yield (
+                    f"gumbel_softmax_fwd {name} hard={hard}",
+                    lambda x=x, hard=hard: gs.gumbel_softmax_fwd(x, 0.7, hard, 3),
+                )
             yield f"gumbel_softmax_bwd {name}", lambda x=x: gs.gumbel_softmax_bwd(x, x, 0.7)
-            yield f"gumbel_softmax_bwd_from_logits {name}", \
-                lambda x=x: gs.gumbel_softmax_bwd_from_logits(x, x, 0.7, 3)
+            yield (
+                f"gumbel_softmax_bwd_from_logits {name}",
+                lambda x=x: gs.gumbel_softmax_bwd_from_logits(x, x, 0.7, 3),
+            )
         yield f"gumbel_softmax_embedding fwd+bwd {name}", lambda x=x, w=w: _embedding(gs, x, w)
         if weight_dtype != logits_dtype:
             continue
@@ -101,11 +105,28 @@ def cases():
         z = torch.zeros(N, dtype=torch.float64 if logits_dtype == torch.float64 else torch.float32)
         yield f"ppo_loss_fwd {name}", lambda x=x, a=actions: pl.ppo_loss_fwd(x, a, 1.0)
         for kl, dual_clip, entropy in ((0, 0.0, 0.0), (3, 3.0, 0.01)):
-            yield (f"ppo_loss_fwd_grad {name} kl_estimator={kl} dual_clip={dual_clip} "
-                   f"entropy_coef={entropy}"), \
+            yield (
+                (
+                    f"ppo_loss_fwd_grad {name} kl_estimator={kl} dual_clip={dual_clip} "
+                    f"entropy_coef={entropy}"
+                ),
                 lambda x=x, a=actions, z=z, k=kl, c=dual_clip, e=entropy: pl.ppo_loss_fwd_grad(
-                    x, a, z, z, z if k else None, z + 1, 0.8, 1.2, c, 0.1 if k else 0.0, k, e,
-                    1.0, torch.empty_like(x))
+                    x,
+                    a,
+                    z,
+                    z,
+                    z if k else None,
+                    z + 1,
+                    0.8,
+                    1.2,
+                    c,
+                    0.1 if k else 0.0,
+                    k,
+                    e,
+                    1.0,
+                    torch.empty_like(x),
+                ),
+            )
 
 
 def _embedding(gs, x, w):
@@ -131,15 +152,17 @@ def main() -> int:
             failures += 1
             print(f"FAIL {name}\n{traceback.format_exc()}")
             continue
-        missing = [kernel_name for kernel_name, kernel in compiled[before:]
-                   if not kernel.asm.get("cubin")]
+        missing = [
+            kernel_name for kernel_name, kernel in compiled[before:] if not kernel.asm.get("cubin")
+        ]
         if missing or len(compiled) == before:
             failures += 1
             print(f"FAIL {name}: no cubin for {missing or 'any kernel'}")
             continue
         kernels = ", ".join(
             f"{kernel_name} (shared {kernel.metadata.shared} B, {kernel.metadata.num_warps} warps)"
-            for kernel_name, kernel in compiled[before:])
+            for kernel_name, kernel in compiled[before:]
+        )
         print(f"ok   {name}: {kernels} [{time.perf_counter() - start:.1f} s]")
     print(f"{failures} failure(s)")
     return 1 if failures else 0

@@ -125,39 +125,49 @@ def _auto_backend(device: str, lacks: tuple[str, ...] = ()) -> str:
             return "triton"
         if cuda_available() and "cuda" not in lacks:
             return "cuda"
-        _say_torch_fallback_once("Triton is not available and the CUDA extension has no kernel "
-                                 "of this op" if cuda_available() else
-                                 "neither Triton nor the CUDA extension is available")
+        _say_torch_fallback_once(
+            "Triton is not available and the CUDA extension has no kernel of this op"
+            if cuda_available()
+            else "neither Triton nor the CUDA extension is available"
+        )
         return "torch"
     if device == "cpu":
         if cpp_available():
             return "cpp"
-        _say_torch_fallback_once(f"the C++ extension was not built ({_extension()[1]}); "
-                                 + _REINSTALL)
+        _say_torch_fallback_once(
+            f"the C++ extension was not built ({_extension()[1]}); " + _REINSTALL
+        )
     return "torch"
 
 
 def _require(backend: str, device: str) -> None:
     if backend == "cpp":
         if not cpp_available():
-            raise RuntimeError(f"backend 'cpp' is not available: the C++ extension was not built "
-                               f"({_extension()[1]}); {_REINSTALL}")
+            raise RuntimeError(
+                f"backend 'cpp' is not available: the C++ extension was not built "
+                f"({_extension()[1]}); {_REINSTALL}"
+            )
         if device != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     elif backend == "cuda":
         if not cuda_available():
-            raise RuntimeError("backend 'cuda' is not available: the extension was built without "
-                               "its CUDA kernels or no CUDA device is present (build on a machine "
-                               "with nvcc and a CUDA build of torch)")
+            raise RuntimeError(
+                "backend 'cuda' is not available: the extension was built without "
+                "its CUDA kernels or no CUDA device is present (build on a machine "
+                "with nvcc and a CUDA build of torch)"
+            )
         if device != "cuda":
             raise RuntimeError(f"backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
     elif backend == "triton":
         if not _triton()[0]:
-            raise RuntimeError(f"backend 'triton' is not available: {_triton()[1]} "
-                               "(pip install triton)")
+            raise RuntimeError(
+                f"backend 'triton' is not available: {_triton()[1]} (pip install triton)"
+            )
         if device != "cuda" and not _triton_interpreted():
-            raise RuntimeError(f"backend 'triton' runs on CUDA tensors (or on the CPU under "
-                               f"TRITON_INTERPRET=1), got a tensor on {device}")
+            raise RuntimeError(
+                f"backend 'triton' runs on CUDA tensors (or on the CPU under "
+                f"TRITON_INTERPRET=1), got a tensor on {device}"
+            )
 
 
 def cpp_ops():

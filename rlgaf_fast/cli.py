@@ -18,20 +18,43 @@ from typing import Any
 # ---------------------------------------------------------------------- rlgaf-fast train
 
 TINY_PRESET: dict[str, Any] = {
-    "generator": {"config": {"model_type": "llama", "vocab_size": 32, "hidden_size": 32,
-                             "intermediate_size": 64, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "num_key_value_heads": 2,
-                             "max_position_embeddings": 32}},
-    "discriminator": {"config": {"model_type": "llama", "vocab_size": 32, "hidden_size": 32,
-                                 "intermediate_size": 64, "num_hidden_layers": 1,
-                                 "num_attention_heads": 2, "num_key_value_heads": 2,
-                                 "max_position_embeddings": 32}},
+    "generator": {
+        "config": {
+            "model_type": "llama",
+            "vocab_size": 32,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+        }
+    },
+    "discriminator": {
+        "config": {
+            "model_type": "llama",
+            "vocab_size": 32,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+        }
+    },
     "data": {"synthetic": {"num_examples": 512, "vocab_size": 32}},
     "pad_token_id": 0,
     "eos_token_id": 1,
-    "trainer": {"mode": "ppo", "total_steps": 1000, "batch_size": 16, "minibatch_size": 8,
-                "max_new_tokens": 10, "generator_lr": 3e-4, "discriminator_lr": 3e-4,
-                "kl_coef": 0.02},
+    "trainer": {
+        "mode": "ppo",
+        "total_steps": 1000,
+        "batch_size": 16,
+        "minibatch_size": 8,
+        "max_new_tokens": 10,
+        "generator_lr": 3e-4,
+        "discriminator_lr": 3e-4,
+        "kl_coef": 0.02,
+    },
 }
 
 
@@ -54,8 +77,7 @@ def _build_model(spec: dict, kind: str, pad_token_id: int | None):
     return auto.from_config(config)
 
 
-def build_from_config(spec: dict, output_dir: str | None = None,
-                      overrides: dict | None = None):
+def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict | None = None):
     """An ``RLGAFTrainer`` from a train config (the YAML's mapping): models, data, trainer;
     ``overrides`` (RLGAFConfig fields) replace the trainer section's values."""
     from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
@@ -63,8 +85,9 @@ def build_from_config(spec: dict, output_dir: str | None = None,
 
     trainer_values = spec.get("trainer") or {}
     if not isinstance(trainer_values, dict):
-        raise ValueError(f"the config's trainer section must be a mapping, "
-                         f"got {type(trainer_values).__name__}")
+        raise ValueError(
+            f"the config's trainer section must be a mapping, got {type(trainer_values).__name__}"
+        )
     trainer_values = {**trainer_values, **(overrides or {})}
     if output_dir is not None:
         trainer_values["output_dir"] = output_dir
@@ -92,8 +115,11 @@ def build_from_config(spec: dict, output_dir: str | None = None,
         # Generated data needs an end token; the trainer must stop on the same one.
         eos_id = 1 if eos_id is None else eos_id
         demonstrations = synthetic_examples(
-            seed=config.seed, eos_token_id=eos_id,
-            pad_token_id=0 if pad_id is None else pad_id, **data["synthetic"])
+            seed=config.seed,
+            eos_token_id=eos_id,
+            pad_token_id=0 if pad_id is None else pad_id,
+            **data["synthetic"],
+        )
     else:
         demonstrations = data.get("demonstrations")
     reward_fn = None
@@ -101,9 +127,17 @@ def build_from_config(spec: dict, output_dir: str | None = None,
         if "reward_model" not in spec:
             raise ValueError("mode 'rlhf' needs a reward_model section (name_or_path or config)")
         reward_fn = _reward_model_fn(_build_model(spec["reward_model"], "classifier", pad_id))
-    return RLGAFTrainer(config, generator, discriminator, demonstrations, data.get("prompts"),
-                        reward_fn=reward_fn, tokenizer=tokenizer, eos_token_id=eos_id,
-                        pad_token_id=pad_id)
+    return RLGAFTrainer(
+        config,
+        generator,
+        discriminator,
+        demonstrations,
+        data.get("prompts"),
+        reward_fn=reward_fn,
+        tokenizer=tokenizer,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
 
 
 def _reward_model_fn(model):
@@ -137,9 +171,15 @@ def run_train(args: argparse.Namespace) -> int:
     spec = json.loads(json.dumps(TINY_PRESET)) if args.preset == "tiny" else {}
     if args.config is not None:
         spec.update(load_yaml(args.config))
-    overrides = {key: value for key, value in (("mode", args.mode), ("total_steps", args.steps),
-                                               ("use_fused_kernels", args.fused or None))
-                 if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("mode", args.mode),
+            ("total_steps", args.steps),
+            ("use_fused_kernels", args.fused or None),
+        )
+        if value is not None
+    }
     _set_threads(args.threads)
     trainer = build_from_config(spec, args.out, overrides)
     if args.resume:
@@ -156,13 +196,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("train", help="adversarial fine-tuning from a YAML config",
-                              description="Train a generator LM with RLGAF. The YAML holds "
-                              "generator/discriminator (name_or_path or config), tokenizer, data "
-                              "(demonstrations, prompts: JSON Lines) and trainer (RLGAFConfig).")
+    p = subparsers.add_parser(
+        "train",
+        help="adversarial fine-tuning from a YAML config",
+        description="Train a generator LM with RLGAF. The YAML holds "
+        "generator/discriminator (name_or_path or config), tokenizer, data "
+        "(demonstrations, prompts: JSON Lines) and trainer (RLGAFConfig).",
+    )
     p.add_argument("--config", help="YAML file (read with yaml.safe_load)")
-    p.add_argument("--preset", choices=["tiny"], help="built-in config: a config-built model on "
-                   "generated data (about a minute); --config then overrides its sections")
+    p.add_argument(
+        "--preset",
+        choices=["tiny"],
+        help="built-in config: a config-built model on "
+        "generated data (about a minute); --config then overrides its sections",
+    )
     p.add_argument("--mode", choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
     p.add_argument("--steps", type=int, help="override trainer.total_steps")
     p.add_argument("--out", help="output directory (logs, checkpoints)")
@@ -205,8 +252,16 @@ def run_oracle_command(args: argparse.Namespace) -> int:
             except ValueError:
                 pass
         overrides[key] = parsed
-    metrics = run_oracle(args.oracle, args.mode, args.out, preset=preset, init=args.init,
-                         seed=args.seed, use_fused_kernels=args.fused, overrides=overrides)
+    metrics = run_oracle(
+        args.oracle,
+        args.mode,
+        args.out,
+        preset=preset,
+        init=args.init,
+        seed=args.seed,
+        use_fused_kernels=args.fused,
+        overrides=overrides,
+    )
     summary = {"mode": args.mode, "time_s": round(metrics["time_s"], 1), **metrics["final"]}
     if "warm_start" in metrics:
         summary["warm_start"] = metrics["warm_start"]
@@ -215,9 +270,12 @@ def run_oracle_command(args: argparse.Namespace) -> int:
 
 
 def add_oracle_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("oracle", help="the SeqGAN synthetic benchmark",
-                              description="Train one mode against the SeqGAN oracle; writes "
-                              "OUT/metrics.json, OUT/samples.txt and OUT/curves.png.")
+    p = subparsers.add_parser(
+        "oracle",
+        help="the SeqGAN synthetic benchmark",
+        description="Train one mode against the SeqGAN oracle; writes "
+        "OUT/metrics.json, OUT/samples.txt and OUT/curves.png.",
+    )
     p.add_argument("--oracle", required=True, help="target_params_py3.pkl")
     p.add_argument("--mode", required=True, choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
     p.add_argument("--out", required=True)
@@ -225,17 +283,28 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
-    p.add_argument("--discriminator", choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn"],
-                   help="lm (default): a small head over a frozen feature model (the warm "
-                   "start, fit --d-fit-steps further); "
-                   "lm-context: the head reads the LM's hidden state too; "
-                   "lm-tuned: that model trained too; lm-bigram: bigram counts of half the "
-                   "demonstrations as one more feature; cnn: SeqGAN's CNN")
-    p.add_argument("--d-fit-steps", type=int, metavar="N",
-                   help="MLE steps the lm discriminators' feature model takes on the "
-                   "demonstrations past the warm start (the preset's: full 500, smoke 20)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an RLGAFConfig field of the adversarial phase (repeatable)")
+    p.add_argument(
+        "--discriminator",
+        choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn"],
+        help="lm (default): a small head over a frozen feature model (the warm "
+        "start, fit --d-fit-steps further); "
+        "lm-context: the head reads the LM's hidden state too; "
+        "lm-tuned: that model trained too; lm-bigram: bigram counts of half the "
+        "demonstrations as one more feature; cnn: SeqGAN's CNN",
+    )
+    p.add_argument(
+        "--d-fit-steps",
+        type=int,
+        metavar="N",
+        help="MLE steps the lm discriminators' feature model takes on the "
+        "demonstrations past the warm start (the preset's: full 500, smoke 20)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override an RLGAFConfig field of the adversarial phase (repeatable)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy CPU)")
     p.set_defaults(func=run_oracle_command)
 

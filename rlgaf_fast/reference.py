@@ -130,7 +130,6 @@ def gumbel_softmax_embedding(
 # --- PPO: clipped policy loss, clipped value loss, GAE ----------------------------------------
 
 
-
 class PPOLossOutput(NamedTuple):
     """What :func:`ppo_loss` returns. Only ``loss`` carries a gradient; the rest are detached.
 

@@ -48,8 +48,11 @@ def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
         ops.gumbel_softmax_fwd(logits, 1.0, False, -7)
     with pytest.raises(RuntimeError, match=r"must be 2-D \[N, V\], got shape \[5\]"):
         ops.gumbel_softmax_fwd(torch.randn(5), 1.0, False, 0)
-    with pytest.raises(RuntimeError, match=r"must be float16, bfloat16, float32 or float64, "
-                                           r"got Long"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"must be float16, bfloat16, float32 or float64, "
+        r"got Long",
+    ):
         ops.gumbel_softmax_fwd(torch.ones(3, 5, dtype=torch.long), 1.0, False, 0)
     with pytest.raises(RuntimeError, match=r"weight must have V = 5 rows .* got shape \[4, 2\]"):
         ops.gumbel_softmax_embedding_fwd(logits, torch.randn(4, 2), 1.0, 0)

@@ -10,9 +10,17 @@ def test_philox_matches_random123_known_answers():
     zero = torch.zeros(1, dtype=torch.int64)
     ones = torch.full((1,), 0xFFFFFFFF, dtype=torch.int64)
     assert [int(w) for w in reference.philox4x32(zero, zero, zero, zero, 0)] == [
-        0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+        0x6627E8D5,
+        0xE169C58D,
+        0xBC57AC4C,
+        0x9B00DBD8,
+    ]
     assert [int(w) for w in reference.philox4x32(ones, ones, ones, ones, 2**64 - 1)] == [
-        0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    ]
 
 
 def test_uniform_noise_is_open_interval_and_keyed_by_position():

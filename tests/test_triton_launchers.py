@@ -9,13 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
 
 LAUNCHERS = {
-    "gumbel_softmax": ["gumbel_softmax_fwd", "gumbel_softmax_bwd",
-                       "gumbel_softmax_bwd_from_logits", "gumbel_softmax_embedding_fwd",
-                       "gumbel_softmax_embedding_bwd"],
+    "gumbel_softmax": [
+        "gumbel_softmax_fwd",
+        "gumbel_softmax_bwd",
+        "gumbel_softmax_bwd_from_logits",
+        "gumbel_softmax_embedding_fwd",
+        "gumbel_softmax_embedding_bwd",
+    ],
     "ppo_loss": ["ppo_loss_fwd", "ppo_loss_fwd_grad"],
 }
 
@@ -33,8 +38,11 @@ def test_every_launcher_enters_its_tensors_device(monkeypatch):
     on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     for module_name, names in LAUNCHERS.items():
         module = importlib.import_module(f"rlgaf_fast.kernels.{module_name}")
-        public = {n for n in dir(module) if n.startswith(("gumbel_softmax_", "ppo_loss_"))
-                  and callable(getattr(module, n))}
+        public = {
+            n
+            for n in dir(module)
+            if n.startswith(("gumbel_softmax_", "ppo_loss_")) and callable(getattr(module, n))
+        }
         assert public == set(names), "a launcher missing from this test"
         for name in names:
             entered.clear()

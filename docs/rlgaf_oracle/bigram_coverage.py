@@ -35,8 +35,12 @@ def main() -> None:
     rows = [{"sequences": "held-out oracle samples", "coverage": coverage(test[:5000], seen)}]
     for temperature in (1.0, 0.9, 0.85, 0.8):
         samples = sample_generator(generator, 5000, seed=6000, temperature=temperature)
-        rows.append({"sequences": f"warm start at temperature {temperature}",
-                     "coverage": coverage(samples, seen)})
+        rows.append(
+            {
+                "sequences": f"warm start at temperature {temperature}",
+                "coverage": coverage(samples, seen),
+            }
+        )
     for row in rows:
         print(f"{row['sequences']:40s} {row['coverage']:.4f}")
     with open(args.out, "w") as f:

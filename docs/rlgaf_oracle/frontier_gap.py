@@ -31,8 +31,12 @@ def frontier_nll_test(points: list[tuple[float, float]], nll_oracle: float) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--features", type=Path, default=FEATURES,
-                        help="lm_features.py's output for the runs' warm start")
+    parser.add_argument(
+        "--features",
+        type=Path,
+        default=FEATURES,
+        help="lm_features.py's output for the runs' warm start",
+    )
     args = parser.parse_args()
     points = frontier_points(args.features)
     print("| run | NLL_oracle | NLL_test | vs. frontier |")
@@ -46,8 +50,10 @@ def main() -> None:
         warm, final = metrics["warm_start"], metrics["final"]
         frontier = frontier_nll_test(points, final["nll_oracle"])
         gap = "outside" if frontier is None else f"{final['nll_test'] - frontier:+.3f}"
-        print(f"| {run.name} | {final['nll_oracle'] - warm['nll_oracle']:+.3f} "
-              f"| {final['nll_test'] - warm['nll_test']:+.3f} | {gap} |")
+        print(
+            f"| {run.name} | {final['nll_oracle'] - warm['nll_oracle']:+.3f} "
+            f"| {final['nll_test'] - warm['nll_test']:+.3f} | {gap} |"
+        )
 
 
 if __name__ == "__main__":

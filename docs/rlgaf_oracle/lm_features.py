@@ -55,20 +55,26 @@ def main() -> None:
     demos, test = oracle_data(oracle, warm["data_seed"], p.num_demos, p.num_test)
     model.eval()
     sequences = [demos[: args.num], test[: args.num]]
-    rows = [{"sequences": "training demonstrations", **token_features(model, sequences[0])},
-            {"sequences": "held-out oracle samples", **token_features(model, sequences[1])}]
+    rows = [
+        {"sequences": "training demonstrations", **token_features(model, sequences[0])},
+        {"sequences": "held-out oracle samples", **token_features(model, sequences[1])},
+    ]
     for t in TEMPERATURES:
         scores, samples = evaluate(model, oracle, test, p.num_sweep, seed=6000, temperature=t)
         sequences.append(samples[: args.num])
-        rows.append({"sequences": f"warm start at temperature {t}",
-                     **token_features(model, sequences[-1]), **scores})
+        rows.append(
+            {
+                "sequences": f"warm start at temperature {t}",
+                **token_features(model, sequences[-1]),
+                **scores,
+            }
+        )
     if args.d_fit_steps:
         fit = fit_features(model, demos, args.d_fit_steps, seed=0).eval()
         for row, tokens in zip(rows, sequences, strict=True):
             row["mean_logp_fit"] = token_features(fit, tokens)["mean_logp"]
     for row in rows:
-        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v)
-                        for k, v in row.items()))
+        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else str(v) for k, v in row.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

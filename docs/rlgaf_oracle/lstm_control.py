@@ -88,9 +88,13 @@ def main() -> None:
 
     def evaluate(epoch: int) -> dict:
         samples = model.sample(10_000, seed=5000)
-        return {"epoch": epoch, "held_out_demo_nll": model.nll(held_out),
-                "nll_oracle": oracle.nll(samples), "nll_test": model.nll(test),
-                "copied": copied_fraction(samples, demos)}
+        return {
+            "epoch": epoch,
+            "held_out_demo_nll": model.nll(held_out),
+            "nll_oracle": oracle.nll(samples),
+            "nll_test": model.nll(test),
+            "copied": copied_fraction(samples, demos),
+        }
 
     evaluations, best, start = [], None, time.time()
     for epoch in range(1, args.epochs + 1):
@@ -104,12 +108,20 @@ def main() -> None:
             best = (held, epoch, {k: v.clone() for k, v in model.state_dict().items()})
         if epoch in args.evaluate:
             evaluations.append(evaluate(epoch))
-        print(f"epoch {epoch}: held-out demonstrations {held:.3f} "
-              f"({time.time() - start:.0f} s)", flush=True)
+        print(
+            f"epoch {epoch}: held-out demonstrations {held:.3f} ({time.time() - start:.0f} s)",
+            flush=True,
+        )
     model.load_state_dict(best[2])
-    result = {"warm_start": warm["final"], "early_stopped": evaluate(best[1]),
-              "epochs": evaluations, "lr": args.lr, "batch": args.batch,
-              "train_demos": len(train), "held_out_demos": len(held_out)}
+    result = {
+        "warm_start": warm["final"],
+        "early_stopped": evaluate(best[1]),
+        "epochs": evaluations,
+        "lr": args.lr,
+        "batch": args.batch,
+        "train_demos": len(train),
+        "held_out_demos": len(held_out),
+    }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -37,15 +37,21 @@ def main() -> None:
     oracle = OracleLSTM.from_file(args.oracle)
     generator, warm = load_warm_start(args.init)
     demos, test = oracle_data(oracle, warm["data_seed"])
-    config = RLGAFConfig(mode="sft", total_steps=args.steps, batch_size=args.batch,
-                         minibatch_size=args.batch, generator_lr=2e-4, generator_ema=0.99,
-                         progress_bar=True, tensorboard=False)
+    config = RLGAFConfig(
+        mode="sft",
+        total_steps=args.steps,
+        batch_size=args.batch,
+        minibatch_size=args.batch,
+        generator_lr=2e-4,
+        generator_ema=0.99,
+        progress_bar=True,
+        tensorboard=False,
+    )
     trainer = RLGAFTrainer(config, generator, demonstrations=oracle_examples(demos))
     trainer.train()
     final, samples = evaluate(trainer.evaluation_model, oracle, test, 10_000, seed=5000)
     final["copied"] = copied_fraction(samples, demos)
-    result = {"steps": args.steps, "batch": args.batch, "warm_start": warm["final"],
-              "final": final}
+    result = {"steps": args.steps, "batch": args.batch, "warm_start": warm["final"], "final": final}
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -101,8 +101,8 @@ def _old_logprobs(logits: Tensor, actions: Tensor, generator: torch.Generator) -
     """Log-probs near the current policy's, so that some ratios clip and some do not."""
     parts = []
     for start in range(0, logits.shape[0], 1024):  # chunks keep the float32 copy small
-        chunk = torch.log_softmax(logits[start:start + 1024].float(), dim=-1)
-        parts.append(chunk.gather(-1, actions[start:start + 1024, None]).squeeze(-1))
+        chunk = torch.log_softmax(logits[start : start + 1024].float(), dim=-1)
+        parts.append(chunk.gather(-1, actions[start : start + 1024, None]).squeeze(-1))
     logp = torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
     noise = torch.randn(logp.shape, device=logp.device, generator=generator)
     return logp + 0.2 * noise
@@ -124,24 +124,34 @@ def make_problem(case: Case, device: torch.device) -> Problem:
         return Problem(t, ("logits",) if grad else ())
     if case.op == "soft_embedding":
         probs = torch.softmax(torch.randn(n, v, device=device, generator=generator) * 3, dim=-1)
-        t = {"probs": probs.to(dtype).requires_grad_(grad),
-             "weight": randn(v, d, scale=0.02, requires_grad=grad), "grad_out": randn(n, d)}
+        t = {
+            "probs": probs.to(dtype).requires_grad_(grad),
+            "weight": randn(v, d, scale=0.02, requires_grad=grad),
+            "grad_out": randn(n, d),
+        }
         return Problem(t, ("probs", "weight") if grad else ())
     if case.op == "gumbel_softmax_embedding":
-        t = {"logits": randn(n, v, scale=2.0, requires_grad=grad),
-             "weight": randn(v, d, scale=0.02, requires_grad=grad), "grad_out": randn(n, d)}
+        t = {
+            "logits": randn(n, v, scale=2.0, requires_grad=grad),
+            "weight": randn(v, d, scale=0.02, requires_grad=grad),
+            "grad_out": randn(n, d),
+        }
         return Problem(t, ("logits", "weight") if grad else ())
     if case.op == "ppo_loss":
-        t = {"logits": randn(n, v, scale=2.0, requires_grad=grad),
-             **_tokens(case, device, generator)}
+        t = {
+            "logits": randn(n, v, scale=2.0, requires_grad=grad),
+            **_tokens(case, device, generator),
+        }
         t["old_logprobs"] = _old_logprobs(t["logits"].detach(), t["actions"], generator)
         return Problem(t, ("logits",) if grad else ())
     if case.op == "fused_linear_ppo_loss":
-        t = {"hidden": randn(n, d, requires_grad=grad),
-             "weight": randn(v, d, scale=d**-0.5, requires_grad=grad),
-             **_tokens(case, device, generator)}
+        t = {
+            "hidden": randn(n, d, requires_grad=grad),
+            "weight": randn(v, d, scale=d**-0.5, requires_grad=grad),
+            **_tokens(case, device, generator),
+        }
         with torch.no_grad():
-            logits = (t["hidden"] @ t["weight"].T)
+            logits = t["hidden"] @ t["weight"].T
         t["old_logprobs"] = _old_logprobs(logits, t["actions"], generator)
         del logits
         return Problem(t, ("hidden", "weight") if grad else ())
@@ -201,26 +211,35 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
         compiled = _compile("gumbel_softmax", F.gumbel_softmax)
         found["compile"] = lambda p: (compiled(p.tensors["logits"], TAU, hard),)
         for b in fused_backends:
-            found[b] = lambda p, b=b: (_public("gumbel_softmax")(
-                p.tensors["logits"], TAU, hard, seed=SEED, backend=b),)
+            found[b] = lambda p, b=b: (
+                _public("gumbel_softmax")(p.tensors["logits"], TAU, hard, seed=SEED, backend=b),
+            )
     elif case.op == "soft_embedding":
-        found["eager"] = lambda p: (reference.soft_embedding(
-            p.tensors["probs"], p.tensors["weight"], top_k=top_k),)
+        found["eager"] = lambda p: (
+            reference.soft_embedding(p.tensors["probs"], p.tensors["weight"], top_k=top_k),
+        )
         compiled = _compile("soft_embedding", reference.soft_embedding)
-        found["compile"] = lambda p: (compiled(p.tensors["probs"], p.tensors["weight"],
-                                               top_k=top_k),)
+        found["compile"] = lambda p: (
+            compiled(p.tensors["probs"], p.tensors["weight"], top_k=top_k),
+        )
         for b in fused_backends:
-            found[b] = lambda p, b=b: (_public("soft_embedding")(
-                p.tensors["probs"], p.tensors["weight"], top_k=top_k, backend=b),)
+            found[b] = lambda p, b=b: (
+                _public("soft_embedding")(
+                    p.tensors["probs"], p.tensors["weight"], top_k=top_k, backend=b
+                ),
+            )
     elif case.op == "gumbel_softmax_embedding":
-        found["eager"] = lambda p: _unfused_embedding(p.tensors["logits"], p.tensors["weight"],
-                                                      hard)
+        found["eager"] = lambda p: _unfused_embedding(
+            p.tensors["logits"], p.tensors["weight"], hard
+        )
         compiled = _compile("gumbel_softmax_embedding", _unfused_embedding)
         found["compile"] = lambda p: compiled(p.tensors["logits"], p.tensors["weight"], hard)
         for b in fused_backends:
             found[b] = lambda p, b=b: _public("gumbel_softmax_embedding")(
-                p.tensors["logits"], p.tensors["weight"], TAU, hard, seed=SEED, backend=b)
+                p.tensors["logits"], p.tensors["weight"], TAU, hard, seed=SEED, backend=b
+            )
     elif case.op == "ppo_loss":
+
         def args(p: Problem) -> tuple[Tensor, ...]:
             t = p.tensors
             return t["logits"], t["actions"], t["old_logprobs"], t["advantages"]
@@ -229,9 +248,11 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
         compiled = _compile("ppo_loss", reference.ppo_loss)
         found["compile"] = lambda p: _loss_outputs(compiled(*args(p), **PPO_OPTIONS))
         for b in fused_backends:
-            found[b] = lambda p, b=b: _loss_outputs(_public("ppo_loss")(
-                *args(p), **PPO_OPTIONS, backend=b))
+            found[b] = lambda p, b=b: _loss_outputs(
+                _public("ppo_loss")(*args(p), **PPO_OPTIONS, backend=b)
+            )
     elif case.op == "fused_linear_ppo_loss":
+
         def args(p: Problem) -> tuple[Tensor, ...]:
             t = p.tensors
             return t["hidden"], t["weight"], t["actions"], t["old_logprobs"], t["advantages"]
@@ -240,8 +261,9 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
         compiled = _compile("fused_linear_ppo_loss", _linear_logits_loss)
         found["compile"] = lambda p: _loss_outputs(compiled(*args(p)))
         for b in fused_backends:  # its torch backend is the eager path itself
-            found[b] = lambda p, b=b: _loss_outputs(_public("fused_linear_ppo_loss")(
-                *args(p), **PPO_OPTIONS, backend=b))
+            found[b] = lambda p, b=b: _loss_outputs(
+                _public("fused_linear_ppo_loss")(*args(p), **PPO_OPTIONS, backend=b)
+            )
         found["matmuls"] = _matmuls
     else:
         raise ValueError(f"unknown op {case.op!r}")
@@ -274,6 +296,7 @@ def _matmuls(p: Problem) -> tuple[Tensor, ...]:
 
 # --- running a provider ---------------------------------------------------------------------------
 
+
 def step(case: Case, problem: Problem, provider: Provider) -> tuple[Tensor, ...]:
     """One timed unit: the forward, and in fwd+bwd the backward from outputs[0]."""
     if not case.backward:
@@ -289,6 +312,7 @@ def step(case: Case, problem: Problem, provider: Provider) -> tuple[Tensor, ...]
 
 
 # --- checks against the reference ------------------------------------------------------------
+
 
 @dataclass
 class Check:
@@ -325,16 +349,35 @@ def _reference_outputs(case: Case, problem: Problem, rows: int) -> tuple[list[Te
     elif case.op == "soft_embedding":
         outputs = [reference.soft_embedding(subset["probs"], subset["weight"], top_k=_top_k(case))]
     elif case.op == "gumbel_softmax_embedding":
-        outputs = list(reference.gumbel_softmax_embedding(subset["logits"], subset["weight"], TAU,
-                                                          hard, seed=SEED))
+        outputs = list(
+            reference.gumbel_softmax_embedding(
+                subset["logits"], subset["weight"], TAU, hard, seed=SEED
+            )
+        )
     elif case.op == "ppo_loss":
-        outputs = list(_loss_outputs(reference.ppo_loss(
-            subset["logits"], subset["actions"], subset["old_logprobs"], subset["advantages"],
-            **PPO_OPTIONS)))
+        outputs = list(
+            _loss_outputs(
+                reference.ppo_loss(
+                    subset["logits"],
+                    subset["actions"],
+                    subset["old_logprobs"],
+                    subset["advantages"],
+                    **PPO_OPTIONS,
+                )
+            )
+        )
     else:
-        outputs = list(_loss_outputs(_linear_logits_loss(
-            subset["hidden"], subset["weight"], subset["actions"], subset["old_logprobs"],
-            subset["advantages"])))
+        outputs = list(
+            _loss_outputs(
+                _linear_logits_loss(
+                    subset["hidden"],
+                    subset["weight"],
+                    subset["actions"],
+                    subset["old_logprobs"],
+                    subset["advantages"],
+                )
+            )
+        )
     grads: dict[str, Tensor] = {}
     if case.backward:
         if outputs[0].dim() == 0:
@@ -364,13 +407,14 @@ def check(case: Case, problem: Problem, name: str, outputs: tuple[Tensor, ...]) 
     if name == "matmuls":
         problem.clear_grads()
         return Check(None, None, "floor: the matrix products only, nothing to compare")
-    if name in ("eager", "compile") and case.op in ("gumbel_softmax",
-                                                    "gumbel_softmax_embedding"):
+    if name in ("eager", "compile") and case.op in ("gumbel_softmax", "gumbel_softmax_embedding"):
         result = _sanity(outputs, problem, case)
         problem.clear_grads()
         return result
-    full = case.n * case.v <= FULL_CHECK_ELEMENTS or case.op in ("soft_embedding",
-                                                                 "fused_linear_ppo_loss")
+    full = case.n * case.v <= FULL_CHECK_ELEMENTS or case.op in (
+        "soft_embedding",
+        "fused_linear_ppo_loss",
+    )
     rows = case.n if full else min(case.n, CHECK_ROWS)
     if "reference" not in problem.extra:  # computed once per problem, shared by its providers
         problem.extra["reference"] = _reference_outputs(case, problem, rows)
@@ -400,6 +444,7 @@ def check(case: Case, problem: Problem, name: str, outputs: tuple[Tensor, ...]) 
 
 # --- work: bytes and FLOPs that bound each case -----------------------------------------------
 
+
 def work(case: Case) -> dict[str, float]:
     """The bytes one call must move and the FLOPs it must do, at the least: ``{"bytes": ...,
     "flops": ...}``. Its time cannot be below either amount over the device's ceiling for it
@@ -426,5 +471,7 @@ def work(case: Case) -> dict[str, float]:
     if case.op == "fused_linear_ppo_loss":
         return {"bytes": float((1 + 2 * backward) * (n * d + v * d) * element), "flops": flops}
     forward = n * v + v * d + n * d
-    return {"bytes": float((forward + backward * (2 * n * v + 2 * v * d + 2 * n * d)) * element),
-            "flops": flops}
+    return {
+        "bytes": float((forward + backward * (2 * n * v + 2 * v * d + 2 * n * d)) * element),
+        "flops": flops,
+    }

@@ -13,40 +13,77 @@ from rlgaf_fast.bench.presets import BASELINES, OPS
 
 def add_bench_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "bench", help="benchmark the fused ops against eager PyTorch and torch.compile",
+        "bench",
+        help="benchmark the fused ops against eager PyTorch and torch.compile",
         description="Time every op x backend (and eager, torch.compile) forward and "
         "forward+backward; check each against the reference first; write results.json, "
-        "results.md and PNG plots under --out (default benchmarks/results/<device>/).")
+        "results.md and PNG plots under --out (default benchmarks/results/<device>/).",
+    )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small sizes, the CPU targets of the issues (default; aims at under "
-                      "3 minutes on an idle 2-core CPU)")
-    size.add_argument("--full", dest="preset", action="store_const", const="full",
-                      help="the design notes' sizes (vocabularies 32000-151936, 1k-16k tokens)")
-    size.add_argument("--goals", dest="preset", action="store_const", const="goals",
-                      help="the cases that carry a target (the GPU targets on a GPU, with a few "
-                           "watched cases beside them)")
-    size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
-                      help="seconds; a smoke test of the suite itself")
-    p.add_argument("--ops", nargs="+", metavar="OP", choices=OPS,
-                   help=f"restrict to these ops ({' '.join(OPS)})")
+    size.add_argument(
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
+        help="small sizes, the CPU targets of the issues (default; aims at under "
+        "3 minutes on an idle 2-core CPU)",
+    )
+    size.add_argument(
+        "--full",
+        dest="preset",
+        action="store_const",
+        const="full",
+        help="the design notes' sizes (vocabularies 32000-151936, 1k-16k tokens)",
+    )
+    size.add_argument(
+        "--goals",
+        dest="preset",
+        action="store_const",
+        const="goals",
+        help="the cases that carry a target (the GPU targets on a GPU, with a few "
+        "watched cases beside them)",
+    )
+    size.add_argument(
+        "--tiny",
+        dest="preset",
+        action="store_const",
+        const="tiny",
+        help="seconds; a smoke test of the suite itself",
+    )
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        metavar="OP",
+        choices=OPS,
+        help=f"restrict to these ops ({' '.join(OPS)})",
+    )
     p.add_argument("--out", help="output folder")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-plots", type=int, help="write at most this many PNG files")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--time-limit", type=float, metavar="S",
-                   help="start no new run after S seconds (the rest become skipped rows)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="leave out the torch.compile baseline")
-    p.add_argument("--train", action="store_true",
-                   help="time training steps of the adversarial loop (ppo and gumbel modes) "
-                   "with use_fused_kernels off and on, instead of the op cases")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="timed steps per configuration for --train")
-    p.add_argument("--docs", metavar="FILE.md",
-                   help="only regenerate this performance section from every "
-                   "benchmarks/results/**/results.json (tiny runs left out)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="S",
+        help="start no new run after S seconds (the rest become skipped rows)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="time training steps of the adversarial loop (ppo and gumbel modes) "
+        "with use_fused_kernels off and on, instead of the op cases",
+    )
+    p.add_argument(
+        "--train-steps", type=int, default=None, help="timed steps per configuration for --train"
+    )
+    p.add_argument(
+        "--docs",
+        metavar="FILE.md",
+        help="only regenerate this performance section from every "
+        "benchmarks/results/**/results.json (tiny runs left out)",
+    )
     p.set_defaults(func=run_bench, preset=None)
 
 
@@ -62,8 +99,9 @@ def run_bench(args: argparse.Namespace) -> int:
             # A longer document (README.md) keeps everything outside the markers.
             head, rest = text.split(report.SPLICE_START, 1)
             tail = rest.split(report.SPLICE_END, 1)[1]
-            nested = "\n".join("#" + line if line.startswith("#") else line
-                               for line in section.splitlines())
+            nested = "\n".join(
+                "#" + line if line.startswith("#") else line for line in section.splitlines()
+            )
             section = f"{head}{report.SPLICE_START}\n{nested}\n{report.SPLICE_END}{tail}"
         docs.write_text(section)
         print(f"wrote {docs} from {len(files)} result file(s)")
@@ -73,18 +111,30 @@ def run_bench(args: argparse.Namespace) -> int:
 
         return train.run(args)
     preset = args.preset or "quick"
-    doc = suite.run_suite(preset, ops=args.ops, out_dir=args.out, device=args.device,
-                          plots=not args.no_plots, max_plots=args.max_plots,
-                          progress=not args.no_progress, time_limit_s=args.time_limit,
-                          compile_baseline=not args.no_compile)
+    doc = suite.run_suite(
+        preset,
+        ops=args.ops,
+        out_dir=args.out,
+        device=args.device,
+        plots=not args.no_plots,
+        max_plots=args.max_plots,
+        progress=not args.no_progress,
+        time_limit_s=args.time_limit,
+        compile_baseline=not args.no_compile,
+    )
     print(summary(doc))
     where = Path(args.out) if args.out else suite.default_out_dir(_device(doc), preset)
-    print(f"\nwrote {where}/results.json, results.md" +
-          "".join(f", {name}" for name in doc.get("plots", [])))
+    print(
+        f"\nwrote {where}/results.json, results.md"
+        + "".join(f", {name}" for name in doc.get("plots", []))
+    )
     # A wrong result, or a fused kernel that raised, fails the run; a baseline that raised
     # (torch.compile on a shape it cannot handle) or a run skipped at the time limit does not.
-    failed = [r for r in doc["rows"] if r["check"] is False
-              or (r["status"] == "error" and r["provider"] not in BASELINES)]
+    failed = [
+        r
+        for r in doc["rows"]
+        if r["check"] is False or (r["status"] == "error" and r["provider"] not in BASELINES)
+    ]
     return 1 if failed else 0
 
 
@@ -96,18 +146,24 @@ def _device(doc: dict):
 
 def summary(doc: dict) -> str:
     """A short plain-text table: one line per case and provider, then the targets."""
-    lines = [f"{doc['environment']['device']} - preset {doc['preset']} - "
-             f"{doc.get('elapsed_s', 0):.0f} s"]
-    lines.append(f"{'case':<58} {'provider':<13} {'check':<6} {'median ms':>10} "
-                 f"{'peak MiB':>9} {'vs eager':>9} {'vs compile':>10} {'%ceil':>6}")
+    lines = [
+        f"{doc['environment']['device']} - preset {doc['preset']} - {doc.get('elapsed_s', 0):.0f} s"
+    ]
+    lines.append(
+        f"{'case':<58} {'provider':<13} {'check':<6} {'median ms':>10} "
+        f"{'peak MiB':>9} {'vs eager':>9} {'vs compile':>10} {'%ceil':>6}"
+    )
     for row in doc["rows"]:
+
         def fmt(value, spec):
             return "-" if value is None else format(value, spec)
 
         check = {True: "pass", False: "FAIL", None: "n/a"}[row["check"]]
         if row["status"] != "ok":
-            lines.append(f"{row['case'][:58]:<58} {row['provider']:<13} {row['status']:<6} "
-                         f"{(row['error'] or '')[:60]}")
+            lines.append(
+                f"{row['case'][:58]:<58} {row['provider']:<13} {row['status']:<6} "
+                f"{(row['error'] or '')[:60]}"
+            )
             continue
         lines.append(
             f"{row['case'][:58]:<58} {row['provider']:<13} {check:<6} "
@@ -115,14 +171,16 @@ def summary(doc: dict) -> str:
             f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '9.1f')} "
             f"{fmt(row.get('speedup_vs_eager'), '8.2f')}x "
             f"{fmt(row.get('speedup_vs_compile'), '9.2f')}x "
-            f"{fmt(row.get('fraction_of_ceiling') and 100 * row['fraction_of_ceiling'], '5.0f')}%")
+            f"{fmt(row.get('fraction_of_ceiling') and 100 * row['fraction_of_ceiling'], '5.0f')}%"
+        )
     if doc.get("goals"):
         lines.append("targets:")
         for goal in doc["goals"]:
             met = {True: "MET", False: "NOT MET", None: "not measured"}[goal["met"]]
             value = "-" if goal["value"] is None else f"{goal['value']:.4g}"
-            lines.append(f"  [{met}] {goal['text']} ({goal['provider_row']}: {goal['metric']} = "
-                         f"{value})")
+            lines.append(
+                f"  [{met}] {goal['text']} ({goal['provider_row']}: {goal['metric']} = {value})"
+            )
     return "\n".join(lines)
 
 

@@ -126,8 +126,10 @@ def _profiled_peak_bytes(fn: Callable[[], T]) -> tuple[T, int | None]:
     profiler's allocation events; None where this torch's profiler does not expose them."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU],
-                                        profile_memory=True) as prof:
+    with (
+        _quiet_profiler_log(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         result = fn()
     try:
         tree = prof.profiler.kineto_results.experimental_event_tree()
@@ -199,8 +201,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    timing = time_call(lambda: dst.copy_(src), device, min_repeats=5, max_repeats=30,
-                       budget_s=1.0)
+    timing = time_call(lambda: dst.copy_(src), device, min_repeats=5, max_repeats=30, budget_s=1.0)
     return 2 * nbytes / (min(timing.times_ms) * 1e-3)
 
 
@@ -209,6 +210,5 @@ def matmul_flops(device: torch.device, size: int, dtype: torch.dtype) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
-    timing = time_call(lambda: torch.mm(a, b), device, min_repeats=3, max_repeats=20,
-                       budget_s=1.5)
+    timing = time_call(lambda: torch.mm(a, b), device, min_repeats=3, max_repeats=20, budget_s=1.5)
     return 2 * size**3 / (min(timing.times_ms) * 1e-3)

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 from rlgaf_fast.bench.cases import Case
 
-OPS = ("gumbel_softmax", "soft_embedding", "gumbel_softmax_embedding", "ppo_loss",
-       "fused_linear_ppo_loss")
+OPS = (
+    "gumbel_softmax",
+    "soft_embedding",
+    "gumbel_softmax_embedding",
+    "ppo_loss",
+    "fused_linear_ppo_loss",
+)
 FUSED = "fused"  # a goal's provider: every fused backend present in the run
 BASELINES = ("eager", "compile", "matmuls")
 
@@ -40,71 +45,184 @@ CLIP_ENTROPY = "clip+entropy"
 
 
 def _gumbel_cpu_target() -> tuple[list[Case], list[Goal]]:
-    case = Case("gumbel_softmax", "fwd+bwd", 512, 32000,
-                goal="issue 2: cpp >= 15x eager and >= 5x compile")
-    goals = [Goal(case.key, "cpp", "speedup_vs_eager", at_least=15, device="cpu",
-                  text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 15x eager"),
-             Goal(case.key, "cpp", "speedup_vs_compile", at_least=5, device="cpu",
-                  text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 5x compile")]
+    case = Case(
+        "gumbel_softmax", "fwd+bwd", 512, 32000, goal="issue 2: cpp >= 15x eager and >= 5x compile"
+    )
+    goals = [
+        Goal(
+            case.key,
+            "cpp",
+            "speedup_vs_eager",
+            at_least=15,
+            device="cpu",
+            text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 15x eager",
+        ),
+        Goal(
+            case.key,
+            "cpp",
+            "speedup_vs_compile",
+            at_least=5,
+            device="cpu",
+            text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 5x compile",
+        ),
+    ]
     return [case], goals
 
 
 def _ppo_cpu_target() -> tuple[list[Case], list[Goal]]:
-    case = Case("ppo_loss", "fwd+bwd", 2048, 32000, variant=CLIP_ENTROPY,
-                goal="issue 3: cpp >= 8x eager, >= 3x compile, memory <= logits + grad + O(N)")
+    case = Case(
+        "ppo_loss",
+        "fwd+bwd",
+        2048,
+        32000,
+        variant=CLIP_ENTROPY,
+        goal="issue 3: cpp >= 8x eager, >= 3x compile, memory <= logits + grad + O(N)",
+    )
     logits_and_grad = 2 * 2048 * 32000 * 4
-    goals = [Goal(case.key, "cpp", "speedup_vs_eager", at_least=8, device="cpu",
-                  text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 8x eager"),
-             Goal(case.key, "cpp", "speedup_vs_compile", at_least=3, device="cpu",
-                  text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 3x compile"),
-             # the logits are an input, not counted in the extra bytes: grad + O(N) remain
-             Goal(case.key, "cpp", "peak_bytes", at_most=logits_and_grad / 2 + 2048 * 256,
-                  device="cpu",
-                  text="issue 3: ppo_loss cpp extra peak memory <= the gradient + O(N)")]
+    goals = [
+        Goal(
+            case.key,
+            "cpp",
+            "speedup_vs_eager",
+            at_least=8,
+            device="cpu",
+            text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 8x eager",
+        ),
+        Goal(
+            case.key,
+            "cpp",
+            "speedup_vs_compile",
+            at_least=3,
+            device="cpu",
+            text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 3x compile",
+        ),
+        # the logits are an input, not counted in the extra bytes: grad + O(N) remain
+        Goal(
+            case.key,
+            "cpp",
+            "peak_bytes",
+            at_most=logits_and_grad / 2 + 2048 * 256,
+            device="cpu",
+            text="issue 3: ppo_loss cpp extra peak memory <= the gradient + O(N)",
+        ),
+    ]
     return [case], goals
 
 
 def _embedding_memory(n_values: tuple[int, ...], d: int) -> tuple[list[Case], list[Goal]]:
-    cases = [Case("gumbel_softmax_embedding", "fwd", n, 128256, d,
-                  goal="issue 2: extra memory grows with N*D, not N*V") for n in n_values]
+    cases = [
+        Case(
+            "gumbel_softmax_embedding",
+            "fwd",
+            n,
+            128256,
+            d,
+            goal="issue 2: extra memory grows with N*D, not N*V",
+        )
+        for n in n_values
+    ]
     # out [N, D] + tokens + lse, with room for small per-thread buffers: far below N * V
-    goals = [Goal(c.key, FUSED, "peak_bytes", at_most=c.n * c.d * 4 * 4 + (1 << 20),
-                  text=f"issue 2: gumbel_softmax_embedding N={c.n}, V=128256: extra memory "
-                       f"O(N*D) (N*V*4 = {c.n * c.v * 4 / 2**20:.0f} MiB)") for c in cases]
+    goals = [
+        Goal(
+            c.key,
+            FUSED,
+            "peak_bytes",
+            at_most=c.n * c.d * 4 * 4 + (1 << 20),
+            text=f"issue 2: gumbel_softmax_embedding N={c.n}, V=128256: extra memory "
+            f"O(N*D) (N*V*4 = {c.n * c.v * 4 / 2**20:.0f} MiB)",
+        )
+        for c in cases
+    ]
     return cases, goals
 
 
-def _fused_linear_target(n: int, h: int, v: int, dtype: str, device: str
-                         ) -> tuple[list[Case], list[Goal]]:
+def _fused_linear_target(
+    n: int, h: int, v: int, dtype: str, device: str
+) -> tuple[list[Case], list[Goal]]:
     case = Case("fused_linear_ppo_loss", "fwd+bwd", n, v, h, dtype, CLIP_ENTROPY)
     if device == "cpu":
         case = Case(**{**case.__dict__, "goal": "issue 3: <= 1/4 eager memory at <= 1.2x time"})
-        goals = [Goal(case.key, FUSED, "mem_ratio_vs_eager", at_most=0.25, device="cpu",
-                      text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v}: <= 1/4 of "
-                           "eager peak memory"),
-                 Goal(case.key, FUSED, "time_ratio_vs_eager", at_most=1.2, device="cpu",
-                      text="issue 3: ... at <= 1.2x eager's time")]
+        goals = [
+            Goal(
+                case.key,
+                FUSED,
+                "mem_ratio_vs_eager",
+                at_most=0.25,
+                device="cpu",
+                text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v}: <= 1/4 of "
+                "eager peak memory",
+            ),
+            Goal(
+                case.key,
+                FUSED,
+                "time_ratio_vs_eager",
+                at_most=1.2,
+                device="cpu",
+                text="issue 3: ... at <= 1.2x eager's time",
+            ),
+        ]
     else:
-        case = Case(**{**case.__dict__,
-                       "goal": "issue 3: <= 1.15x its matmuls, <= 1/5 eager memory"})
-        goals = [Goal(case.key, FUSED, "time_ratio_vs_matmuls", at_most=1.15, device="cuda",
-                      text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v} {dtype}: <= "
-                           "1.15x the time of its three matrix products"),
-                 Goal(case.key, FUSED, "mem_ratio_vs_eager", at_most=0.2, device="cuda",
-                      text="issue 3: ... with <= 1/5 of eager's peak memory")]
+        case = Case(
+            **{**case.__dict__, "goal": "issue 3: <= 1.15x its matmuls, <= 1/5 eager memory"}
+        )
+        goals = [
+            Goal(
+                case.key,
+                FUSED,
+                "time_ratio_vs_matmuls",
+                at_most=1.15,
+                device="cuda",
+                text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v} {dtype}: <= "
+                "1.15x the time of its three matrix products",
+            ),
+            Goal(
+                case.key,
+                FUSED,
+                "mem_ratio_vs_eager",
+                at_most=0.2,
+                device="cuda",
+                text="issue 3: ... with <= 1/5 of eager's peak memory",
+            ),
+        ]
     return [case], goals
 
 
 def _gpu_targets() -> tuple[list[Case], list[Goal]]:
-    gumbel = Case("gumbel_softmax", "fwd+bwd", 8192, 128256, dtype="bfloat16",
-                  goal="issue 2: >= 85% of copy bandwidth")
-    ppo = Case("ppo_loss", "fwd+bwd", 16384, 128256, dtype="bfloat16", variant=CLIP_ENTROPY,
-               goal="issue 3: >= 85% of copy bandwidth")
-    goals = [Goal(gumbel.key, FUSED, "fraction_of_ceiling", at_least=0.85, device="cuda",
-                  text="issue 2: gumbel_softmax [8192, 128256] bf16 fwd+bwd >= 85% of copy "
-                       "bandwidth"),
-             Goal(ppo.key, FUSED, "fraction_of_ceiling", at_least=0.85, device="cuda",
-                  text="issue 3: ppo_loss [16384, 128256] bf16 fwd+bwd >= 85% of copy bandwidth")]
+    gumbel = Case(
+        "gumbel_softmax",
+        "fwd+bwd",
+        8192,
+        128256,
+        dtype="bfloat16",
+        goal="issue 2: >= 85% of copy bandwidth",
+    )
+    ppo = Case(
+        "ppo_loss",
+        "fwd+bwd",
+        16384,
+        128256,
+        dtype="bfloat16",
+        variant=CLIP_ENTROPY,
+        goal="issue 3: >= 85% of copy bandwidth",
+    )
+    goals = [
+        Goal(
+            gumbel.key,
+            FUSED,
+            "fraction_of_ceiling",
+            at_least=0.85,
+            device="cuda",
+            text="issue 2: gumbel_softmax [8192, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
+        ),
+        Goal(
+            ppo.key,
+            FUSED,
+            "fraction_of_ceiling",
+            at_least=0.85,
+            device="cuda",
+            text="issue 3: ppo_loss [16384, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
+        ),
+    ]
     linear_cases, linear_goals = _fused_linear_target(8192, 4096, 128256, "bfloat16", "cuda")
     return [gumbel, ppo, *linear_cases], goals + linear_goals
 
@@ -112,13 +230,17 @@ def _gpu_targets() -> tuple[list[Case], list[Goal]]:
 def tiny() -> tuple[list[Case], list[Goal]]:
     cases = []
     for mode in ("fwd", "fwd+bwd"):
-        cases += [Case("gumbel_softmax", mode, 64, 1000),
-                  Case("soft_embedding", mode, 32, 1000, 64),
-                  Case("gumbel_softmax_embedding", mode, 32, 1000, 64),
-                  Case("ppo_loss", mode, 64, 1000, variant=CLIP_ENTROPY),
-                  Case("fused_linear_ppo_loss", mode, 64, 1000, 64, variant=CLIP_ENTROPY)]
-    cases += [Case("gumbel_softmax", "fwd+bwd", 64, 500),
-              Case("gumbel_softmax", "fwd+bwd", 32, 1000)]
+        cases += [
+            Case("gumbel_softmax", mode, 64, 1000),
+            Case("soft_embedding", mode, 32, 1000, 64),
+            Case("gumbel_softmax_embedding", mode, 32, 1000, 64),
+            Case("ppo_loss", mode, 64, 1000, variant=CLIP_ENTROPY),
+            Case("fused_linear_ppo_loss", mode, 64, 1000, 64, variant=CLIP_ENTROPY),
+        ]
+    cases += [
+        Case("gumbel_softmax", "fwd+bwd", 64, 500),
+        Case("gumbel_softmax", "fwd+bwd", 32, 1000),
+    ]
     return cases, []
 
 
@@ -129,19 +251,23 @@ def quick() -> tuple[list[Case], list[Goal]]:
         c, g = make()
         cases += c
         goals += g
-    cases += [Case("gumbel_softmax", "fwd", 512, 32000),
-              Case("gumbel_softmax", "fwd+bwd", 512, 8192),
-              Case("gumbel_softmax", "fwd+bwd", 128, 32000),
-              Case("ppo_loss", "fwd", 2048, 32000, variant=CLIP_ENTROPY),
-              Case("ppo_loss", "fwd+bwd", 2048, 8192, variant=CLIP_ENTROPY),
-              Case("ppo_loss", "fwd+bwd", 512, 32000, variant=CLIP_ENTROPY)]
+    cases += [
+        Case("gumbel_softmax", "fwd", 512, 32000),
+        Case("gumbel_softmax", "fwd+bwd", 512, 8192),
+        Case("gumbel_softmax", "fwd+bwd", 128, 32000),
+        Case("ppo_loss", "fwd", 2048, 32000, variant=CLIP_ENTROPY),
+        Case("ppo_loss", "fwd+bwd", 2048, 8192, variant=CLIP_ENTROPY),
+        Case("ppo_loss", "fwd+bwd", 512, 32000, variant=CLIP_ENTROPY),
+    ]
     c, g = _embedding_memory((16, 64), 256)
     cases += c
     goals += g
-    cases += [Case("gumbel_softmax_embedding", "fwd+bwd", 64, 32000, 256),
-              Case("soft_embedding", "fwd+bwd", 256, 32000, 256),
-              Case("soft_embedding", "fwd", 256, 32000, 256, variant="top_k=32"),
-              Case("fused_linear_ppo_loss", "fwd+bwd", 512, 32000, 256, variant=CLIP_ENTROPY)]
+    cases += [
+        Case("gumbel_softmax_embedding", "fwd+bwd", 64, 32000, 256),
+        Case("soft_embedding", "fwd+bwd", 256, 32000, 256),
+        Case("soft_embedding", "fwd", 256, 32000, 256, variant="top_k=32"),
+        Case("fused_linear_ppo_loss", "fwd+bwd", 512, 32000, 256, variant=CLIP_ENTROPY),
+    ]
     return cases, goals
 
 
@@ -162,15 +288,20 @@ def full(device: str) -> tuple[list[Case], list[Goal]]:
     for dtype in dtypes:
         for v in (32000, 128256, 151936):
             for n in tokens:
-                cases += [Case("gumbel_softmax", "fwd+bwd", n, v, dtype=dtype),
-                          Case("ppo_loss", "fwd+bwd", n, v, dtype=dtype, variant=CLIP_ENTROPY)]
+                cases += [
+                    Case("gumbel_softmax", "fwd+bwd", n, v, dtype=dtype),
+                    Case("ppo_loss", "fwd+bwd", n, v, dtype=dtype, variant=CLIP_ENTROPY),
+                ]
         for n in embed_tokens:
-            cases += [Case("gumbel_softmax_embedding", "fwd+bwd", n, 128256, width, dtype),
-                      Case("soft_embedding", "fwd+bwd", n, 32000, width, dtype)]
+            cases += [
+                Case("gumbel_softmax_embedding", "fwd+bwd", n, 128256, width, dtype),
+                Case("soft_embedding", "fwd+bwd", n, 32000, width, dtype),
+            ]
     if device == "cpu":
-        cases += [Case("gumbel_softmax", "fwd+bwd", 1024, 32000, dtype="bfloat16"),
-                  Case("ppo_loss", "fwd+bwd", 1024, 32000, dtype="bfloat16",
-                       variant=CLIP_ENTROPY)]
+        cases += [
+            Case("gumbel_softmax", "fwd+bwd", 1024, 32000, dtype="bfloat16"),
+            Case("ppo_loss", "fwd+bwd", 1024, 32000, dtype="bfloat16", variant=CLIP_ENTROPY),
+        ]
     return _unique(cases), goals
 
 
@@ -187,21 +318,25 @@ def goals_only(device: str) -> tuple[list[Case], list[Goal]]:
         return cases + c, goals + g
     cases, goals = _gpu_targets()
     cases += [Case("gumbel_softmax", "fwd+bwd", 8192, v, dtype="bfloat16") for v in (32000, 151936)]
-    cases += [Case("ppo_loss", "fwd+bwd", n, 128256, dtype="bfloat16", variant=CLIP_ENTROPY)
-              for n in (4096,)]
+    cases += [
+        Case("ppo_loss", "fwd+bwd", n, 128256, dtype="bfloat16", variant=CLIP_ENTROPY)
+        for n in (4096,)
+    ]
     # no target, but watched: on an H200 the Triton fused op's first design took 117 ms at
     # N = 4096 against eager's 14.6 ms (benchmarks/results/h200-2026-11-27); N = 64 is the
     # trainer's call, one token per sequence of a batch
-    cases += [Case("gumbel_softmax_embedding", "fwd+bwd", n, 128256, 2048, "bfloat16")
-              for n in (4096, 64)]
+    cases += [
+        Case("gumbel_softmax_embedding", "fwd+bwd", n, 128256, 2048, "bfloat16") for n in (4096, 64)
+    ]
     return cases, goals
 
 
 def _unique(cases: list[Case]) -> list[Case]:
     seen: dict[tuple, Case] = {}
     for case in cases:
-        seen.setdefault((case.op, case.mode, case.n, case.v, case.d, case.dtype, case.variant),
-                        case)
+        seen.setdefault(
+            (case.op, case.mode, case.n, case.v, case.d, case.dtype, case.variant), case
+        )
     return list(seen.values())
 
 

@@ -33,6 +33,7 @@ def load(path: str | Path) -> dict:
 
 # --- formatting ---------------------------------------------------------------------------------
 
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
@@ -69,9 +70,11 @@ def _check(row: dict) -> str:
 
 
 def _bandwidth_line(ceilings: dict) -> str:
-    return (f"Ceilings measured in this run: copy bandwidth "
-            f"{ceilings['bytes_per_s'] / 1e9:.3g} GB/s ({ceilings['bytes_method']}); matmul "
-            f"{ceilings['flops_per_s'] / 1e12:.3g} TFLOP/s ({ceilings['flops_method']}).")
+    return (
+        f"Ceilings measured in this run: copy bandwidth "
+        f"{ceilings['bytes_per_s'] / 1e9:.3g} GB/s ({ceilings['bytes_method']}); matmul "
+        f"{ceilings['flops_per_s'] / 1e12:.3g} TFLOP/s ({ceilings['flops_method']})."
+    )
 
 
 def _goal_value(goal: dict) -> str:
@@ -98,9 +101,11 @@ def goals_table(doc: dict) -> list[str]:
 
 
 def case_table(rows: list[dict]) -> list[str]:
-    lines = ["| case | provider | check | median ms (p20-p80) | peak MiB | speed-up vs eager / "
-             "compile | memory vs eager / compile | throughput | % of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | provider | check | median ms (p20-p80) | peak MiB | speed-up vs eager / "
+        "compile | memory vs eager / compile | throughput | % of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row["status"] == "ok":
             timing = f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
@@ -111,7 +116,8 @@ def case_table(rows: list[dict]) -> list[str]:
             f"{_mib(row['peak_bytes'])} | {_ratio(row.get('speedup_vs_eager'))} / "
             f"{_ratio(row.get('speedup_vs_compile'))} | {_ratio(row.get('mem_ratio_vs_eager'))} / "
             f"{_ratio(row.get('mem_ratio_vs_compile'))} | {_throughput(row)} | "
-            f"{_percent(row.get('fraction_of_ceiling'))} |")
+            f"{_percent(row.get('fraction_of_ceiling'))} |"
+        )
     return lines
 
 
@@ -121,27 +127,34 @@ def _load_note(env: dict) -> str:
         return ""
     text = f" Load average (1 min) {start[0]:.1f} at the start"
     text += f", {end[0]:.1f} at the end" if end else ""
-    return text + (f" on {env['device'].split('(')[-1].split(' cores')[0]} cores: other work "
-                   "shared the CPU, times are noisier than on an idle machine."
-                   if start[0] > 1.5 else ".")
+    return text + (
+        f" on {env['device'].split('(')[-1].split(' cores')[0]} cores: other work "
+        "shared the CPU, times are noisier than on an idle machine."
+        if start[0] > 1.5
+        else "."
+    )
 
 
 def _header(doc: dict) -> list[str]:
     env = doc["environment"]
-    return [f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
-            f"CUDA {env['cuda']}; backends {', '.join(env['backends'])}; "
-            f"{env['date']}; commit {env['commit']}; preset `{doc['preset']}`"
-            + (f", {doc['elapsed_s']:.0f} s" if doc.get("elapsed_s") else "") + "."
-            + _load_note(env) + (f" Note: {doc['note']}." if doc.get("note") else ""),
-            "",
-            _bandwidth_line(doc["ceilings"]),
-            "",
-            f"Peak memory: the extra bytes above the inputs, {doc['memory_method']}. Speed-up: "
-            "the provider's median time divided into the baseline's; memory ratio: the "
-            "provider's peak over the baseline's. Throughput and % of ceiling follow the "
-            "roofline: the bytes a fused kernel must move and the FLOPs of its matrix "
-            "products each take a least time at the ceilings above; the longer of the two "
-            "bounds the case, and % of ceiling is that time over the measured one."]
+    return [
+        f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}; backends {', '.join(env['backends'])}; "
+        f"{env['date']}; commit {env['commit']}; preset `{doc['preset']}`"
+        + (f", {doc['elapsed_s']:.0f} s" if doc.get("elapsed_s") else "")
+        + "."
+        + _load_note(env)
+        + (f" Note: {doc['note']}." if doc.get("note") else ""),
+        "",
+        _bandwidth_line(doc["ceilings"]),
+        "",
+        f"Peak memory: the extra bytes above the inputs, {doc['memory_method']}. Speed-up: "
+        "the provider's median time divided into the baseline's; memory ratio: the "
+        "provider's peak over the baseline's. Throughput and % of ceiling follow the "
+        "roofline: the bytes a fused kernel must move and the FLOPs of its matrix "
+        "products each take a least time at the ceilings above; the longer of the two "
+        "bounds the case, and % of ceiling is that time over the measured one.",
+    ]
 
 
 def markdown(doc: dict, heading: str = "#") -> str:
@@ -163,6 +176,7 @@ def write_markdown(doc: dict, path: Path) -> None:
 
 # --- plots ------------------------------------------------------------------------------------
 
+
 def _series(rows: list[dict], axis: str) -> list[tuple[str, dict, list[dict]]]:
     """Groups of ok rows that differ only in ``axis`` ("v" or "n") with at least 2 values:
     (title, the fixed fields, rows)."""
@@ -176,10 +190,11 @@ def _series(rows: list[dict], axis: str) -> list[tuple[str, dict, list[dict]]]:
         if len({r[axis] for r in members}) >= 2:
             fixed = dict(zip(fixed_fields, key, strict=True))
             other = "n" if axis == "v" else "v"
-            title = (f"{fixed['op']} {fixed['mode']} {fixed['dtype']}"
-                     f"{' ' + fixed['variant'] if fixed['variant'] else ''}, "
-                     f"{other.upper()}={fixed[other]}"
-                     + (f", d={fixed['d']}" if fixed["d"] else ""))
+            title = (
+                f"{fixed['op']} {fixed['mode']} {fixed['dtype']}"
+                f"{' ' + fixed['variant'] if fixed['variant'] else ''}, "
+                f"{other.upper()}={fixed[other]}" + (f", d={fixed['d']}" if fixed["d"] else "")
+            )
             found.append((title, fixed, members))
     return found
 
@@ -210,12 +225,16 @@ def write_plots(doc: dict, out: Path, max_plots: int | None = None) -> list[str]
         for (axis, (title, _, members)), (time_ax, mem_ax) in zip(panels, axes, strict=True):
             providers = list(dict.fromkeys(r["provider"] for r in members))
             for provider in providers:
-                points = sorted((r[axis], r["median_ms"], r["peak_bytes"]) for r in members
-                                if r["provider"] == provider)
+                points = sorted(
+                    (r[axis], r["median_ms"], r["peak_bytes"])
+                    for r in members
+                    if r["provider"] == provider
+                )
                 xs = [p[0] for p in points]
                 time_ax.plot(xs, [p[1] for p in points], marker="o", label=provider)
-                mem_ax.plot(xs, [(p[2] or math.nan) / MIB for p in points], marker="o",
-                            label=provider)
+                mem_ax.plot(
+                    xs, [(p[2] or math.nan) / MIB for p in points], marker="o", label=provider
+                )
             label = "vocabulary size V" if axis == "v" else "tokens N"
             for ax, ylabel in ((time_ax, "median time (ms)"), (mem_ax, "peak extra memory (MiB)")):
                 ax.set_xscale("log")
@@ -241,37 +260,47 @@ def write_plots(doc: dict, out: Path, max_plots: int | None = None) -> list[str]
 
 # --- the README's performance section ------------------------------------------------------------
 
+
 def performance_section(result_files: Iterable[Path], docs_path: Path) -> str:
     """The performance section from the given results.json files: per device its date, the
     targets, the tables and the plots (linked relative to ``docs_path``)."""
-    lines = ["# Performance", "",
-             "Generated from the JSON that `rlgaf-fast bench` writes under benchmarks/results/ "
-             "(`rlgaf-fast bench --docs README.md`, or `python -m "
-             "rlgaf_fast.bench.report OUT.md RESULTS.json ...`, which links the "
-             "plots relative to OUT.md); do not edit by hand. Reproduce with "
-             "`rlgaf-fast bench --quick` (small sizes and the CPU targets; aims at under 3 "
-             "minutes on an idle 2-core CPU), `rlgaf-fast bench --full` (the design notes' sizes: "
-             "vocabularies 32000 to 151936, 1k to 16k tokens), "
-             "`rlgaf-fast bench --train` (training steps) or, on a GPU machine, "
-             "`bash benchmarks/gpu_check.sh`. `pytest benchmarks/ --benchmark-only` runs the "
-             "tiny preset's cases through pytest-benchmark (RLGAF_BENCH_PRESET=quick or full "
-             "for the others).", "",
-             "Providers: **eager** is the PyTorch code one writes without this library "
-             "(`torch.nn.functional.gumbel_softmax`, then `@ weight` for the embedding; "
-             "rlgaf_fast.reference for the PPO loss; logits = hidden @ weight.T then the "
-             "reference loss for the fused linear loss); **compile** is `torch.compile` of the "
-             "same code; **cpp**, **triton**, **cuda** are rlgaf_fast's fused backends; "
-             "**matmuls** times only the three matrix products of the fused linear loss (its "
-             "floor). Every result is compared with rlgaf_fast.reference before it is timed "
-             "(the check column; for eager and compile Gumbel-Softmax, which draw torch's own "
-             "noise, only sanity: finite, rows sum to 1).", ""]
+    lines = [
+        "# Performance",
+        "",
+        "Generated from the JSON that `rlgaf-fast bench` writes under benchmarks/results/ "
+        "(`rlgaf-fast bench --docs README.md`, or `python -m "
+        "rlgaf_fast.bench.report OUT.md RESULTS.json ...`, which links the "
+        "plots relative to OUT.md); do not edit by hand. Reproduce with "
+        "`rlgaf-fast bench --quick` (small sizes and the CPU targets; aims at under 3 "
+        "minutes on an idle 2-core CPU), `rlgaf-fast bench --full` (the design notes' sizes: "
+        "vocabularies 32000 to 151936, 1k to 16k tokens), "
+        "`rlgaf-fast bench --train` (training steps) or, on a GPU machine, "
+        "`bash benchmarks/gpu_check.sh`. `pytest benchmarks/ --benchmark-only` runs the "
+        "tiny preset's cases through pytest-benchmark (RLGAF_BENCH_PRESET=quick or full "
+        "for the others).",
+        "",
+        "Providers: **eager** is the PyTorch code one writes without this library "
+        "(`torch.nn.functional.gumbel_softmax`, then `@ weight` for the embedding; "
+        "rlgaf_fast.reference for the PPO loss; logits = hidden @ weight.T then the "
+        "reference loss for the fused linear loss); **compile** is `torch.compile` of the "
+        "same code; **cpp**, **triton**, **cuda** are rlgaf_fast's fused backends; "
+        "**matmuls** times only the three matrix products of the fused linear loss (its "
+        "floor). Every result is compared with rlgaf_fast.reference before it is timed "
+        "(the check column; for eager and compile Gumbel-Softmax, which draw torch's own "
+        "noise, only sanity: finite, rows sum to 1).",
+        "",
+    ]
     for path in sorted(result_files, key=lambda p: (len(Path(p).parts), str(p))):
         doc = load(path)
         if doc.get("preset") == "tiny":  # smoke tests of the suite, not measurements
             continue
         env = doc["environment"]
-        lines += [f"## {env['device']} ({env['date'][:10]}, preset {doc['preset']})", "",
-                  *_header(doc), ""]
+        lines += [
+            f"## {env['device']} ({env['date'][:10]}, preset {doc['preset']})",
+            "",
+            *_header(doc),
+            "",
+        ]
         goals = goals_table(doc)
         if goals:
             lines += ["### Targets", "", *goals, ""]
@@ -290,21 +319,29 @@ def train_section(doc: dict) -> list[str]:
     """The training-step table of ``rlgaf-fast bench --train`` (train.json)."""
     env = doc["environment"]
     shape = ", ".join(f"{k}={v}" for k, v in doc["shape"].items() if k != "steps")
-    lines = ["### Training steps (`rlgaf-fast bench --train`)", "",
-             f"{env['device']}, {env['date']}, commit {env['commit']}; Llama-shaped model from "
-             f"a config ({shape}); median of {doc['steps']} steps after "
-             f"{doc.get('warmup_steps', 1)} warm-up step(s). "
-             f"Target: {doc['goal']}.", "",
-             "| mode | use_fused_kernels | step s (median, best) | tokens/s | peak MiB |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "### Training steps (`rlgaf-fast bench --train`)",
+        "",
+        f"{env['device']}, {env['date']}, commit {env['commit']}; Llama-shaped model from "
+        f"a config ({shape}); median of {doc['steps']} steps after "
+        f"{doc.get('warmup_steps', 1)} warm-up step(s). "
+        f"Target: {doc['goal']}.",
+        "",
+        "| mode | use_fused_kernels | step s (median, best) | tokens/s | peak MiB |",
+        "|---|---|---|---|---|",
+    ]
     for r in doc["rows"]:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | error: "
-                         f"{r['error'][:80].replace('|', '/')} | | |")
+            lines.append(
+                f"| {r['mode']} | {r['use_fused_kernels']} | error: "
+                f"{r['error'][:80].replace('|', '/')} | | |"
+            )
         else:
             best = f", {r['best_step_s']:.3g}" if "best_step_s" in r else ""
-            lines.append(f"| {r['mode']} | {r['use_fused_kernels']} | {r['step_s']:.3g}{best} | "
-                         f"{r['tokens_per_s']:.4g} | {_mib(r['peak_bytes'])} |")
+            lines.append(
+                f"| {r['mode']} | {r['use_fused_kernels']} | {r['step_s']:.3g}{best} | "
+                f"{r['tokens_per_s']:.4g} | {_mib(r['peak_bytes'])} |"
+            )
     lines.append("")
     for mode, ratio in doc.get("ratios", {}).items():
         parts = [f"{k.replace('_', ' ')} {v:.2f}" for k, v in ratio.items() if v is not None]
@@ -315,8 +352,10 @@ def train_section(doc: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
-        print("usage: python -m rlgaf_fast.bench.report OUT.md RESULTS.json [RESULTS.json ...]",
-              file=sys.stderr)
+        print(
+            "usage: python -m rlgaf_fast.bench.report OUT.md RESULTS.json [RESULTS.json ...]",
+            file=sys.stderr,
+        )
         return 2
     docs = Path(args[0])
     docs.parent.mkdir(parents=True, exist_ok=True)

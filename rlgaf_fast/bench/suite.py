@@ -85,10 +85,18 @@ def _git_commit() -> str | None:
     if os.environ.get("RLGAF_BENCH_COMMIT"):
         return os.environ["RLGAF_BENCH_COMMIT"]
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -133,15 +141,18 @@ def ceilings(device: torch.device, preset: str) -> dict:
     flops = measure.matmul_flops(device, size, dtype)
     result = {
         "bytes_per_s": bandwidth,
-        "bytes_method": (f"{'device-to-device' if device.type == 'cuda' else 'memory-to-memory'} "
-                         f"copy of {nbytes >> 20} MiB, counted as read + write"),
+        "bytes_method": (
+            f"{'device-to-device' if device.type == 'cuda' else 'memory-to-memory'} "
+            f"copy of {nbytes >> 20} MiB, counted as read + write"
+        ),
         "flops_per_s": flops,
         "flops_method": f"{size}x{size}x{size} {str(dtype).removeprefix('torch.')} matmul",
     }
     if device.type == "cuda":  # float32 cases are held to a float32 product, not bfloat16's
         result["flops_float32_per_s"] = measure.matmul_flops(device, size, torch.float32)
-        result["flops_float32_method"] = (f"{size}x{size}x{size} float32 matmul (torch's "
-                                          "default precision)")
+        result["flops_float32_method"] = (
+            f"{size}x{size}x{size} float32 matmul (torch's default precision)"
+        )
     _free(device, collect=True)
     return result
 
@@ -167,16 +178,27 @@ def _too_big(case: Case, provider: str, device: torch.device) -> str | None:
     need = factor * case.n * case.v * 4 + (case.n + case.v) * case.d * 4 * 4
     available = _available_bytes(device)
     if need > 0.8 * available:
-        return (f"skipped: needs about {need / 2**30:.1f} GiB, "
-                f"{available / 2**30:.1f} GiB available")
+        return f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
     return None
 
 
 def _base_row(case: Case, provider: str) -> dict:
     row = dataclasses.asdict(case)
-    row.update(case=case.key, provider=provider, status="ok", error=None, check=None,
-               max_error=None, check_note=None, median_ms=None, p20_ms=None, p80_ms=None,
-               repeats=None, first_call_s=None, peak_bytes=None)
+    row.update(
+        case=case.key,
+        provider=provider,
+        status="ok",
+        error=None,
+        check=None,
+        max_error=None,
+        check_note=None,
+        median_ms=None,
+        p20_ms=None,
+        p80_ms=None,
+        repeats=None,
+        first_call_s=None,
+        peak_bytes=None,
+    )
     return row
 
 
@@ -189,8 +211,14 @@ def _free(device: torch.device, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def run_provider(case: Case, problem: cases_module.Problem, name: str, provider,
-                 device: torch.device, timing: dict) -> dict:
+def run_provider(
+    case: Case,
+    problem: cases_module.Problem,
+    name: str,
+    provider,
+    device: torch.device,
+    timing: dict,
+) -> dict:
     """Check, warm up, time and measure one provider on one case; errors become the row."""
     row = _base_row(case, name)
     reason = _too_big(case, name, device)
@@ -235,8 +263,9 @@ def derive(rows: list[dict], ceiling: dict) -> None:
     for row in rows:
         by_case.setdefault(row["case"], {})[row["provider"]] = row
     for row in rows:
-        case = Case(**{k: row[k] for k in ("op", "mode", "n", "v", "d", "dtype", "variant",
-                                           "goal")})
+        case = Case(
+            **{k: row[k] for k in ("op", "mode", "n", "v", "d", "dtype", "variant", "goal")}
+        )
         peers = by_case[row["case"]]
         for base in BASELINES:
             ref = peers.get(base)
@@ -248,8 +277,11 @@ def derive(rows: list[dict], ceiling: dict) -> None:
         # The roofline: the least time the bytes and the FLOPs each take at the ceiling; the
         # larger is the bound, and the fraction of ceiling is that time over the measured one.
         amounts = cases_module.work(case)
-        floors = {kind: amount / _ceiling_for(ceiling, kind, case.dtype)
-                  for kind, amount in amounts.items() if amount}
+        floors = {
+            kind: amount / _ceiling_for(ceiling, kind, case.dtype)
+            for kind, amount in amounts.items()
+            if amount
+        }
         bound = max(floors, key=floors.get)
         row["bound"] = bound
         if row["median_ms"]:
@@ -270,27 +302,51 @@ def evaluate_goals(goals: list[Goal], rows: list[dict]) -> list[dict]:
     """Each goal against the rows it names: value, met or not, or why it could not be judged."""
     verdicts = []
     for goal in goals:
-        matching = [r for r in rows if r["case"] == goal.case_key and (
-            r["provider"] == goal.provider
-            or (goal.provider == FUSED and r["provider"] not in BASELINES))]
+        matching = [
+            r
+            for r in rows
+            if r["case"] == goal.case_key
+            and (
+                r["provider"] == goal.provider
+                or (goal.provider == FUSED and r["provider"] not in BASELINES)
+            )
+        ]
         if not matching:
-            verdicts.append({**dataclasses.asdict(goal), "provider_row": goal.provider,
-                             "value": None, "met": None, "note": "provider not in this run"})
+            verdicts.append(
+                {
+                    **dataclasses.asdict(goal),
+                    "provider_row": goal.provider,
+                    "value": None,
+                    "met": None,
+                    "note": "provider not in this run",
+                }
+            )
         for row in matching:
             value = row.get(goal.metric)
-            verdicts.append({
-                **dataclasses.asdict(goal), "provider_row": row["provider"], "value": value,
-                "met": None if value is None else goal.met(value),
-                "note": row["error"] or ("" if row["check"] in (True, None)
-                                         else "output failed its check"),
-            })
+            verdicts.append(
+                {
+                    **dataclasses.asdict(goal),
+                    "provider_row": row["provider"],
+                    "value": value,
+                    "met": None if value is None else goal.met(value),
+                    "note": row["error"]
+                    or ("" if row["check"] in (True, None) else "output failed its check"),
+                }
+            )
     return verdicts
 
 
-def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str | None = None,
-              device: str | None = None, plots: bool = True, max_plots: int | None = None,
-              progress: bool = True, time_limit_s: float | None = None,
-              compile_baseline: bool = True) -> dict:
+def run_suite(
+    preset: str = "quick",
+    ops: list[str] | None = None,
+    out_dir: str | None = None,
+    device: str | None = None,
+    plots: bool = True,
+    max_plots: int | None = None,
+    progress: bool = True,
+    time_limit_s: float | None = None,
+    compile_baseline: bool = True,
+) -> dict:
     """Run a preset (tiny, quick, full, goals) and write JSON, Markdown and PNG plots.
 
     The providers of a case run one after the other, so that their ratios compare runs made
@@ -306,15 +362,27 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
     selected, goals = select(preset, dev.type, ops)
     out = Path(out_dir) if out_dir else default_out_dir(dev, preset)
     out.mkdir(parents=True, exist_ok=True)
-    fused = [b for b in rlgaf_fast.available_backends() if b != "torch"
-             and (b == "cpp") == (dev.type == "cpu")]
+    fused = [
+        b
+        for b in rlgaf_fast.available_backends()
+        if b != "torch" and (b == "cpp") == (dev.type == "cpu")
+    ]
     started = time.perf_counter()
-    doc = {"preset": preset, "environment": environment(dev), "ceilings": ceilings(dev, preset),
-           "memory_method": measure.memory_method(dev),
-           "rows": [], "goals": []}
+    doc = {
+        "preset": preset,
+        "environment": environment(dev),
+        "ceilings": ceilings(dev, preset),
+        "memory_method": measure.memory_method(dev),
+        "rows": [],
+        "goals": [],
+    }
     order = {case.key: i for i, case in enumerate(selected)}
-    jobs = [(case, name) for case in selected for name in cases_module.providers(case, fused)
-            if compile_baseline or name != "compile"]
+    jobs = [
+        (case, name)
+        for case in selected
+        for name in cases_module.providers(case, fused)
+        if compile_baseline or name != "compile"
+    ]
     if time_limit_s is not None:  # stable sort: every compile baseline after all the rest
         jobs.sort(key=lambda job: job[1] == "compile")
     bar = _progress(len(jobs), progress)
@@ -340,8 +408,9 @@ def run_suite(preset: str = "quick", ops: list[str] | None = None, out_dir: str 
                 try:
                     problem, problem_case = cases_module.make_problem(case, dev), case
                 except Exception as error:  # noqa: BLE001 - e.g. out of memory for the inputs
-                    row.update(status="error",
-                               error=f"inputs: {type(error).__name__}: {error}"[:500])
+                    row.update(
+                        status="error", error=f"inputs: {type(error).__name__}: {error}"[:500]
+                    )
             if problem is not None:
                 provider = cases_module.providers(case, fused)[name]
                 row = run_provider(case, problem, name, provider, dev, TIMING[preset])
@@ -372,6 +441,7 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         enabled = False
     if not enabled:
+
         class _Quiet:
             def update(self, n=1): ...
             def set_description(self, text): ...

@@ -34,8 +34,9 @@ def check_positive(value: float, name: str) -> float:
 
 def check_same_device(a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
     if a.device != b.device:
-        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and "
-                         f"{b.device}")
+        raise ValueError(
+            f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}"
+        )
 
 
 def check_vocab_weight(x: Tensor, name: str, weight: Tensor) -> None:
@@ -43,8 +44,10 @@ def check_vocab_weight(x: Tensor, name: str, weight: Tensor) -> None:
     if x.dim() < 1:
         raise ValueError(f"{name} must be [..., V] (at least 1-D), got shape {list(x.shape)}")
     if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must be [V, D] with V = {name}.shape[-1] = {x.shape[-1]}, "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, D] with V = {name}.shape[-1] = {x.shape[-1]}, "
+            f"got {list(weight.shape)}"
+        )
 
 
 def check_dim(dim: int, ndim: int, name: str = "dim") -> int:

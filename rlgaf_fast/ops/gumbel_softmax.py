@@ -29,6 +29,7 @@ def _kernels(backend: str):
 
 # --- Gumbel-Softmax -------------------------------------------------------------------------
 
+
 @torch.library.custom_op("rlgaf_fast::gumbel_softmax", mutates_args=())
 def _gumbel_softmax_op(
     logits: Tensor, tau: float, hard: bool, seed: int, backend: str
@@ -70,8 +71,9 @@ def _gumbel_softmax_setup_context(ctx, inputs, output):
 
 def _gumbel_softmax_backward(ctx, grad_y, grad_index):
     (saved,) = ctx.saved_tensors
-    grad = _gumbel_softmax_backward_op(grad_y, saved, ctx.tau, ctx.from_logits, ctx.seed,
-                                       ctx.backend)
+    grad = _gumbel_softmax_backward_op(
+        grad_y, saved, ctx.tau, ctx.from_logits, ctx.seed, ctx.backend
+    )
     return grad, None, None, None, None
 
 
@@ -122,6 +124,7 @@ def gumbel_softmax(
 
 # --- fused Gumbel-Softmax -> embedding --------------------------------------------------------
 
+
 @torch.library.custom_op("rlgaf_fast::gumbel_softmax_embedding", mutates_args=())
 def _gumbel_softmax_embedding_op(
     logits: Tensor, weight: Tensor, tau: float, seed: int, backend: str
@@ -150,8 +153,15 @@ def _(logits, weight, tau, seed, backend):
 
 @torch.library.custom_op("rlgaf_fast::gumbel_softmax_embedding_backward", mutates_args=())
 def _gumbel_softmax_embedding_backward_op(
-    grad_out: Tensor, logits: Tensor, weight: Tensor, out: Tensor, lse: Tensor, tau: float,
-    seed: int, backend: str, weight_grad: bool,
+    grad_out: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    tau: float,
+    seed: int,
+    backend: str,
+    weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     # weight_grad False (the weight needs no gradient: hard mode detaches it): grad_weight, a
     # product as large as the forward's, is skipped and comes back empty
@@ -163,8 +173,10 @@ def _gumbel_softmax_embedding_backward_op(
 
 @_gumbel_softmax_embedding_backward_op.register_fake
 def _(grad_out, logits, weight, out, lse, tau, seed, backend, weight_grad):
-    return (torch.empty_like(logits),
-            torch.empty_like(weight) if weight_grad else weight.new_empty((0,)))
+    return (
+        torch.empty_like(logits),
+        torch.empty_like(weight) if weight_grad else weight.new_empty((0,)),
+    )
 
 
 def _embedding_setup_context(ctx, inputs, output):

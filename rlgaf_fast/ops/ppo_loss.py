@@ -47,10 +47,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --- per-token terms and aggregation weights (O(N) torch) -------------------------------------
 
+
 def _token_terms(
-    logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor,
-    ref_logprobs: Tensor | None, ratio_low: float, ratio_high: float, dual_clip: float,
-    kl_coef: float, kl_estimator: str, entropy_coef: float,
+    logprobs: Tensor,
+    entropy: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(loss_n, ratio, clipped indicator, kl_n or None) per token; dual_clip <= 0 is none."""
     ratio = torch.exp(logprobs - old_logprobs)
@@ -142,47 +151,117 @@ def _handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor |
 
 # --- the fused op from logits -----------------------------------------------------------------
 
+
 def _fused_rows(
-    kernels, logits: Tensor, actions: Tensor, old_logprobs: Tensor, advantages: Tensor,
-    ref_logprobs: Tensor | None, token_weight: Tensor, ratio_low: float, ratio_high: float,
-    dual_clip: float, kl_coef: float, kl_estimator: str, entropy_coef: float,
-    temperature: float, grad: Tensor | None,
+    kernels,
+    logits: Tensor,
+    actions: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
+    token_weight: Tensor,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    temperature: float,
+    grad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """The kernel call: (logprobs, entropy) of logits [N, V], the gradient into grad if given."""
     if grad is None:
         return kernels.ppo_loss_fwd(logits, actions, temperature)
     return kernels.ppo_loss_fwd_grad(
-        logits, actions, old_logprobs, advantages, ref_logprobs, token_weight, ratio_low,
-        ratio_high, dual_clip, kl_coef, _KL_CODES[kl_estimator], entropy_coef, temperature, grad,
+        logits,
+        actions,
+        old_logprobs,
+        advantages,
+        ref_logprobs,
+        token_weight,
+        ratio_low,
+        ratio_high,
+        dual_clip,
+        kl_coef,
+        _KL_CODES[kl_estimator],
+        entropy_coef,
+        temperature,
+        grad,
     )
 
 
 @torch.library.custom_op("rlgaf_fast::ppo_loss", mutates_args=())
 def _ppo_loss_op(
-    logits: Tensor, actions: Tensor, old_logprobs: Tensor, advantages: Tensor,
-    ref_logprobs: Tensor | None, token_weight: Tensor, ratio_low: float, ratio_high: float,
-    dual_clip: float, kl_coef: float, kl_estimator: str, entropy_coef: float,
-    temperature: float, compute_grad: bool, backend: str,
+    logits: Tensor,
+    actions: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
+    token_weight: Tensor,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    temperature: float,
+    compute_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, logprobs, entropy, grad_logits) for 2-D logits and [N] compute-dtype tensors;
     grad_logits is d loss / d logits, or empty without compute_grad."""
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     logprobs, entropy = _fused_rows(
-        _kernels(backend), logits, actions, old_logprobs, advantages, ref_logprobs,
-        token_weight, ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
-        temperature, grad if compute_grad else None,
+        _kernels(backend),
+        logits,
+        actions,
+        old_logprobs,
+        advantages,
+        ref_logprobs,
+        token_weight,
+        ratio_low,
+        ratio_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        entropy_coef,
+        temperature,
+        grad if compute_grad else None,
     )
     token_loss = _token_terms(
-        logprobs, entropy, old_logprobs, advantages, ref_logprobs, ratio_low, ratio_high,
-        dual_clip, kl_coef, kl_estimator, entropy_coef,
+        logprobs,
+        entropy,
+        old_logprobs,
+        advantages,
+        ref_logprobs,
+        ratio_low,
+        ratio_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        entropy_coef,
     )[0]
     return (token_weight * token_loss).sum(), logprobs, entropy, grad
 
 
 @_ppo_loss_op.register_fake
-def _(logits, actions, old_logprobs, advantages, ref_logprobs, token_weight, ratio_low,
-      ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature, compute_grad,
-      backend):
+def _(
+    logits,
+    actions,
+    old_logprobs,
+    advantages,
+    ref_logprobs,
+    token_weight,
+    ratio_low,
+    ratio_high,
+    dual_clip,
+    kl_coef,
+    kl_estimator,
+    entropy_coef,
+    temperature,
+    compute_grad,
+    backend,
+):
     dtype = _compute_dtype(logits.dtype)
     n = logits.shape[0]
     return (
@@ -228,8 +307,9 @@ class _InplacePPOLoss(torch.autograd.Function):
         ctx.grad_logits = rows
         ctx.mark_non_differentiable(logprobs, entropy)
         old_logprobs, advantages, ref_logprobs, token_weight = args[1:5]
-        token_loss = _token_terms(logprobs, entropy, old_logprobs, advantages, ref_logprobs,
-                                  *args[5:11])[0]
+        token_loss = _token_terms(
+            logprobs, entropy, old_logprobs, advantages, ref_logprobs, *args[5:11]
+        )[0]
         return (token_weight * token_loss).sum(), logprobs, entropy
 
     @staticmethod
@@ -248,12 +328,17 @@ class _InplacePPOLoss(torch.autograd.Function):
 
 # --- validation -------------------------------------------------------------------------------
 
-def _check_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
-                   loss_agg, ref_logprobs) -> tuple[float, float, float]:
+
+def _check_options(
+    clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, ref_logprobs
+) -> tuple[float, float, float]:
     """(ratio_low, ratio_high, dual_clip or 0) after checking the scalar options."""
+
     def finite(value, name, low=None):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
         ):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if low is not None and value < low:
@@ -292,8 +377,10 @@ def _check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, 
         if name not in ("actions", "mask"):
             check_floating(t, name)
         if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have the token shape {list(shape)} (the logits' "
-                             f"shape without the vocabulary), got {list(t.shape)}")
+            raise ValueError(
+                f"{name} must have the token shape {list(shape)} (the logits' "
+                f"shape without the vocabulary), got {list(t.shape)}"
+            )
         if t.device != device:
             raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
     if torch.compiler.is_compiling() or actions.numel() == 0:
@@ -318,20 +405,29 @@ def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _token_inputs(
-    mask: Tensor | None, shape: torch.Size, source: Tensor, loss_agg: str, old_logprobs: Tensor,
-    advantages: Tensor, ref_logprobs: Tensor | None,
+    mask: Tensor | None,
+    shape: torch.Size,
+    source: Tensor,
+    loss_agg: str,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The fused paths' flat per-token inputs in the compute dtype of ``source`` (the logits or
     hidden states): (mask, aggregation weights, old_logprobs, advantages, ref_logprobs)."""
     dtype = _compute_dtype(source.dtype)
-    mask_c = torch.ones(shape, dtype=dtype, device=source.device) if mask is None else (
-        mask.detach().to(dtype))
+    mask_c = (
+        torch.ones(shape, dtype=dtype, device=source.device)
+        if mask is None
+        else (mask.detach().to(dtype))
+    )
     weight = _token_weights(mask_c, loss_agg).reshape(-1).contiguous()
     ref_f = None if ref_logprobs is None else _flat(ref_logprobs, dtype)
     return mask_c.reshape(-1), weight, _flat(old_logprobs, dtype), _flat(advantages, dtype), ref_f
 
 
 # --- public: ppo_loss -------------------------------------------------------------------------
+
 
 def ppo_loss(
     logits: Tensor,
@@ -399,11 +495,19 @@ def ppo_loss(
     """
     check_floating(logits, "logits")
     if logits.dim() < 2 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must be [..., V] with at least 2 dimensions and V >= 1, got "
-                         f"{list(logits.shape)}")
+        raise ValueError(
+            f"logits must be [..., V] with at least 2 dimensions and V >= 1, got "
+            f"{list(logits.shape)}"
+        )
     temperature = check_positive(temperature, "temperature")
     ratio_low, ratio_high, dual = _check_options(
-        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
+        clip_eps,
+        clip_eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        entropy_coef,
+        loss_agg,
         ref_logprobs,
     )
     shape, V = logits.shape[:-1], logits.shape[-1]
@@ -411,33 +515,60 @@ def ppo_loss(
     name = resolve_backend(backend, logits, lacks=LACKS)
     if name == "torch":
         return reference.ppo_loss(
-            logits, actions, old_logprobs, advantages, mask, clip_eps=clip_eps,
-            clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logprobs=ref_logprobs,
-            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-            temperature=temperature, loss_agg=loss_agg,
+            logits,
+            actions,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_eps=clip_eps,
+            clip_eps_high=clip_eps_high,
+            dual_clip=dual_clip,
+            ref_logprobs=ref_logprobs,
+            kl_coef=kl_coef,
+            kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef,
+            temperature=temperature,
+            loss_agg=loss_agg,
         )
     if name == "cuda":
         raise RuntimeError("ppo_loss has no 'cuda' kernel: use backend='triton' on GPUs")
     mask_f, weight, old_f, adv_f, ref_f = _token_inputs(
-        mask, shape, logits, loss_agg, old_logprobs, advantages, ref_logprobs)
+        mask, shape, logits, loss_agg, old_logprobs, advantages, ref_logprobs
+    )
     actions_f = actions.detach().reshape(-1).long().contiguous()
-    options = (ratio_low, ratio_high, dual, float(kl_coef), kl_estimator, float(entropy_coef),
-               temperature)
+    options = (
+        ratio_low,
+        ratio_high,
+        dual,
+        float(kl_coef),
+        kl_estimator,
+        float(entropy_coef),
+        temperature,
+    )
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_grad and compute_grad:
         if torch.compiler.is_compiling():
-            raise RuntimeError("ppo_loss: inplace_grad=True works in eager mode only, not under "
-                               "torch.compile")
+            raise RuntimeError(
+                "ppo_loss: inplace_grad=True works in eager mode only, not under torch.compile"
+            )
         if not logits.is_contiguous():
             raise ValueError("ppo_loss: inplace_grad=True needs contiguous logits")
         loss, logprobs, entropy = _InplacePPOLoss.apply(
-            logits.view(-1, V), _kernels(name),
+            logits.view(-1, V),
+            _kernels(name),
             (actions_f, old_f, adv_f, ref_f, weight) + options,
         )
     else:
         loss, logprobs, entropy, _ = _ppo_loss_op(
-            logits.reshape(-1, V).contiguous(), actions_f, old_f, adv_f, ref_f, weight, *options,
-            compute_grad, name,
+            logits.reshape(-1, V).contiguous(),
+            actions_f,
+            old_f,
+            adv_f,
+            ref_f,
+            weight,
+            *options,
+            compute_grad,
+            name,
         )
     return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape)
 
@@ -463,6 +594,7 @@ def _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape
 
 
 # --- fused linear: from hidden states ----------------------------------------------------------
+
 
 def _default_chunk(V: int, dtype: torch.dtype, device: torch.device) -> int:
     budget = _CHUNK_BYTES_GPU if device.type == "cuda" else _CHUNK_BYTES_CPU
@@ -493,11 +625,26 @@ def _has_mixed_addmm() -> bool:
 
 @torch.library.custom_op("rlgaf_fast::fused_linear_ppo_loss", mutates_args=())
 def _fused_linear_op(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, actions: Tensor, old_logprobs: Tensor,
-    advantages: Tensor, ref_logprobs: Tensor | None, token_weight: Tensor, ratio_low: float,
-    ratio_high: float, dual_clip: float, kl_coef: float, kl_estimator: str, entropy_coef: float,
-    temperature: float, chunk_size: int, grad_hidden_needed: bool, grad_weight_needed: bool,
-    grad_bias_needed: bool, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    actions: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
+    token_weight: Tensor,
+    ratio_low: float,
+    ratio_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    temperature: float,
+    chunk_size: int,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+    grad_bias_needed: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logprobs, entropy, grad_hidden, grad_weight, grad_bias) for hidden [N, H],
     weight [V, H], bias [V] or None; a gradient not needed comes back empty."""
@@ -524,9 +671,20 @@ def _fused_linear_op(
             torch.addmm(bias, h, weight.t(), out=logits)
         rows = slice(start, end)
         lp, ent = _fused_rows(
-            kernels, logits, actions[rows], old_logprobs[rows], advantages[rows],
-            None if ref_logprobs is None else ref_logprobs[rows], token_weight[rows], ratio_low,
-            ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature,
+            kernels,
+            logits,
+            actions[rows],
+            old_logprobs[rows],
+            advantages[rows],
+            None if ref_logprobs is None else ref_logprobs[rows],
+            token_weight[rows],
+            ratio_low,
+            ratio_high,
+            dual_clip,
+            kl_coef,
+            kl_estimator,
+            entropy_coef,
+            temperature,
             logits if compute_grad else None,  # the gradient overwrites the chunk's logits
         )
         logprobs[rows], entropy[rows] = lp, ent
@@ -539,20 +697,51 @@ def _fused_linear_op(
         if grad_bias_needed:
             grad_bias += logits.sum(0, dtype=dtype)
     token_loss = _token_terms(
-        logprobs, entropy, old_logprobs, advantages, ref_logprobs, ratio_low, ratio_high,
-        dual_clip, kl_coef, kl_estimator, entropy_coef,
+        logprobs,
+        entropy,
+        old_logprobs,
+        advantages,
+        ref_logprobs,
+        ratio_low,
+        ratio_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        entropy_coef,
     )[0]
     return (
-        (token_weight * token_loss).sum(), logprobs, entropy, grad_hidden,
+        (token_weight * token_loss).sum(),
+        logprobs,
+        entropy,
+        grad_hidden,
         weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
         weight.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
     )
 
 
 @_fused_linear_op.register_fake
-def _(hidden, weight, bias, actions, old_logprobs, advantages, ref_logprobs, token_weight,
-      ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature,
-      chunk_size, grad_hidden_needed, grad_weight_needed, grad_bias_needed, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    actions,
+    old_logprobs,
+    advantages,
+    ref_logprobs,
+    token_weight,
+    ratio_low,
+    ratio_high,
+    dual_clip,
+    kl_coef,
+    kl_estimator,
+    entropy_coef,
+    temperature,
+    chunk_size,
+    grad_hidden_needed,
+    grad_weight_needed,
+    grad_bias_needed,
+    backend,
+):
     dtype = _compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (
@@ -592,8 +781,9 @@ def _fused_linear_backward(ctx, grad_loss, *unused):
     return (*grads, *([None] * 17))
 
 
-_fused_linear_op.register_autograd(_fused_linear_backward,
-                                   setup_context=_fused_linear_setup_context)
+_fused_linear_op.register_autograd(
+    _fused_linear_backward, setup_context=_fused_linear_setup_context
+)
 
 
 def fused_linear_ppo_loss(
@@ -643,23 +833,36 @@ def fused_linear_ppo_loss(
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got {list(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {list(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight must have hidden's dtype and device ({hidden.dtype}, "
-                         f"{hidden.device}), got {weight.dtype}, {weight.device}")
+        raise ValueError(
+            f"weight must have hidden's dtype and device ({hidden.dtype}, "
+            f"{hidden.device}), got {weight.dtype}, {weight.device}"
+        )
     V = weight.shape[0]
     if bias is not None:
         check_floating(bias, "bias")
         if bias.shape != (V,) or bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(f"bias must be [V] = [{V}] with weight's dtype and device, got "
-                             f"{list(bias.shape)} {bias.dtype} {bias.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-            chunk_size, int) or chunk_size < 1):
+            raise ValueError(
+                f"bias must be [V] = [{V}] with weight's dtype and device, got "
+                f"{list(bias.shape)} {bias.dtype} {bias.device}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     temperature = check_positive(temperature, "temperature")
     ratio_low, ratio_high, dual = _check_options(
-        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg,
+        clip_eps,
+        clip_eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        entropy_coef,
+        loss_agg,
         ref_logprobs,
     )
     shape = hidden.shape[:-1]
@@ -668,30 +871,57 @@ def fused_linear_ppo_loss(
     if name == "torch":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.ppo_loss(
-            logits, actions, old_logprobs, advantages, mask, clip_eps=clip_eps,
-            clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logprobs=ref_logprobs,
-            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-            temperature=temperature, loss_agg=loss_agg,
+            logits,
+            actions,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_eps=clip_eps,
+            clip_eps_high=clip_eps_high,
+            dual_clip=dual_clip,
+            ref_logprobs=ref_logprobs,
+            kl_coef=kl_coef,
+            kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef,
+            temperature=temperature,
+            loss_agg=loss_agg,
         )
     if name == "cuda":
         raise RuntimeError("fused_linear_ppo_loss has no 'cuda' kernel: use backend='triton'")
     mask_f, token_weight, old_f, adv_f, ref_f = _token_inputs(
-        mask, shape, hidden, loss_agg, old_logprobs, advantages, ref_logprobs)
-    options = (ratio_low, ratio_high, dual, float(kl_coef), kl_estimator, float(entropy_coef),
-               temperature)
+        mask, shape, hidden, loss_agg, old_logprobs, advantages, ref_logprobs
+    )
+    options = (
+        ratio_low,
+        ratio_high,
+        dual,
+        float(kl_coef),
+        kl_estimator,
+        float(entropy_coef),
+        temperature,
+    )
     grad_on = torch.is_grad_enabled()
     loss, logprobs, entropy, *_ = _fused_linear_op(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(),
+        weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        actions.detach().reshape(-1).long().contiguous(), old_f, adv_f, ref_f, token_weight,
-        *options, chunk_size or _default_chunk(V, hidden.dtype, hidden.device),
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, name,
+        actions.detach().reshape(-1).long().contiguous(),
+        old_f,
+        adv_f,
+        ref_f,
+        token_weight,
+        *options,
+        chunk_size or _default_chunk(V, hidden.dtype, hidden.device),
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+        name,
     )
     return _output(loss, logprobs, entropy, old_f, adv_f, ref_f, mask_f, options, shape)
 
 
 # --- value loss and GAE (plain torch) -----------------------------------------------------------
+
 
 def value_loss(
     values: Tensor,
@@ -711,11 +941,13 @@ def value_loss(
     for name, t in (("old_values", old_values), ("returns", returns)):
         check_floating(t, name)
         if t.shape != values.shape:
-            raise ValueError(f"{name} must have values' shape {list(values.shape)}, got "
-                             f"{list(t.shape)}")
+            raise ValueError(
+                f"{name} must have values' shape {list(values.shape)}, got {list(t.shape)}"
+            )
     if mask is not None and check_tensor(mask, "mask").shape != values.shape:
-        raise ValueError(f"mask must have values' shape {list(values.shape)}, got "
-                         f"{list(mask.shape)}")
+        raise ValueError(
+            f"mask must have values' shape {list(values.shape)}, got {list(mask.shape)}"
+        )
     if clip is not None:
         clip = check_positive(clip, "clip")
     return reference.value_loss(values, old_values, returns, mask, clip=clip)
@@ -738,8 +970,9 @@ def gae(
         raise ValueError("values must have a time dimension: [B, T] or [T]")
     for name, t in (("rewards", rewards), ("mask", mask)):
         if t.shape != values.shape:
-            raise ValueError(f"{name} must have values' shape {list(values.shape)}, got "
-                             f"{list(t.shape)}")
+            raise ValueError(
+                f"{name} must have values' shape {list(values.shape)}, got {list(t.shape)}"
+            )
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")

@@ -31,24 +31,36 @@ def _soft_embedding_topk_op(
 def _(probs, weight, top_k):
     acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
     n = probs.shape[0]
-    return (weight.new_empty(n, weight.shape[1]), probs.new_empty(n, top_k, dtype=torch.int64),
-            probs.new_empty(n, top_k, dtype=acc), probs.new_empty(n, dtype=acc))
+    return (
+        weight.new_empty(n, weight.shape[1]),
+        probs.new_empty(n, top_k, dtype=torch.int64),
+        probs.new_empty(n, top_k, dtype=acc),
+        probs.new_empty(n, dtype=acc),
+    )
 
 
 @torch.library.custom_op("rlgaf_fast::soft_embedding_topk_backward", mutates_args=())
 def _soft_embedding_topk_backward_op(
-    grad_out: Tensor, weight: Tensor, out: Tensor, index: Tensor, coef: Tensor, row_sum: Tensor,
+    grad_out: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    index: Tensor,
+    coef: Tensor,
+    row_sum: Tensor,
     probs_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     grad_probs, grad_weight = cpp_ops().soft_embedding_topk_bwd(
-        grad_out.contiguous(), weight, out, index, coef, row_sum, probs_dtype)
+        grad_out.contiguous(), weight, out, index, coef, row_sum, probs_dtype
+    )
     return grad_probs, grad_weight
 
 
 @_soft_embedding_topk_backward_op.register_fake
 def _(grad_out, weight, out, index, coef, row_sum, probs_dtype):
-    return (weight.new_empty(index.shape[0], weight.shape[0], dtype=probs_dtype),
-            torch.empty_like(weight))
+    return (
+        weight.new_empty(index.shape[0], weight.shape[0], dtype=probs_dtype),
+        torch.empty_like(weight),
+    )
 
 
 def _soft_embedding_topk_setup_context(ctx, inputs, output):
@@ -61,7 +73,8 @@ def _soft_embedding_topk_setup_context(ctx, inputs, output):
 def _soft_embedding_topk_backward(ctx, grad_out, *_):
     weight, out, index, coef, row_sum = ctx.saved_tensors
     grad_probs, grad_weight = _soft_embedding_topk_backward_op(
-        grad_out, weight, out, index, coef, row_sum, ctx.probs_dtype)
+        grad_out, weight, out, index, coef, row_sum, ctx.probs_dtype
+    )
     return grad_probs, grad_weight, None
 
 
@@ -90,8 +103,9 @@ def soft_embedding(
     check_same_device(probs, "probs", weight, "weight")
     check_vocab_weight(probs, "probs", weight)
     vocab = weight.shape[0]
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or not 1 <= top_k <= vocab):
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab
+    ):
         raise ValueError(f"top_k must be an int in [1, {vocab}] or None, got {top_k!r}")
     name = resolve_backend(backend, probs)
     if name == "torch":
@@ -100,8 +114,9 @@ def soft_embedding(
         return probs.to(weight.dtype) @ weight
     lead = probs.shape[:-1]
     if name == "cpp":
-        out = _soft_embedding_topk_op(probs.reshape(-1, vocab).contiguous(), weight.contiguous(),
-                                      top_k)[0]
+        out = _soft_embedding_topk_op(
+            probs.reshape(-1, vocab).contiguous(), weight.contiguous(), top_k
+        )[0]
         return out.reshape(*lead, weight.shape[1])
     values, index = probs.topk(top_k, dim=-1)
     values = (values / values.sum(dim=-1, keepdim=True)).to(weight.dtype)

@@ -12,5 +12,11 @@ from rlgaf_fast.rlgaf.discriminator import (
 )
 from rlgaf_fast.rlgaf.trainer import NonFiniteLossError, RLGAFTrainer
 
-__all__ = ["RLGAFConfig", "RLGAFTrainer", "NonFiniteLossError", "CNNDiscriminator",
-           "LMDiscriminator", "build_transformer_discriminator"]
+__all__ = [
+    "RLGAFConfig",
+    "RLGAFTrainer",
+    "NonFiniteLossError",
+    "CNNDiscriminator",
+    "LMDiscriminator",
+    "build_transformer_discriminator",
+]

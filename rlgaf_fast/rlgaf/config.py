@@ -125,8 +125,7 @@ class RLGAFConfig:
                 ok = isinstance(value, expected)
             if not ok:
                 names = " or ".join("None" if t is type(None) else t.__name__ for t in expected)
-                raise TypeError(f"{f.name} must be {names}, got {value!r} "
-                                f"({type(value).__name__})")
+                raise TypeError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
         choices = {
             "mode": MODES,
             "reward_type": REWARD_TYPES,
@@ -136,15 +135,37 @@ class RLGAFConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("batch_size", "max_new_tokens", "minibatch_size", "ppo_epochs", "tau_start",
-                    "tau_end", "sample_temperature", "log_every", "generator_lr",
-                    "discriminator_lr", "clip_eps", "value_clip")
+        positive = (
+            "batch_size",
+            "max_new_tokens",
+            "minibatch_size",
+            "ppo_epochs",
+            "tau_start",
+            "tau_end",
+            "sample_temperature",
+            "log_every",
+            "generator_lr",
+            "discriminator_lr",
+            "clip_eps",
+            "value_clip",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        non_negative = ("total_steps", "d_steps", "g_steps", "kl_coef", "warmup_steps",
-                        "save_every", "entropy_coef", "mle_coef", "discriminator_weight_decay",
-                        "weight_decay", "max_grad_norm", "vf_coef")
+        non_negative = (
+            "total_steps",
+            "d_steps",
+            "g_steps",
+            "kl_coef",
+            "warmup_steps",
+            "save_every",
+            "entropy_coef",
+            "mle_coef",
+            "discriminator_weight_decay",
+            "weight_decay",
+            "max_grad_norm",
+            "vf_coef",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -152,8 +173,9 @@ class RLGAFConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be >= 1 or None, "
-                             f"got {self.max_prompt_length!r}")
+            raise ValueError(
+                f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length!r}"
+            )
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
         if not 0 <= self.adam_beta1 < 1:
@@ -161,8 +183,9 @@ class RLGAFConfig:
         if not 0 <= self.generator_ema < 1:
             raise ValueError(f"generator_ema must be in [0, 1), got {self.generator_ema!r}")
         if self.batch_size % self.minibatch_size:
-            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide "
-                             f"batch_size ({self.batch_size})")
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLGAFConfig:
@@ -188,8 +211,12 @@ class RLGAFConfig:
 
 # The annotations above, as written (``from __future__ import annotations`` keeps them strings).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (float,), "bool": (bool,), "str": (str,),
-    "str | None": (str, type(None)), "int | None": (int, type(None)),
+    "int": (int,),
+    "float": (float,),
+    "bool": (bool,),
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
     "dict[str, Any]": (dict,),
 }
 
@@ -201,6 +228,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at top level, "
-                         f"got {type(values).__name__}")
+        raise ValueError(
+            f"{path}: expected a YAML mapping at top level, got {type(values).__name__}"
+        )
     return values

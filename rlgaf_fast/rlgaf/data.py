@@ -24,8 +24,13 @@ STREAM_DEMOS, STREAM_PROMPTS, STREAM_SAMPLING, STREAM_SHUFFLE, STREAM_GUMBEL, ST
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0, sub: int = 0) -> int:
     """A 63-bit seed for (run seed, step, process rank, random stream, sub-draw within the
     step), well mixed (splitmix64 finaliser) so that neighbouring inputs get unrelated seeds."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
-         + stream * 0xD6E8FEB86659FD93 + sub * 0xA0761D6478BD642F) & 0xFFFFFFFFFFFFFFFF
+    x = (
+        seed * 0x9E3779B97F4A7C15
+        + step * 0xBF58476D1CE4E5B9
+        + rank * 0x94D049BB133111EB
+        + stream * 0xD6E8FEB86659FD93
+        + sub * 0xA0761D6478BD642F
+    ) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
@@ -53,16 +58,20 @@ def load_examples(source: Any, tokenizer: Any = None, eos_token_id: int | None =
     elif isinstance(source, datasets.Dataset):
         dataset = source
     else:
-        raise TypeError(f"source must be a path, a list of dicts or a datasets.Dataset, "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            f"source must be a path, a list of dicts or a datasets.Dataset, "
+            f"got {type(source).__name__}"
+        )
     columns = set(dataset.column_names)
     if "prompt_ids" in columns:
         if "response_ids" not in columns:  # a prompts-only dataset
             dataset = dataset.map(lambda row: {"response_ids": []})
         return dataset
     if "prompt" not in columns:
-        raise ValueError(f"examples need a prompt_ids or prompt column (and response_ids or "
-                         f"response for demonstrations), got {sorted(columns)}")
+        raise ValueError(
+            f"examples need a prompt_ids or prompt column (and response_ids or "
+            f"response for demonstrations), got {sorted(columns)}"
+        )
     if tokenizer is None:
         raise ValueError("text examples (prompt/response) need a tokenizer")
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
@@ -90,8 +99,12 @@ class Batch:
     response_mask: Tensor  # [B, T] int64
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask,
-                                              self.response_ids, self.response_mask)))
+        return Batch(
+            *(
+                t.to(device)
+                for t in (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+            )
+        )
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -100,13 +113,14 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.int64)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.int64)
+            mask[i, width - len(r) :] = 1
     return ids, mask
 
 
-def pad_right(rows: list[list[int]], pad_id: int,
-              width: int | None = None) -> tuple[Tensor, Tensor]:
+def pad_right(
+    rows: list[list[int]], pad_id: int, width: int | None = None
+) -> tuple[Tensor, Tensor]:
     width = max(1, max(len(r) for r in rows)) if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
@@ -123,13 +137,15 @@ class ExampleSampler:
     tokenised dataset. The rows are kept as Python lists: datasets here are small enough, and
     indexing a list is cheaper than an Arrow table per batch."""
 
-    def __init__(self, dataset: Any, pad_id: int, max_response_len: int,
-                 max_prompt_len: int | None = None) -> None:
+    def __init__(
+        self, dataset: Any, pad_id: int, max_response_len: int, max_prompt_len: int | None = None
+    ) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
         # A prompt's end is what the response continues: truncate from the left.
-        self.prompts = [list(p)[-max_prompt_len:] if max_prompt_len else list(p)
-                        for p in dataset["prompt_ids"]]
+        self.prompts = [
+            list(p)[-max_prompt_len:] if max_prompt_len else list(p) for p in dataset["prompt_ids"]
+        ]
         self.responses = [list(r) for r in dataset["response_ids"]]
         self.pad_id = pad_id
         self.max_response_len = max_response_len
@@ -152,12 +168,19 @@ class ExampleSampler:
     def take(self, index: list[int]) -> Batch:
         prompt_ids, prompt_mask = pad_left([self.prompts[i] for i in index], self.pad_id)
         response_ids, response_mask = pad_right(
-            [self.responses[i][: self.max_response_len] for i in index], self.pad_id)
+            [self.responses[i][: self.max_response_len] for i in index], self.pad_id
+        )
         return Batch(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
-def synthetic_examples(num_examples: int, vocab_size: int = 32, *, seed: int = 0,
-                       eos_token_id: int = 1, pad_token_id: int = 0) -> list[dict]:
+def synthetic_examples(
+    num_examples: int,
+    vocab_size: int = 32,
+    *,
+    seed: int = 0,
+    eos_token_id: int = 1,
+    pad_token_id: int = 0,
+) -> list[dict]:
     """Generated demonstrations for tests and the ``tiny`` preset: prompts of 1 to 4 random
     tokens; the expert's response counts up from the prompt's last token (mod the vocabulary,
     skipping pad and EOS) for 3 to 8 tokens, then EOS. Learnable, and easy to tell from noise."""

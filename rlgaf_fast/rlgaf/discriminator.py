@@ -20,17 +20,29 @@ from rlgaf_fast.rlgaf.data import Batch
 from rlgaf_fast.rlgaf.rollout import forward_takes, left_align, pad_left_to, position_ids
 
 
-def build_transformer_discriminator(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
-                                    num_heads: int = 4, max_positions: int = 256,
-                                    pad_token_id: int = 0) -> nn.Module:
+def build_transformer_discriminator(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+    pad_token_id: int = 0,
+) -> nn.Module:
     """A small randomly initialised ``LlamaForSequenceClassification`` with one output logit."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                         intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                         max_position_embeddings=max_positions, num_labels=1,
-                         pad_token_id=pad_token_id)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+    )
     return LlamaForSequenceClassification(config)
 
 
@@ -38,9 +50,13 @@ class CNNDiscriminator(nn.Module):
     """SeqGAN's discriminator: embedding, parallel 1-D convolutions of several widths with
     max-pooling over time, a highway layer, dropout, one logit."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 64,
-                 filters: tuple[tuple[int, int], ...] = ((2, 64), (3, 64), (4, 64), (5, 64)),
-                 dropout: float = 0.25) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 64,
+        filters: tuple[tuple[int, int], ...] = ((2, 64), (3, 64), (4, 64), (5, 64)),
+        dropout: float = 0.25,
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, n, w) for w, n in filters)
@@ -53,8 +69,12 @@ class CNNDiscriminator(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding
 
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> SimpleNamespace:
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if attention_mask is not None:
             x = x * attention_mask.unsqueeze(-1).to(x.dtype)
@@ -95,13 +115,20 @@ class LMDiscriminator(nn.Module):
     id, and the feature is a constant without gradient.
     """
 
-    def __init__(self, lm: nn.Module, hidden: int = 32, train_lm: bool = False,
-                 context_features: bool = False, bigram_sequences: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        hidden: int = 32,
+        train_lm: bool = False,
+        context_features: bool = False,
+        bigram_sequences: Tensor | None = None,
+    ) -> None:
         super().__init__()
         head = lm.get_output_embeddings()
         if head is None or head.weight is not lm.get_input_embeddings().weight:
-            raise ValueError("lm must tie its input and output embeddings "
-                             "(tie_word_embeddings=True)")
+            raise ValueError(
+                "lm must tie its input and output embeddings (tie_word_embeddings=True)"
+            )
         if getattr(head, "bias", None) is not None:
             raise ValueError("lm's output layer must have no bias")
         self.lm = lm.requires_grad_(train_lm)
@@ -111,7 +138,8 @@ class LMDiscriminator(nn.Module):
         if self.bigrams:
             self.embedding = TokenIdEmbedding(self.embedding)
             keys, counts = bigram_keys(bigram_sequences, head.weight.shape[0]).unique(
-                return_counts=True)
+                return_counts=True
+            )
             self.register_buffer("bigram_keys", keys, persistent=False)
             self.register_buffer("bigram_log_counts", counts.float().log1p(), persistent=False)
         inputs = 2 + self.bigrams + (head.weight.shape[1] if context_features else 0)
@@ -127,21 +155,30 @@ class LMDiscriminator(nn.Module):
         found = self.bigram_keys[index] == keys
         return torch.where(found, self.bigram_log_counts[index], 0.0)
 
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> SimpleNamespace:
         x = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         if self.bigrams:  # the last channel is the token id (TokenIdEmbedding)
             channel, x = x[..., -1].detach(), x[..., :-1]
             ids = channel.round().long()
             if not torch.equal(ids.to(channel.dtype), channel):
-                raise ValueError("LMDiscriminator(bigram_sequences=...) needs hard tokens: the "
-                                 "token-id channel holds non-integers (soft Gumbel-Softmax tokens "
-                                 "need straight_through=True)")
+                raise ValueError(
+                    "LMDiscriminator(bigram_sequences=...) needs hard tokens: the "
+                    "token-id channel holds non-integers (soft Gumbel-Softmax tokens "
+                    "need straight_through=True)"
+                )
         if attention_mask is None:
             attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
-        hidden = self.lm.model(inputs_embeds=x, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask),
-                               use_cache=False).last_hidden_state
+        hidden = self.lm.model(
+            inputs_embeds=x,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
         weight = self.lm.get_input_embeddings().weight
         logits = (hidden[:, :-1] @ weight.T).float()  # [B, L-1, V]: predictions of x_1..
         lse = torch.logsumexp(logits, -1)
@@ -170,8 +207,10 @@ class TokenIdEmbedding(nn.Module):
     def __init__(self, embedding: nn.Module) -> None:
         super().__init__()
         if embedding.weight.dtype not in (torch.float32, torch.float64):
-            raise ValueError("TokenIdEmbedding needs a float32 or float64 embedding to carry "
-                             f"token ids exactly, got {embedding.weight.dtype}")
+            raise ValueError(
+                "TokenIdEmbedding needs a float32 or float64 embedding to carry "
+                f"token ids exactly, got {embedding.weight.dtype}"
+            )
         self.embedding = embedding
 
     @property
@@ -249,8 +288,9 @@ def sequences_for_discriminator(parts: list[tuple[Tensor, Tensor]]) -> tuple[Ten
 def token_sequences(batch: Batch) -> tuple[Tensor, Tensor]:
     """Prompt + response token ids of ``batch``, left-aligned, with their mask: how the
     discriminator (or an rlhf reward model) reads a batch of hard tokens."""
-    return sequences_for_discriminator([(batch.prompt_ids, batch.prompt_mask),
-                                        (batch.response_ids, batch.response_mask)])
+    return sequences_for_discriminator(
+        [(batch.prompt_ids, batch.prompt_mask), (batch.response_ids, batch.response_mask)]
+    )
 
 
 def stack_batches(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

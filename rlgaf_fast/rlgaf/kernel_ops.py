@@ -8,8 +8,14 @@ from types import SimpleNamespace
 
 from rlgaf_fast import reference
 
-OP_NAMES = ("gumbel_softmax", "soft_embedding", "gumbel_softmax_embedding", "ppo_loss",
-            "value_loss", "gae")
+OP_NAMES = (
+    "gumbel_softmax",
+    "soft_embedding",
+    "gumbel_softmax_embedding",
+    "ppo_loss",
+    "value_loss",
+    "gae",
+)
 
 
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
@@ -19,14 +25,16 @@ def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
         return SimpleNamespace(**{name: getattr(reference, name) for name in OP_NAMES})
     import rlgaf_fast
 
-    return SimpleNamespace(**{name: getattr(rlgaf_fast, name, None) or _missing(name)
-                              for name in OP_NAMES})
+    return SimpleNamespace(
+        **{name: getattr(rlgaf_fast, name, None) or _missing(name) for name in OP_NAMES}
+    )
 
 
 def _missing(name: str):
     def fail(*args, **kwargs):
-        raise RuntimeError(f"use_fused_kernels=True but this rlgaf_fast has no {name}; "
-                           "rebuild it, or set use_fused_kernels=False for the reference ops")
+        raise RuntimeError(
+            f"use_fused_kernels=True but this rlgaf_fast has no {name}; "
+            "rebuild it, or set use_fused_kernels=False for the reference ops"
+        )
 
     return fail
-

@@ -31,8 +31,11 @@ from rlgaf_fast.rlgaf.models import build_causal_lm
 from rlgaf_fast.rlgaf.rollout import generate, sample_categorical
 
 VOCAB_SIZE, SEQ_LEN, HIDDEN, START_TOKEN = 5000, 20, 32, 0
-PARAM_SHAPES = [(VOCAB_SIZE, HIDDEN)] + [(HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN,)] * 4 \
+PARAM_SHAPES = (
+    [(VOCAB_SIZE, HIDDEN)]
+    + [(HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN,)] * 4
     + [(HIDDEN, VOCAB_SIZE), (VOCAB_SIZE,)]
+)
 
 # The only globals a pickle of plain numpy arrays refers to (numpy 1.x and 2.x spellings, pickle
 # protocols 2 to 5).
@@ -55,7 +58,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: this file may only contain numpy arrays "
-                "(a pickle naming other globals can run arbitrary code)")
+                "(a pickle naming other globals can run arbitrary code)"
+            )
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module.removeprefix("numpy.core.")  # numpy 2 moved them
         return super().find_class(module, name)
@@ -67,8 +71,9 @@ def load_oracle_params(path: str | Path) -> list[np.ndarray]:
     data = Path(path).read_bytes()
     params = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
     if not isinstance(params, list) or len(params) != len(PARAM_SHAPES):
-        raise ValueError(f"{path}: expected a list of {len(PARAM_SHAPES)} arrays, "
-                         f"got {type(params).__name__}")
+        raise ValueError(
+            f"{path}: expected a list of {len(PARAM_SHAPES)} arrays, got {type(params).__name__}"
+        )
     for i, (array, shape) in enumerate(zip(params, PARAM_SHAPES, strict=True)):
         if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != shape:
             got = f"{getattr(array, 'dtype', type(array))} {getattr(array, 'shape', '')}"
@@ -182,9 +187,20 @@ DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn")
 
 PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
-    "smoke": OraclePreset(num_demos=2000, num_test=500, num_eval=500, num_final=2000,
-                          num_sweep=500, gen_hidden=32, gen_layers=1, sft_steps=100,
-                          adv_steps=10, d_pretrain_steps=5, eval_every=5, d_fit_steps=20),
+    "smoke": OraclePreset(
+        num_demos=2000,
+        num_test=500,
+        num_eval=500,
+        num_final=2000,
+        num_sweep=500,
+        gen_hidden=32,
+        gen_layers=1,
+        sft_steps=100,
+        adv_steps=10,
+        d_pretrain_steps=5,
+        eval_every=5,
+        d_fit_steps=20,
+    ),
     "full": OraclePreset(),
 }
 
@@ -192,34 +208,67 @@ PRESETS = {
 # generator and the discriminator oscillate, and the live generator's NLL_oracle at a given
 # iteration depends on the phase (README).
 ADVERSARIAL_DEFAULTS: dict[str, dict] = {
-    "ppo": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
-                discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
-                generator_ema=0.99, mle_coef=0.05),
-    "reinforce": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4,
-                      discriminator_lr=1e-3, kl_coef=0.01, reward_type="log_d", d_steps=2,
-                      generator_ema=0.99),
-    "gumbel": dict(batch_size=64, minibatch_size=64, generator_lr=2e-4, discriminator_lr=1e-3,
-                   kl_coef=0.02, reward_type="log_d", tau_start=1.0, tau_end=0.5,
-                   tau_schedule="exponential", straight_through=True, d_steps=2,
-                   generator_ema=0.99),
-    "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4,
-                 kl_coef=0.02),
+    "ppo": dict(
+        batch_size=64,
+        minibatch_size=32,
+        ppo_epochs=2,
+        generator_lr=2e-4,
+        discriminator_lr=1e-3,
+        kl_coef=0.01,
+        reward_type="log_d",
+        d_steps=2,
+        generator_ema=0.99,
+        mle_coef=0.05,
+    ),
+    "reinforce": dict(
+        batch_size=64,
+        minibatch_size=64,
+        generator_lr=2e-4,
+        discriminator_lr=1e-3,
+        kl_coef=0.01,
+        reward_type="log_d",
+        d_steps=2,
+        generator_ema=0.99,
+    ),
+    "gumbel": dict(
+        batch_size=64,
+        minibatch_size=64,
+        generator_lr=2e-4,
+        discriminator_lr=1e-3,
+        kl_coef=0.02,
+        reward_type="log_d",
+        tau_start=1.0,
+        tau_end=0.5,
+        tau_schedule="exponential",
+        straight_through=True,
+        d_steps=2,
+        generator_ema=0.99,
+    ),
+    "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4, kl_coef=0.02),
 }
 
 
 def build_oracle_generator(preset: OraclePreset) -> nn.Module:
     """The preset's generator, randomly initialised: a Llama with tied embeddings."""
-    return build_causal_lm(VOCAB_SIZE, hidden_size=preset.gen_hidden,
-                           num_layers=preset.gen_layers, num_heads=4,
-                           max_positions=SEQ_LEN + 1, tie_embeddings=True)
+    return build_causal_lm(
+        VOCAB_SIZE,
+        hidden_size=preset.gen_hidden,
+        num_layers=preset.gen_layers,
+        num_heads=4,
+        max_positions=SEQ_LEN + 1,
+        tie_embeddings=True,
+    )
 
 
-def oracle_data(oracle: OracleLSTM, data_seed: int, num_demos: int = 10_000,
-                num_test: int = 10_000) -> tuple[Tensor, Tensor]:
+def oracle_data(
+    oracle: OracleLSTM, data_seed: int, num_demos: int = 10_000, num_test: int = 10_000
+) -> tuple[Tensor, Tensor]:
     """The demonstrations and the held-out test set ``[N, 20]`` that run_oracle draws for
     ``data_seed``."""
-    return (oracle.sample(num_demos, seed=1000 + data_seed),
-            oracle.sample(num_test, seed=2000 + data_seed))
+    return (
+        oracle.sample(num_demos, seed=1000 + data_seed),
+        oracle.sample(num_test, seed=2000 + data_seed),
+    )
 
 
 def load_warm_start(init: str | Path, preset: OraclePreset | None = None) -> tuple[nn.Module, dict]:
@@ -246,8 +295,9 @@ def oracle_examples(tokens: Tensor) -> list[dict]:
 
 
 @torch.no_grad()
-def sample_generator(model: nn.Module, num: int, seed: int, temperature: float = 1.0,
-                     batch_size: int = 500) -> Tensor:
+def sample_generator(
+    model: nn.Module, num: int, seed: int, temperature: float = 1.0, batch_size: int = 500
+) -> Tensor:
     """``num`` sequences of 20 tokens from the generator after the start token, ``[num, 20]``
     int64 on the CPU (drawn on the model's device, so a seed's samples differ by device)."""
     was_training = model.training
@@ -258,16 +308,23 @@ def sample_generator(model: nn.Module, num: int, seed: int, temperature: float =
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         prompt = torch.full((n, 1), START_TOKEN, dtype=torch.int64, device=device)
-        batch = generate(model, prompt, torch.ones_like(prompt), SEQ_LEN,
-                         temperature=temperature, generator=generator)
+        batch = generate(
+            model,
+            prompt,
+            torch.ones_like(prompt),
+            SEQ_LEN,
+            temperature=temperature,
+            generator=generator,
+        )
         out.append(batch.response_ids.cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def generator_nll(model: nn.Module, tokens: Tensor, temperature: float = 1.0,
-                  batch_size: int = 250) -> float:
+def generator_nll(
+    model: nn.Module, tokens: Tensor, temperature: float = 1.0, batch_size: int = 250
+) -> float:
     """NLL_test: the generator's mean NLL per token of oracle sequences ``[N, 20]``, with its
     logits divided by ``temperature`` (the tempered model)."""
     was_training = model.training
@@ -299,12 +356,20 @@ def copied_fraction(tokens: Tensor, demos: Tensor) -> float:
     return sum(tuple(row) in seen for row in tokens.tolist()) / max(1, tokens.shape[0])
 
 
-def evaluate(model: nn.Module, oracle: OracleLSTM, test: Tensor, num: int, seed: int,
-             temperature: float = 1.0) -> tuple[dict, Tensor]:
+def evaluate(
+    model: nn.Module,
+    oracle: OracleLSTM,
+    test: Tensor,
+    num: int,
+    seed: int,
+    temperature: float = 1.0,
+) -> tuple[dict, Tensor]:
     samples = sample_generator(model, num, seed, temperature)
-    metrics = {"nll_oracle": oracle.nll(samples),
-               "nll_test": generator_nll(model, test, temperature),
-               "distinct": distinct_fraction(samples)}
+    metrics = {
+        "nll_oracle": oracle.nll(samples),
+        "nll_test": generator_nll(model, test, temperature),
+        "distinct": distinct_fraction(samples),
+    }
     return metrics, samples
 
 
@@ -314,18 +379,26 @@ def check_discriminator(p: OraclePreset, mode: str) -> None:
     if mode in ("sft", "rlhf"):
         return
     if p.discriminator not in DISCRIMINATORS:
-        raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, "
-                         f"got {p.discriminator!r}")
+        raise ValueError(
+            f"discriminator must be one of {', '.join(DISCRIMINATORS)}, got {p.discriminator!r}"
+        )
     if p.d_fit_steps < 0:
         raise ValueError(f"d_fit_steps must be >= 0, got {p.d_fit_steps}")
     if p.d_fit_steps and p.discriminator == "cnn":
-        raise ValueError(f"d_fit_steps needs an lm discriminator (the cnn has no feature model "
-                         f"to fit): set it to 0, got {p.d_fit_steps}")
+        raise ValueError(
+            f"d_fit_steps needs an lm discriminator (the cnn has no feature model "
+            f"to fit): set it to 0, got {p.d_fit_steps}"
+        )
 
 
-def fit_features(generator: nn.Module, demos: Tensor, steps: int, seed: int,
-                 output_dir: str | Path | None = None, use_fused_kernels: bool = False
-                 ) -> nn.Module:
+def fit_features(
+    generator: nn.Module,
+    demos: Tensor,
+    steps: int,
+    seed: int,
+    output_dir: str | Path | None = None,
+    use_fused_kernels: bool = False,
+) -> nn.Module:
     """A copy of ``generator`` trained ``steps`` more MLE steps on ``demos`` ``[N, 20]`` (batches
     of 64, AdamW at 1e-3): the feature model of run_oracle's LM discriminators (d_fit_steps)."""
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
@@ -334,21 +407,37 @@ def fit_features(generator: nn.Module, demos: Tensor, steps: int, seed: int,
         raise ValueError(f"d_fit_steps must be >= 0, got {steps}")
     features = copy.deepcopy(generator)
     if steps:
-        config = RLGAFConfig(mode="sft", total_steps=steps, batch_size=64, minibatch_size=64,
-                             generator_lr=1e-3, weight_decay=0.01, seed=seed,
-                             use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
-                             output_dir=None if output_dir is None else str(output_dir),
-                             progress_bar=True, tensorboard=False)
+        config = RLGAFConfig(
+            mode="sft",
+            total_steps=steps,
+            batch_size=64,
+            minibatch_size=64,
+            generator_lr=1e-3,
+            weight_decay=0.01,
+            seed=seed,
+            use_fused_kernels=use_fused_kernels,
+            max_new_tokens=SEQ_LEN,
+            output_dir=None if output_dir is None else str(output_dir),
+            progress_bar=True,
+            tensorboard=False,
+        )
         trainer = RLGAFTrainer(config, features, demonstrations=oracle_examples(demos))
         trainer.train()
         trainer.close()
     return features
 
 
-def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
-               preset: str | OraclePreset = "smoke", init: str | Path | None = None,
-               seed: int = 0, use_fused_kernels: bool = False,
-               overrides: dict | None = None) -> dict:
+def run_oracle(
+    oracle_path: str | Path,
+    mode: str,
+    out_dir: str | Path,
+    *,
+    preset: str | OraclePreset = "smoke",
+    init: str | Path | None = None,
+    seed: int = 0,
+    use_fused_kernels: bool = False,
+    overrides: dict | None = None,
+) -> dict:
     """Train ``mode`` on the SeqGAN oracle and write out_dir/{metrics.json, samples.txt,
     curves.png, generator.safetensors}.
 
@@ -376,13 +465,19 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     oracle = OracleLSTM.from_file(oracle_path)
     demos, test = oracle_data(oracle, data_seed, p.num_demos, p.num_test)
     history: list[dict] = []
-    metrics: dict[str, Any] = {"mode": mode, "seed": seed, "data_seed": data_seed,
-                               "preset": p.__dict__, "oracle_samples_nll_oracle": oracle.nll(test)}
+    metrics: dict[str, Any] = {
+        "mode": mode,
+        "seed": seed,
+        "data_seed": data_seed,
+        "preset": p.__dict__,
+        "oracle_samples_nll_oracle": oracle.nll(test),
+    }
 
     def eval_fn(trainer: RLGAFTrainer, phase: str) -> dict:
         model = trainer.evaluation_model
-        result, samples = evaluate(model, oracle, test[: p.num_eval], p.num_eval,
-                                   seed=3000 + trainer.step_count)
+        result, samples = evaluate(
+            model, oracle, test[: p.num_eval], p.num_eval, seed=3000 + trainer.step_count
+        )
         if trainer.discriminator is not None:
             # Does the discriminator's judgement track the oracle's? Rank correlation of its
             # logit with the oracle log-likelihood of the generated samples.
@@ -391,27 +486,51 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
         history.append({"phase": phase, "step": trainer.step_count, **result})
         return result
 
-    base = dict(seed=seed, use_fused_kernels=use_fused_kernels, max_new_tokens=SEQ_LEN,
-                progress_bar=True, tensorboard=False)
+    base = dict(
+        seed=seed,
+        use_fused_kernels=use_fused_kernels,
+        max_new_tokens=SEQ_LEN,
+        progress_bar=True,
+        tensorboard=False,
+    )
     config = None
     if mode != "sft":  # built first, so that a bad override fails before the warm start trains
         if overrides and "mode" in overrides:
             raise ValueError("overrides may not set mode; choose it with mode (--mode)")
-        config = RLGAFConfig.from_dict({
-            **base, "mode": mode, "total_steps": p.adv_steps,
-            "output_dir": str(out_dir / mode), "extra": {"eval_every": p.eval_every},
-            **ADVERSARIAL_DEFAULTS[mode], **(p.trainer or {}), **(overrides or {})})
+        config = RLGAFConfig.from_dict(
+            {
+                **base,
+                "mode": mode,
+                "total_steps": p.adv_steps,
+                "output_dir": str(out_dir / mode),
+                "extra": {"eval_every": p.eval_every},
+                **ADVERSARIAL_DEFAULTS[mode],
+                **(p.trainer or {}),
+                **(overrides or {}),
+            }
+        )
     if warm is not None:
         metrics["warm_start"] = warm["final"]
     else:
-        sft = RLGAFConfig(mode="sft", total_steps=p.sft_steps, batch_size=p.sft_batch,
-                          minibatch_size=p.sft_batch, generator_lr=p.sft_lr,
-                          weight_decay=p.sft_weight_decay,
-                          lr_schedule="cosine", warmup_steps=p.sft_steps // 20,
-                          output_dir=str(out_dir / "sft"),
-                          extra={"eval_every": max(1, p.sft_steps // 10)}, **base)
-        trainer = RLGAFTrainer(sft, generator, demonstrations=oracle_examples(demos),
-                               eval_fn=lambda tr: eval_fn(tr, "sft"))
+        sft = RLGAFConfig(
+            mode="sft",
+            total_steps=p.sft_steps,
+            batch_size=p.sft_batch,
+            minibatch_size=p.sft_batch,
+            generator_lr=p.sft_lr,
+            weight_decay=p.sft_weight_decay,
+            lr_schedule="cosine",
+            warmup_steps=p.sft_steps // 20,
+            output_dir=str(out_dir / "sft"),
+            extra={"eval_every": max(1, p.sft_steps // 10)},
+            **base,
+        )
+        trainer = RLGAFTrainer(
+            sft,
+            generator,
+            demonstrations=oracle_examples(demos),
+            eval_fn=lambda tr: eval_fn(tr, "sft"),
+        )
         trainer.train()
         trainer.close()
         if mode != "sft":
@@ -431,27 +550,40 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
                 # Counts from one half, real examples from the other: a real example's count is
                 # then what a fresh oracle sequence would see, not its own.
                 table, real_demos = demos.chunk(2)
-                bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table],
-                                             1)
+                bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table], 1)
             if p.discriminator == "cnn":
                 discriminator = CNNDiscriminator(VOCAB_SIZE)
             else:
-                features = fit_features(generator, demos, p.d_fit_steps, seed,
-                                        out_dir / "d_fit", use_fused_kernels=use_fused_kernels)
+                features = fit_features(
+                    generator,
+                    demos,
+                    p.d_fit_steps,
+                    seed,
+                    out_dir / "d_fit",
+                    use_fused_kernels=use_fused_kernels,
+                )
                 if p.d_fit_steps:
                     # how much closer the feature model fits: NLL per token, warm start then fit
-                    metrics["d_fit_nll_demos"] = [generator_nll(m, demos)
-                                                  for m in (generator, features)]
-                discriminator = LMDiscriminator(features,
-                                                train_lm=p.discriminator == "lm-tuned",
-                                                context_features=p.discriminator == "lm-context",
-                                                bigram_sequences=bigram_sequences)
+                    metrics["d_fit_nll_demos"] = [
+                        generator_nll(m, demos) for m in (generator, features)
+                    ]
+                discriminator = LMDiscriminator(
+                    features,
+                    train_lm=p.discriminator == "lm-tuned",
+                    context_features=p.discriminator == "lm-context",
+                    bigram_sequences=bigram_sequences,
+                )
             metrics["discriminator_trainable_params"] = sum(
-                t.numel() for t in discriminator.parameters() if t.requires_grad)
-        trainer = RLGAFTrainer(config, generator, discriminator,
-                               demonstrations=oracle_examples(real_demos),
-                               reward_fn=oracle_reward if mode == "rlhf" else None,
-                               eval_fn=lambda tr: eval_fn(tr, mode))
+                t.numel() for t in discriminator.parameters() if t.requires_grad
+            )
+        trainer = RLGAFTrainer(
+            config,
+            generator,
+            discriminator,
+            demonstrations=oracle_examples(real_demos),
+            reward_fn=oracle_reward if mode == "rlhf" else None,
+            eval_fn=lambda tr: eval_fn(tr, mode),
+        )
         if discriminator is not None:
             # Pretrain the discriminator against the warm start, as SeqGAN does: minibatches
             # from the demonstrations and from a pool of 10,000 generated negatives.
@@ -471,14 +603,18 @@ def run_oracle(oracle_path: str | Path, mode: str, out_dir: str | Path, *,
     metrics["final"] = final
     if mode == "sft":
         metrics["temperature_sweep"] = [
-            {"temperature": t, **evaluate(generator, oracle, test, p.num_sweep, seed=6000,
-                                          temperature=t)[0]}
-            for t in (0.8, 0.9, 1.0, 1.1, 1.2)]
+            {
+                "temperature": t,
+                **evaluate(generator, oracle, test, p.num_sweep, seed=6000, temperature=t)[0],
+            }
+            for t in (0.8, 0.9, 1.0, 1.1, 1.2)
+        ]
     metrics["history"] = history
     metrics["time_s"] = time.perf_counter() - started
     save_model(generator, str(out_dir / "generator.safetensors"))
     (out_dir / "samples.txt").write_text(
-        "\n".join(" ".join(map(str, row)) for row in samples.tolist()) + "\n")
+        "\n".join(" ".join(map(str, row)) for row in samples.tolist()) + "\n"
+    )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curves(metrics, out_dir / "curves.png")
     return metrics
@@ -511,8 +647,13 @@ def plot_curves(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SEQGAN_PUBLISHED = {"random": 10.310, "MLE": 9.038, "scheduled sampling": 8.985,
-                    "PG-BLEU": 8.946, "SeqGAN": 8.736}
+SEQGAN_PUBLISHED = {
+    "random": 10.310,
+    "MLE": 9.038,
+    "scheduled sampling": 8.985,
+    "PG-BLEU": 8.946,
+    "SeqGAN": 8.736,
+}
 
 
 def results_table(root: str | Path) -> str:
@@ -520,8 +661,10 @@ def results_table(root: str | Path) -> str:
     shows): NLL_oracle, NLL_test and the distinct fraction of each mode, the MLE temperature
     sweep, and SeqGAN's published NLL_oracle figures."""
     root = Path(root)
-    lines = ["| run | NLL_oracle | NLL_test | distinct | vs. MLE warm start | time |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | NLL_oracle | NLL_test | distinct | vs. MLE warm start | time |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode in ("sft", "ppo", "gumbel", "reinforce", "rlhf"):
         path = root / mode / "metrics.json"
         if not path.exists():
@@ -531,16 +674,22 @@ def results_table(root: str | Path) -> str:
         delta = ""
         if "warm_start" in m:
             w = m["warm_start"]
-            delta = (f"NLL_oracle {f['nll_oracle'] - w['nll_oracle']:+.3f}, "
-                     f"NLL_test {f['nll_test'] - w['nll_test']:+.3f}")
+            delta = (
+                f"NLL_oracle {f['nll_oracle'] - w['nll_oracle']:+.3f}, "
+                f"NLL_test {f['nll_test'] - w['nll_test']:+.3f}"
+            )
         name = "MLE (sft)" if mode == "sft" else mode
-        lines.append(f"| {name} | {f['nll_oracle']:.3f} | {f['nll_test']:.3f} | "
-                     f"{f['distinct']:.3f} | {delta} | {m['time_s'] / 60:.1f} min |")
+        lines.append(
+            f"| {name} | {f['nll_oracle']:.3f} | {f['nll_test']:.3f} | "
+            f"{f['distinct']:.3f} | {delta} | {m['time_s'] / 60:.1f} min |"
+        )
         for row in m.get("temperature_sweep", []):
             if row["temperature"] != 1.0:
-                lines.append(f"| MLE at temperature {row['temperature']} | "
-                             f"{row['nll_oracle']:.3f} | {row['nll_test']:.3f} | "
-                             f"{row['distinct']:.3f} | | |")
+                lines.append(
+                    f"| MLE at temperature {row['temperature']} | "
+                    f"{row['nll_oracle']:.3f} | {row['nll_test']:.3f} | "
+                    f"{row['distinct']:.3f} | | |"
+                )
     for name, value in SEQGAN_PUBLISHED.items():
         lines.append(f"| SeqGAN paper: {name} | {value:.3f} | | | | |")
     return "\n".join(lines) + "\n"

@@ -81,11 +81,13 @@ def generate(
     cache_keyword = _cache_keyword(model)
     attention_mask = prompt_mask
     positions = position_ids(attention_mask)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
-                use_cache=True)
+    out = model(
+        input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True
+    )
     next_position = positions[:, -1:] + 1
-    tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.int64,
-                        device=prompt_ids.device)
+    tokens = torch.full(
+        (batch_size, max_new_tokens), pad_token_id, dtype=torch.int64, device=prompt_ids.device
+    )
     mask = torch.zeros_like(tokens)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     for t in range(max_new_tokens):
@@ -103,8 +105,13 @@ def generate(
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
-        out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                    position_ids=next_position, use_cache=True, **{cache_keyword: cache})
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_keyword: cache},
+        )
         next_position = next_position + 1
     return Batch(prompt_ids, prompt_mask, tokens, mask)
 
@@ -118,8 +125,9 @@ def left_align(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return values.gather(1, index), mask
 
 
-def pad_left_to(values: Tensor, mask: Tensor, length: int,
-                pad_value: float = 0) -> tuple[Tensor, Tensor]:
+def pad_left_to(
+    values: Tensor, mask: Tensor, length: int, pad_value: float = 0
+) -> tuple[Tensor, Tensor]:
     """Left-pad ``values [B, L, ...]`` and ``mask [B, L]`` to ``length`` positions."""
     extra = length - values.shape[1]
     if extra <= 0:

@@ -71,12 +71,17 @@ class PolicyWithValue(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden))
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor,
-                position_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
         """``(logits [B, L, V], values [B, L] or None)``."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False,
-                         output_hidden_states=self.value_head is not None)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=self.value_head is not None,
+        )
         values = None
         if self.value_head is not None:
             # [B, L, 1] -> [B, L] as a tensor of its own: FSDP2 warns about outputs that are
@@ -159,13 +164,22 @@ class RLGAFTrainer:
     the log. accelerator: an ``accelerate.Accelerator`` (one is made if not given).
     """
 
-    def __init__(self, config: RLGAFConfig, generator: nn.Module,
-                 discriminator: nn.Module | None = None, demonstrations: Any = None,
-                 prompts: Any = None, *, reference_model: nn.Module | None = None,
-                 reward_fn: RewardFn | None = None, tokenizer: Any = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 eval_fn: Callable[[RLGAFTrainer], dict] | None = None,
-                 accelerator: Any = None) -> None:
+    def __init__(
+        self,
+        config: RLGAFConfig,
+        generator: nn.Module,
+        discriminator: nn.Module | None = None,
+        demonstrations: Any = None,
+        prompts: Any = None,
+        *,
+        reference_model: nn.Module | None = None,
+        reward_fn: RewardFn | None = None,
+        tokenizer: Any = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        eval_fn: Callable[[RLGAFTrainer], dict] | None = None,
+        accelerator: Any = None,
+    ) -> None:
         from accelerate import Accelerator
 
         config.validate()
@@ -181,7 +195,8 @@ class RLGAFTrainer:
             raise NotImplementedError(
                 "RLGAFTrainer supports FSDP2 only (accelerate launch --use_fsdp "
                 "--fsdp_version 2); got FSDP version "
-                f"{accelerator.state.fsdp_plugin.fsdp_version}")
+                f"{accelerator.state.fsdp_plugin.fsdp_version}"
+            )
         self.accelerator = accelerator
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
@@ -219,26 +234,31 @@ class RLGAFTrainer:
         lengths = (config.max_new_tokens, config.max_prompt_length)
         self.demos = None
         if demonstrations is not None:
-            self.demos = ExampleSampler(load_examples(demonstrations, tokenizer, eos_token_id),
-                                        self.pad_token_id, *lengths)
+            self.demos = ExampleSampler(
+                load_examples(demonstrations, tokenizer, eos_token_id), self.pad_token_id, *lengths
+            )
         self.prompts = self.demos
         if prompts is not None:
-            self.prompts = ExampleSampler(load_examples(prompts, tokenizer, eos_token_id),
-                                          self.pad_token_id, *lengths)
+            self.prompts = ExampleSampler(
+                load_examples(prompts, tokenizer, eos_token_id), self.pad_token_id, *lengths
+            )
         positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
         samplers = {"demonstrations": self.demos}
         if prompts is not None:  # else the prompts are the demonstrations', checked once
             samplers["prompts"] = self.prompts
         if isinstance(positions, int):
             for name, sampler in samplers.items():
-                if sampler is not None \
-                        and sampler.longest_prompt + config.max_new_tokens > positions:
+                if (
+                    sampler is not None
+                    and sampler.longest_prompt + config.max_new_tokens > positions
+                ):
                     raise ValueError(
                         f"the longest prompt of the {name} ({sampler.longest_prompt} tokens) "
                         f"plus max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
                         f"{positions} positions; set max_prompt_length (at most "
                         f"{positions - config.max_new_tokens}) to keep the last tokens of each "
-                        f"prompt")
+                        f"prompt"
+                    )
 
         # Models: the policy (with a value head for PPO), the discriminator, the reference.
         if config.disable_dropout:
@@ -254,32 +274,44 @@ class RLGAFTrainer:
         self.reference = reference_model
         if self.reference is not None:
             self.reference.requires_grad_(False).eval().to(self.device)
-        self.discriminator = DiscriminatorOnSequences(discriminator) if needs_discriminator \
-            else None
+        self.discriminator = (
+            DiscriminatorOnSequences(discriminator) if needs_discriminator else None
+        )
         self.ema = None
         if config.generator_ema > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
-                generator, device=self.device,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.generator_ema))
+                generator,
+                device=self.device,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.generator_ema),
+            )
             self.ema.requires_grad_(False).eval()
 
         total = max(1, config.total_steps)
         betas = (config.adam_beta1, 0.999)
-        self.g_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.generator_lr,
-                                       betas=betas, weight_decay=config.weight_decay)
+        self.g_opt = torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=config.generator_lr,
+            betas=betas,
+            weight_decay=config.weight_decay,
+        )
         self.g_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.g_opt, lr_lambda(config.lr_schedule, config.warmup_steps, total))
+            self.g_opt, lr_lambda(config.lr_schedule, config.warmup_steps, total)
+        )
         self.d_opt = self.d_sched = None
         if self.discriminator is not None:
-            self.d_opt = torch.optim.AdamW(self.discriminator.parameters(),
-                                           lr=config.discriminator_lr, betas=betas,
-                                           weight_decay=config.discriminator_weight_decay)
+            self.d_opt = torch.optim.AdamW(
+                self.discriminator.parameters(),
+                lr=config.discriminator_lr,
+                betas=betas,
+                weight_decay=config.discriminator_weight_decay,
+            )
             self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
         # One model per prepare call: accelerate's FSDP2 takes no more.
         self.policy, self.g_opt = self.accelerator.prepare(self.policy, self.g_opt)
         if self.discriminator is not None:
-            self.discriminator, self.d_opt = self.accelerator.prepare(self.discriminator,
-                                                                      self.d_opt)
+            self.discriminator, self.d_opt = self.accelerator.prepare(
+                self.discriminator, self.d_opt
+            )
 
         self.log_writer = None
         self.tensorboard = None
@@ -358,7 +390,8 @@ class RLGAFTrainer:
             raise NonFiniteLossError(
                 f"non-finite {what} ({loss.item()}) at step {self.step_count + 1} "
                 f"(mode {self.mode!r}); stopped before its optimizer step, so every weight is "
-                "that of the last finite update")
+                "that of the last finite update"
+            )
 
     def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -381,17 +414,26 @@ class RLGAFTrainer:
         sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
         token_sampler = None
         if gumbel_seeds is not None:
+
             def token_sampler(logits: Tensor, t: int) -> Tensor:
                 # Gumbel-max: the hard Gumbel-Softmax sample's one-hot sits at argmax(x + g).
                 return self.ops.gumbel_softmax(logits, 1.0, True, seed=gumbel_seeds[t]).argmax(-1)
+
         model = self.unwrapped_policy.model
         was_training = model.training
         model.eval()
         with self.unsharded(self.policy):
-            batch = generate(model, prompts.prompt_ids, prompts.prompt_mask, c.max_new_tokens,
-                             temperature=c.sample_temperature, eos_token_id=self.eos_token_id,
-                             pad_token_id=self.pad_token_id, generator=sampler,
-                             token_sampler=token_sampler)
+            batch = generate(
+                model,
+                prompts.prompt_ids,
+                prompts.prompt_mask,
+                c.max_new_tokens,
+                temperature=c.sample_temperature,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                generator=sampler,
+                token_sampler=token_sampler,
+            )
         model.train(was_training)
         return batch
 
@@ -409,25 +451,36 @@ class RLGAFTrainer:
         """Log-probabilities ``[B, T]`` of the response tokens under ``model`` (no grad)."""
         input_ids, attention_mask, position_ids = sequence_inputs(batch)
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False).logits
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).logits
             logits = response_slice(logits, batch.prompt_ids.shape[1])
             zeros = torch.zeros_like(batch.response_ids, dtype=torch.float32)
-            return self.ops.ppo_loss(logits, batch.response_ids, zeros, zeros,
-                                     batch.response_mask,
-                                     temperature=self.config.sample_temperature).logprobs.float()
+            return self.ops.ppo_loss(
+                logits,
+                batch.response_ids,
+                zeros,
+                zeros,
+                batch.response_mask,
+                temperature=self.config.sample_temperature,
+            ).logprobs.float()
 
     # ------------------------------------------------------------------ generator updates
 
-    def demonstration_nll(self, size: int, stream: int = STREAM_DEMOS,
-                          sub: int = 0) -> tuple[Tensor, int]:
+    def demonstration_nll(
+        self, size: int, stream: int = STREAM_DEMOS, sub: int = 0
+    ) -> tuple[Tensor, int]:
         """MLE loss: mean cross-entropy per response token of ``size`` fresh demonstrations,
         and their number of response tokens."""
         batch = self.demos.batch(size, self._seed(stream, sub=sub)).to(self.device)
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, batch.prompt_ids.shape[1]).float()
-        token_nll = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten(),
-                                    reduction="none").view_as(batch.response_mask.float())
+        token_nll = F.cross_entropy(
+            logits.flatten(0, 1), batch.response_ids.flatten(), reduction="none"
+        ).view_as(batch.response_mask.float())
         return masked_mean(token_nll, batch.response_mask), int(batch.response_mask.sum())
 
     def _with_mle(self, loss: Tensor, size: int, sub: int = 0) -> tuple[Tensor, float | None]:
@@ -456,33 +509,54 @@ class RLGAFTrainer:
             logits, values = self.policy(*inputs)
             logits = response_slice(logits, prompt_len)
             zeros = torch.zeros_like(actions, dtype=torch.float32)
-            old_logprobs = ops.ppo_loss(logits, actions, zeros, zeros, mask,
-                                        temperature=c.sample_temperature).logprobs.float()
+            old_logprobs = ops.ppo_loss(
+                logits, actions, zeros, zeros, mask, temperature=c.sample_temperature
+            ).logprobs.float()
             old_values = response_slice(values, prompt_len)
             score = self.score(batch)
             rewards, kl = self._token_rewards(batch, old_logprobs, score)
-            advantages, returns = ops.gae(rewards, old_values, mask.float(), gamma=c.gamma,
-                                          lam=c.lam)
+            advantages, returns = ops.gae(
+                rewards, old_values, mask.float(), gamma=c.gamma, lam=c.lam
+            )
             if c.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
 
-        stats: dict[str, list[float]] = {"g_loss": [], "value_loss": [], "entropy": [],
-                                         "clipfrac": [], "approx_kl": []}
+        stats: dict[str, list[float]] = {
+            "g_loss": [],
+            "value_loss": [],
+            "entropy": [],
+            "clipfrac": [],
+            "approx_kl": [],
+        }
         shuffle = torch_generator(self._seed(STREAM_SHUFFLE, sub=sub))
         updates = c.ppo_epochs * (c.batch_size // c.minibatch_size)
         for _ in range(c.ppo_epochs):
             order = torch.randperm(c.batch_size, generator=shuffle).to(self.device)
             for start in range(0, c.batch_size, c.minibatch_size):
-                mb = order[start:start + c.minibatch_size]
+                mb = order[start : start + c.minibatch_size]
                 mb_logits, mb_values = self.policy(*(x[mb] for x in inputs))
-                out = ops.ppo_loss(response_slice(mb_logits, prompt_len), actions[mb],
-                                   old_logprobs[mb], advantages[mb], mask[mb],
-                                   clip_eps=c.clip_eps, entropy_coef=c.entropy_coef,
-                                   temperature=c.sample_temperature)
-                v_loss = ops.value_loss(response_slice(mb_values, prompt_len), old_values[mb],
-                                        returns[mb], mask[mb].float(), clip=c.value_clip)
-                loss, mle = self._with_mle(out.loss + c.vf_coef * v_loss, c.minibatch_size,
-                                           sub=sub * updates + len(stats["g_loss"]))
+                out = ops.ppo_loss(
+                    response_slice(mb_logits, prompt_len),
+                    actions[mb],
+                    old_logprobs[mb],
+                    advantages[mb],
+                    mask[mb],
+                    clip_eps=c.clip_eps,
+                    entropy_coef=c.entropy_coef,
+                    temperature=c.sample_temperature,
+                )
+                v_loss = ops.value_loss(
+                    response_slice(mb_values, prompt_len),
+                    old_values[mb],
+                    returns[mb],
+                    mask[mb].float(),
+                    clip=c.value_clip,
+                )
+                loss, mle = self._with_mle(
+                    out.loss + c.vf_coef * v_loss,
+                    c.minibatch_size,
+                    sub=sub * updates + len(stats["g_loss"]),
+                )
                 self._check_finite(loss, "PPO loss")
                 self._optimizer_step(loss, self.policy, self.g_opt)
                 stats["g_loss"].append(out.loss.item())
@@ -530,15 +604,27 @@ class RLGAFTrainer:
         logits, _ = self.policy(*sequence_inputs(batch))
         # old_logprobs equal the current ones, so the ratio is 1 and the gradient of the PPO loss
         # is exactly REINFORCE's -A * grad log p (no clipping can occur).
-        out = ops.ppo_loss(response_slice(logits, batch.prompt_ids.shape[1]), batch.response_ids,
-                           old_logprobs, advantages, mask, clip_eps=c.clip_eps,
-                           entropy_coef=c.entropy_coef, temperature=c.sample_temperature)
+        out = ops.ppo_loss(
+            response_slice(logits, batch.prompt_ids.shape[1]),
+            batch.response_ids,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_eps=c.clip_eps,
+            entropy_coef=c.entropy_coef,
+            temperature=c.sample_temperature,
+        )
         loss, mle = self._with_mle(out.loss, c.batch_size, sub=sub)
         self._check_finite(loss, "REINFORCE loss")
         self.reward_baseline = baseline  # only a finite step may move the baseline
         self._optimizer_step(loss, self.policy, self.g_opt)
-        result = {"g_loss": out.loss.item(), "reward": score.mean().item(), "kl": kl,
-                  "entropy": masked_mean(out.entropy, mask).item(), "tokens": int(mask.sum())}
+        result = {
+            "g_loss": out.loss.item(),
+            "reward": score.mean().item(),
+            "kl": kl,
+            "entropy": masked_mean(out.entropy, mask).item(),
+            "tokens": int(mask.sum()),
+        }
         return result if mle is None else {**result, "mle_loss": mle}
 
     def gumbel_step(self, batch: Batch, seeds: list[int], sub: int = 0) -> dict:
@@ -567,14 +653,20 @@ class RLGAFTrainer:
                 weight = weight.detach().clone()
             elif not isinstance(self.discriminator, DistributedDataParallel):
                 weight = weight.detach()
-        relaxed = [ops.gumbel_softmax_embedding(logits[:, t].contiguous(), weight, self.tau(),
-                                                c.straight_through, seed=seeds[t])
-                   for t in range(length)]
+        relaxed = [
+            ops.gumbel_softmax_embedding(
+                logits[:, t].contiguous(), weight, self.tau(), c.straight_through, seed=seeds[t]
+            )
+            for t in range(length)
+        ]
         soft_embeds = torch.stack([emb for emb, _ in relaxed], 1)
         tokens = torch.stack([tok for _, tok in relaxed], 1)
-        embeds, mask = sequences_for_discriminator([
-            (F.embedding(batch.prompt_ids, weight), batch.prompt_mask),
-            (soft_embeds, batch.response_mask)])
+        embeds, mask = sequences_for_discriminator(
+            [
+                (F.embedding(batch.prompt_ids, weight), batch.prompt_mask),
+                (soft_embeds, batch.response_mask),
+            ]
+        )
         reward = reward_from_logit(self.discriminator(embeds, mask), c.reward_type)
         loss = -reward.mean()
         kl = torch.zeros(())
@@ -583,8 +675,12 @@ class RLGAFTrainer:
             # each sequence's tokens as in PPO's reward: the same kl_coef, the same objective.
             input_ids, attention_mask, position_ids = sequence_inputs(batch)
             with torch.no_grad():
-                ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False).logits
+                ref_logits = self.reference(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).logits
             ref_logits = response_slice(ref_logits, prompt_len)
             logp = torch.log_softmax(logits.float(), -1)
             ref_logp = torch.log_softmax(ref_logits.float() / c.sample_temperature, -1)
@@ -595,11 +691,17 @@ class RLGAFTrainer:
         loss, mle = self._with_mle(loss, c.batch_size, sub=sub)
         self._check_finite(loss, "Gumbel generator loss")
         self._optimizer_step(loss, self.policy, self.g_opt)
-        mismatch = ((tokens != batch.response_ids)
-                    & batch.response_mask.bool()).float().mean().item()
-        result = {"g_loss": g_loss, "reward": reward.mean().item(), "kl": kl.item(),
-                  "tau": self.tau(), "token_mismatch": mismatch,
-                  "tokens": int(batch.response_mask.sum())}
+        mismatch = (
+            ((tokens != batch.response_ids) & batch.response_mask.bool()).float().mean().item()
+        )
+        result = {
+            "g_loss": g_loss,
+            "reward": reward.mean().item(),
+            "kl": kl.item(),
+            "tau": self.tau(),
+            "token_mismatch": mismatch,
+            "tokens": int(batch.response_mask.sum()),
+        }
         return result if mle is None else {**result, "mle_loss": mle}
 
     # ------------------------------------------------------------------ discriminator update
@@ -608,21 +710,25 @@ class RLGAFTrainer:
         """Binary cross-entropy: demonstrations are real (1), generations fake (0). ``real``
         defaults to a fresh batch of demonstrations as large as ``fake``."""
         if real is None:
-            real = self.demos.batch(fake.response_ids.shape[0],
-                                    self._seed(STREAM_DEMOS, sub=sub + 1))
+            real = self.demos.batch(
+                fake.response_ids.shape[0], self._seed(STREAM_DEMOS, sub=sub + 1)
+            )
         real, fake = real.to(self.device), fake.to(self.device)
         ids, mask = stack_batches(token_sequences(real), token_sequences(fake))
-        labels = torch.cat([torch.ones(real.response_ids.shape[0]),
-                            torch.zeros(fake.response_ids.shape[0])]).to(self.device)
+        labels = torch.cat(
+            [torch.ones(real.response_ids.shape[0]), torch.zeros(fake.response_ids.shape[0])]
+        ).to(self.device)
         logit = self.discriminator(ids, mask)
         loss = F.binary_cross_entropy_with_logits(logit, labels)
         self._check_finite(loss, "discriminator loss")
         self._optimizer_step(loss, self.discriminator, self.d_opt)
         self.d_sched.step()
         n_real = real.response_ids.shape[0]
-        return {"d_loss": loss.item(),
-                "d_acc_real": (logit[:n_real] > 0).float().mean().item(),
-                "d_acc_fake": (logit[n_real:] < 0).float().mean().item()}
+        return {
+            "d_loss": loss.item(),
+            "d_acc_real": (logit[:n_real] > 0).float().mean().item(),
+            "d_acc_fake": (logit[n_real:] < 0).float().mean().item(),
+        }
 
     # ------------------------------------------------------------------ the loop
 
@@ -637,16 +743,21 @@ class RLGAFTrainer:
             if self.mode == "sft":
                 out = self.sft_step(sub=g)
             elif self.mode == "gumbel":
-                seeds = [self._seed(STREAM_GUMBEL, sub=c.max_new_tokens * g + t)
-                         for t in range(c.max_new_tokens)]
+                seeds = [
+                    self._seed(STREAM_GUMBEL, sub=c.max_new_tokens * g + t)
+                    for t in range(c.max_new_tokens)
+                ]
                 batch = self.rollout(sub=g, gumbel_seeds=seeds)
                 fakes.append(batch)
                 out = self.gumbel_step(batch, seeds, sub=g)
             else:
                 batch = self.rollout(sub=g)
                 fakes.append(batch)
-                out = self.ppo_step(batch, sub=g) if self.mode in ("ppo", "rlhf") \
+                out = (
+                    self.ppo_step(batch, sub=g)
+                    if self.mode in ("ppo", "rlhf")
                     else self.reinforce_step(batch, sub=g)
+                )
             logs.update(out)
             if self.ema is not None:
                 with self.unsharded(self.policy):
@@ -677,15 +788,21 @@ class RLGAFTrainer:
         c = self.config
         end = c.total_steps if num_steps is None else self.step_count + num_steps
         history = []
-        bar = tqdm(total=end, initial=self.step_count, desc=f"rlgaf {self.mode}",
-                   disable=not (c.progress_bar and self.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=end,
+            initial=self.step_count,
+            desc=f"rlgaf {self.mode}",
+            disable=not (c.progress_bar and self.is_main),
+            dynamic_ncols=True,
+        )
         while self.step_count < end:
             logs = self.step()
             history.append(logs)
             self.log(logs)
             bar.update(1)
-            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward")
-                             if k in logs})
+            bar.set_postfix(
+                {k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward") if k in logs}
+            )
             if c.save_every and self.step_count % c.save_every == 0 and c.output_dir:
                 self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
         bar.close()
@@ -711,23 +828,31 @@ class RLGAFTrainer:
 
         path = Path(path)
         self.accelerator.wait_for_everyone()
-        state = {"g_opt": self._optimizer_state(self.policy, self.g_opt),
-                 "g_sched": self.g_sched.state_dict()}
+        state = {
+            "g_opt": self._optimizer_state(self.policy, self.g_opt),
+            "g_sched": self.g_sched.state_dict(),
+        }
         if self.d_opt is not None:
-            state.update(d_opt=self._optimizer_state(self.discriminator, self.d_opt),
-                         d_sched=self.d_sched.state_dict())
+            state.update(
+                d_opt=self._optimizer_state(self.discriminator, self.d_opt),
+                d_sched=self.d_sched.state_dict(),
+            )
         if self.is_main:
             path.mkdir(parents=True, exist_ok=True)
         self._save_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
         if self.discriminator is not None:
-            self._save_weights(self.discriminator, self.unwrapped_discriminator,
-                               path / "discriminator.safetensors")
+            self._save_weights(
+                self.discriminator, self.unwrapped_discriminator, path / "discriminator.safetensors"
+            )
         if self.is_main:
             if self.ema is not None:  # the average and its count (n_averaged)
                 save_model(self.ema, str(path / "generator_ema.safetensors"))
             torch.save(state, path / "optimizer.pt")
-            trainer_state = {"step": self.step_count, "reward_baseline": self.reward_baseline,
-                             "config": self.config.to_dict()}
+            trainer_state = {
+                "step": self.step_count,
+                "reward_baseline": self.reward_baseline,
+                "config": self.config.to_dict(),
+            }
             (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         self.accelerator.wait_for_everyone()
         rng = {"torch": torch.get_rng_state()}
@@ -743,13 +868,12 @@ class RLGAFTrainer:
         path = Path(path)
         self._load_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
         if self.discriminator is not None:
-            self._load_weights(self.discriminator, self.unwrapped_discriminator,
-                               path / "discriminator.safetensors")
+            self._load_weights(
+                self.discriminator, self.unwrapped_discriminator, path / "discriminator.safetensors"
+            )
         if self.ema is not None:
-            load_model(self.ema, str(path / "generator_ema.safetensors"),
-                       device=self._load_device)
-        state = torch.load(path / "optimizer.pt", map_location=self._load_device,
-                           weights_only=True)
+            load_model(self.ema, str(path / "generator_ema.safetensors"), device=self._load_device)
+        state = torch.load(path / "optimizer.pt", map_location=self._load_device, weights_only=True)
         self._load_optimizer_state(self.policy, self.g_opt, state["g_opt"])
         self.g_sched.load_state_dict(state["g_sched"])
         if self.d_opt is not None:
@@ -759,13 +883,17 @@ class RLGAFTrainer:
         resumable = set(_RESUMABLE_CHANGES)
         if self.config.lr_schedule == self.config.tau_schedule == "constant":
             resumable.add("total_steps")  # a longer run, the same steps
-        changed = [f"{k} ({v!r} -> {getattr(self.config, k)!r})"
-                   for k, v in trainer_state.get("config", {}).items()
-                   if k not in resumable and getattr(self.config, k, v) != v]
+        changed = [
+            f"{k} ({v!r} -> {getattr(self.config, k)!r})"
+            for k, v in trainer_state.get("config", {}).items()
+            if k not in resumable and getattr(self.config, k, v) != v
+        ]
         if changed:
-            warnings.warn(f"resuming {path} with a config that differs from its own in "
-                          f"{', '.join(changed)}; the run will not continue as it would have",
-                          stacklevel=2)
+            warnings.warn(
+                f"resuming {path} with a config that differs from its own in "
+                f"{', '.join(changed)}; the run will not continue as it would have",
+                stacklevel=2,
+            )
         self.step_count = trainer_state["step"]
         self.reward_baseline = trainer_state["reward_baseline"]
         rng_file = path / f"rng-{self.rank}.pt"
@@ -775,8 +903,11 @@ class RLGAFTrainer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         else:  # saved by fewer processes: the weights are restored, dropout noise is not
-            warnings.warn(f"{rng_file} is missing: process {self.rank} keeps its own random "
-                          "state, so the run will not continue exactly", stacklevel=2)
+            warnings.warn(
+                f"{rng_file} is missing: process {self.rank} keeps its own random "
+                "state, so the run will not continue exactly",
+                stacklevel=2,
+            )
 
     # Under FSDP each process holds a shard of the weights and of the optimizer state;
     # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts). The weights
@@ -790,8 +921,11 @@ class RLGAFTrainer:
             get_optimizer_state_dict,
         )
 
-        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            module,
+            optimizer.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
 
     def _load_optimizer_state(self, module: nn.Module, optimizer: Any, state: dict) -> None:
         if not self.fsdp:
@@ -802,8 +936,9 @@ class RLGAFTrainer:
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(module, optimizer.optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            module, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
 
     @property
     def _load_device(self) -> str:
@@ -830,8 +965,9 @@ class RLGAFTrainer:
             get_model_state_dict,
         )
 
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                      cpu_offload=True))
+        state = get_model_state_dict(
+            module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if self.is_main:
             prefix = "discriminator." if unwrapped is not module else ""
             state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
@@ -869,8 +1005,11 @@ class RLGAFTrainer:
         for key in get_model_state_dict(module):  # sharded: no gathering
             name = key.removeprefix(prefix)
             chosen.setdefault(group.get(name, name), key)
-        set_model_state_dict(module, {k: state[k.removeprefix(prefix)] for k in chosen.values()},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            module,
+            {k: state[k.removeprefix(prefix)] for k in chosen.values()},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
 
     def close(self) -> None:
         if self.log_writer is not None:

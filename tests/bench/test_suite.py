@@ -20,13 +20,19 @@ def _with_raising(provider: str):
         found = dict(_REAL_PROVIDERS(case, fused))
         found[provider] = lambda p: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
         return found
+
     return providers
 
 
 def test_tiny_run_writes_reports_and_records_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(cases, "providers", _with_raising("broken"))
-    doc = suite.run_suite("tiny", ops=["soft_embedding"], out_dir=str(tmp_path), progress=False,
-                          compile_baseline=False)
+    doc = suite.run_suite(
+        "tiny",
+        ops=["soft_embedding"],
+        out_dir=str(tmp_path),
+        progress=False,
+        compile_baseline=False,
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__
     assert {"device", "date", "commit", "triton", "cuda"} <= set(saved["environment"])
@@ -65,10 +71,10 @@ def test_cpu_peak_memory_counts_temporaries():
 
 def test_goals_are_judged_and_rendered():
     goal = presets.Goal("k", "cpp", "speedup_vs_eager", at_least=15, text="cpp >= 15x")
-    rows = [{"case": "k", "provider": "cpp", "speedup_vs_eager": 20.0, "error": None,
-             "check": True},
-            {"case": "k", "provider": "eager", "speedup_vs_eager": 1.0, "error": None,
-             "check": True}]
+    rows = [
+        {"case": "k", "provider": "cpp", "speedup_vs_eager": 20.0, "error": None, "check": True},
+        {"case": "k", "provider": "eager", "speedup_vs_eager": 1.0, "error": None, "check": True},
+    ]
     (verdict,) = suite.evaluate_goals([goal], rows)
     assert verdict["met"] is True and verdict["value"] == 20.0
     rows[0]["speedup_vs_eager"] = 3.0
@@ -96,11 +102,18 @@ def test_peak_memory_without_profiler_events_runs_once_and_says_unknown(monkeypa
 
 def test_memory_method_of_the_run_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RLGAF_BENCH_CPU_MEMORY", "rss")
-    doc = suite.run_suite("tiny", ops=["gumbel_softmax"], out_dir=str(tmp_path), progress=False,
-                          compile_baseline=False, plots=False)
+    doc = suite.run_suite(
+        "tiny",
+        ops=["gumbel_softmax"],
+        out_dir=str(tmp_path),
+        progress=False,
+        compile_baseline=False,
+        plots=False,
+    )
     assert doc["memory_method"] == measure.RSS_MEMORY_METHOD
-    assert {r["memory_method"] for r in doc["rows"] if r["status"] == "ok"} == \
-        {measure.RSS_MEMORY_METHOD}
+    assert {r["memory_method"] for r in doc["rows"] if r["status"] == "ok"} == {
+        measure.RSS_MEMORY_METHOD
+    }
 
 
 def test_the_ppo_losses_are_not_offered_to_the_cuda_backend():
@@ -119,8 +132,13 @@ def test_fraction_of_ceiling_is_the_roofline_bound():
     ceiling = {"bytes_per_s": 1e12, "flops_per_s": 1e15, "flops_float32_per_s": 1e14}
 
     def derived(case, median_ms):
-        row = {**dataclasses.asdict(case), "case": case.key, "provider": "triton",
-               "median_ms": median_ms, "peak_bytes": None}
+        row = {
+            **dataclasses.asdict(case),
+            "case": case.key,
+            "provider": "triton",
+            "median_ms": median_ms,
+            "peak_bytes": None,
+        }
         suite.derive([row], ceiling)
         return row
 
@@ -142,8 +160,16 @@ def test_fraction_of_ceiling_is_the_roofline_bound():
 def test_bench_command_fails_on_a_fused_error_but_not_on_a_baseline_error(tmp_path, monkeypatch):
     from rlgaf_fast.bench.cli import main
 
-    args = ["--tiny", "--ops", "gumbel_softmax", "--out", str(tmp_path), "--no-plots",
-            "--no-progress", "--no-compile"]
+    args = [
+        "--tiny",
+        "--ops",
+        "gumbel_softmax",
+        "--out",
+        str(tmp_path),
+        "--no-plots",
+        "--no-progress",
+        "--no-compile",
+    ]
     monkeypatch.setattr(cases, "providers", _with_raising("cpp"))
     assert main(args) == 1
     monkeypatch.setattr(cases, "providers", _with_raising("eager"))

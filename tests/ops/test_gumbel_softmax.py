@@ -92,13 +92,19 @@ def test_low_precision_gradient_at_least_as_close_as_torch_in_that_dtype(backend
         x32 = _logits(6, 257, torch.float32, backend) * 2
         grad_y = torch.randn(6, 257)
         seed = int(torch.randint(1 << 30, ()))
-        truth = gradient(lambda t, s=seed: reference.gumbel_softmax(t, 0.9, False, seed=s),
-                         x32.cpu(), grad_y)
-        kernel = gradient(lambda t, s=seed: rlgaf_fast.gumbel_softmax(t, 0.9, hard, seed=s,
-                                                                      backend=backend),
-                          x32.to(dtype), grad_y)
-        torch_low = gradient(lambda t, s=seed: reference.gumbel_softmax(t, 0.9, hard, seed=s),
-                             x32.cpu().to(dtype), grad_y)
+        truth = gradient(
+            lambda t, s=seed: reference.gumbel_softmax(t, 0.9, False, seed=s), x32.cpu(), grad_y
+        )
+        kernel = gradient(
+            lambda t, s=seed: rlgaf_fast.gumbel_softmax(t, 0.9, hard, seed=s, backend=backend),
+            x32.to(dtype),
+            grad_y,
+        )
+        torch_low = gradient(
+            lambda t, s=seed: reference.gumbel_softmax(t, 0.9, hard, seed=s),
+            x32.cpu().to(dtype),
+            grad_y,
+        )
         err_kernel = (kernel - truth).abs().max().item()
         err_torch = (torch_low - truth).abs().max().item()
         assert err_kernel <= err_torch + 1e-6, (err_kernel, err_torch)
@@ -211,8 +217,10 @@ def test_double_backward_raises(backend):
     dev = _device(backend)
     x = _logits(2, 9, torch.float32, backend).requires_grad_()
     w = torch.randn(9, 4, device=dev)
-    samples = (rlgaf_fast.gumbel_softmax(x, hard=True, seed=2, backend=backend),
-               rlgaf_fast.gumbel_softmax_embedding(x, w, seed=2, backend=backend)[0])
+    samples = (
+        rlgaf_fast.gumbel_softmax(x, hard=True, seed=2, backend=backend),
+        rlgaf_fast.gumbel_softmax_embedding(x, w, seed=2, backend=backend)[0],
+    )
     for y in samples:
         (grad,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
@@ -277,12 +285,12 @@ def test_unavailable_backend_is_an_error_not_a_fallback():
 
 # --- fused Gumbel-Softmax -> embedding ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hard", [False, True])
 # (64, 1100, 24): several row tiles, and several vocabulary chunks on a GPU as well as under the
 # interpreter (chunks of 64 there); (3, 50, 0): an empty embedding width
-@pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24), (64, 1100, 24),
-                                   (3, 50, 0)])
+@pytest.mark.parametrize("n,v,d", [(5, 37, 8), (1, 1, 4), (7, 130, 24), (64, 1100, 24), (3, 50, 0)])
 def test_embedding_matches_reference_float64(backend, hard, n, v, d):
     if _interpreted(backend) and hard:
         pytest.skip("hard mode shares the soft kernels, covered by the soft case here")
@@ -330,8 +338,15 @@ def test_embedding_gradient_in_low_precision_is_the_exact_one_rounded(backend, d
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize(("n", "d", "dtype"), [(16, 256, torch.float32), (64, 256, torch.float32),
-                                               (64, 2048, torch.bfloat16), (1, 8, torch.float16)])
+@pytest.mark.parametrize(
+    ("n", "d", "dtype"),
+    [
+        (16, 256, torch.float32),
+        (64, 256, torch.float32),
+        (64, 2048, torch.bfloat16),
+        (1, 8, torch.float16),
+    ],
+)
 def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch, n, d, dtype):
     """What the Triton forward allocates with its GPU configuration (chunk width, split), the
     kernels not launched: within issue 2's goal (the benchmark's, on a GPU) of N * D * 16 bytes
@@ -363,10 +378,12 @@ def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("hard", "weight_requires_grad"), [(False, True), (False, False),
-                                                            (True, True)])
-def test_embedding_backward_forms_grad_weight_only_when_needed(monkeypatch, backend, hard,
-                                                               weight_requires_grad):
+@pytest.mark.parametrize(
+    ("hard", "weight_requires_grad"), [(False, True), (False, False), (True, True)]
+)
+def test_embedding_backward_forms_grad_weight_only_when_needed(
+    monkeypatch, backend, hard, weight_requires_grad
+):
     """The weight's gradient is a product as large as the forward's: the backward skips it where
     the weight needs none (a frozen weight; hard mode, whose weight gradient is the gather's),
     and the gradients that are needed still match the reference."""
@@ -399,8 +416,9 @@ def test_embedding_backward_forms_grad_weight_only_when_needed(monkeypatch, back
     x_ref = x.detach().cpu().double().requires_grad_()
     w_ref = w.detach().cpu().double().requires_grad_(weight_requires_grad)
     out_ref, _ = reference.gumbel_softmax_embedding(x_ref, w_ref, 0.8, hard, seed=4)
-    want = torch.autograd.grad(out_ref, (x_ref, w_ref) if weight_requires_grad else (x_ref,),
-                               grad.cpu().double())
+    want = torch.autograd.grad(
+        out_ref, (x_ref, w_ref) if weight_requires_grad else (x_ref,), grad.cpu().double()
+    )
     assert flags == [weight_requires_grad and not hard]
     for g, g_ref in zip(got, want, strict=True):
         torch.testing.assert_close(g.cpu().double(), g_ref, atol=2e-5, rtol=1e-4)
@@ -413,14 +431,17 @@ def test_embedding_equals_gumbel_softmax_then_soft_embedding(backend):
     w = torch.randn(90, 16, device=dev)
     out, tokens = rlgaf_fast.gumbel_softmax_embedding(x, w, 1.0, seed=5, backend=backend)
     y = rlgaf_fast.gumbel_softmax(x, 1.0, seed=5, backend=backend)
-    torch.testing.assert_close(out, rlgaf_fast.soft_embedding(y, w, backend=backend),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out, rlgaf_fast.soft_embedding(y, w, backend=backend), atol=1e-5, rtol=1e-4
+    )
     assert torch.equal(tokens, y.argmax(-1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("logits_dtype", "weight_dtype"),
-                         [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+@pytest.mark.parametrize(
+    ("logits_dtype", "weight_dtype"),
+    [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+)
 def test_embedding_float32_and_float64_mixed_match_reference(backend, logits_dtype, weight_dtype):
     """Mixed 32/64-bit inputs (the interpreter runs these, unlike 16-bit dots): the output in the
     weight's dtype, both gradients in their input's dtype, float32-accurate."""
@@ -436,8 +457,7 @@ def test_embedding_float32_and_float64_mixed_match_reference(backend, logits_dty
     gx64, gw64 = torch.autograd.grad(out64, (x64, w64), grad)
     assert (out.dtype, gx.dtype, gw.dtype) == (weight_dtype, logits_dtype, weight_dtype)
     for got, want in ((out, out64), (gx, gx64), (gw, gw64)):
-        torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=2e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -452,22 +472,26 @@ def test_embedding_mixed_dtypes_and_empty_batch(backend):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu(), out_ref, atol=3e-2, rtol=3e-2)
     out, tokens = rlgaf_fast.gumbel_softmax_embedding(
-        torch.empty(0, 40, device=dev), w, seed=1, backend=backend)
+        torch.empty(0, 40, device=dev), w, seed=1, backend=backend
+    )
     assert out.shape == (0, 8) and tokens.shape == (0,)
 
 
 # --- custom-operator integration ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
 def test_opcheck(backend):
     dev = _device(backend)
     x = torch.randn(4, 33, device=dev, requires_grad=True)
     for hard in (False, True):
-        torch.library.opcheck(torch.ops.rlgaf_fast.gumbel_softmax.default,
-                              (x, 0.7, hard, 3, backend))
+        torch.library.opcheck(
+            torch.ops.rlgaf_fast.gumbel_softmax.default, (x, 0.7, hard, 3, backend)
+        )
     w = torch.randn(33, 8, device=dev, requires_grad=True)
-    torch.library.opcheck(torch.ops.rlgaf_fast.gumbel_softmax_embedding.default,
-                          (x, w, 0.7, 3, backend))
+    torch.library.opcheck(
+        torch.ops.rlgaf_fast.gumbel_softmax_embedding.default, (x, w, 0.7, 3, backend)
+    )
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
@@ -493,8 +517,11 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
 def test_torch_compile_with_drawn_seed_draws_fresh_noise_each_call(backend):
     # The seed drawn from torch's generator must not be baked into the compiled graph.
-    step = torch.compile(lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, backend=backend),
-                         fullgraph=True, backend="aot_eager")
+    step = torch.compile(
+        lambda t: rlgaf_fast.gumbel_softmax(t, 0.5, backend=backend),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     x = torch.randn(3, 7, device=_device(backend))
     assert not torch.equal(step(x), step(x))
     torch.manual_seed(1)

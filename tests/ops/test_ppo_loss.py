@@ -38,11 +38,15 @@ def _batch(B=3, T=5, V=37, dtype=torch.float64, device="cpu", spread=0.4, seed=0
     mask = torch.ones(B, T, dtype=torch.float64)
     if B > 1:
         mask[1] = 0
-    mask[-1, T // 2:] = 0
+    mask[-1, T // 2 :] = 0
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     return dict(
-        logits=logits.to(device, dtype), actions=actions.to(device), old=old.to(device, cd),
-        adv=adv.to(device, cd), ref=ref.to(device, cd), mask=mask.to(device, cd),
+        logits=logits.to(device, dtype),
+        actions=actions.to(device),
+        old=old.to(device, cd),
+        adv=adv.to(device, cd),
+        ref=ref.to(device, cd),
+        mask=mask.to(device, cd),
     )
 
 
@@ -58,21 +62,35 @@ OPTION_CASES = {
     "temperature": dict(temperature=0.6),
     "seq-mean-token-mean": dict(loss_agg="seq-mean-token-mean"),
     "seq-mean-token-sum": dict(loss_agg="seq-mean-token-sum"),
-    "everything": dict(clip_eps_high=0.3, dual_clip=2.0, kl_coef=0.2, with_ref=True,
-                       entropy_coef=0.02, temperature=1.3, loss_agg="seq-mean-token-mean"),
+    "everything": dict(
+        clip_eps_high=0.3,
+        dual_clip=2.0,
+        kl_coef=0.2,
+        with_ref=True,
+        entropy_coef=0.02,
+        temperature=1.3,
+        loss_agg="seq-mean-token-mean",
+    ),
 }
 
 
 def _call(fn, b, logits, options, mask="given", **extra):
     options = dict(options)
     ref = b["ref"] if options.pop("with_ref", False) else None
-    return fn(logits, b["actions"], b["old"], b["adv"], b["mask"] if mask == "given" else mask,
-              ref_logprobs=ref, **options, **extra)
+    return fn(
+        logits,
+        b["actions"],
+        b["old"],
+        b["adv"],
+        b["mask"] if mask == "given" else mask,
+        ref_logprobs=ref,
+        **options,
+        **extra,
+    )
 
 
 def _assert_outputs_close(out, expected, atol, rtol):
-    torch.testing.assert_close(out.loss.cpu(), expected.loss.detach().cpu(), atol=atol,
-                               rtol=rtol)
+    torch.testing.assert_close(out.loss.cpu(), expected.loss.detach().cpu(), atol=atol, rtol=rtol)
     for name in ("logprobs", "entropy", *METRICS):
         got, want = getattr(out, name), getattr(expected, name)
         if want is None:
@@ -81,8 +99,9 @@ def _assert_outputs_close(out, expected, atol, rtol):
             torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=rtol, msg=name)
 
 
-@pytest.mark.skipif("cuda" not in rlgaf_fast.available_backends(),
-                    reason="needs the CUDA extension")
+@pytest.mark.skipif(
+    "cuda" not in rlgaf_fast.available_backends(), reason="needs the CUDA extension"
+)
 def test_cuda_backend_is_a_clear_error():
     b = _batch(device="cuda")
     with pytest.raises(RuntimeError, match="ppo_loss has no 'cuda' kernel"):
@@ -90,8 +109,13 @@ def test_cuda_backend_is_a_clear_error():
     hidden = torch.randn(3, 5, 8, dtype=torch.float64, device="cuda")
     weight = torch.randn(37, 8, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match="fused_linear_ppo_loss has no 'cuda' kernel"):
-        _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
-              backend="cuda")
+        _call(
+            lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+            b,
+            hidden,
+            {},
+            backend="cuda",
+        )
 
 
 @pytest.mark.parametrize("case", OPTION_CASES)
@@ -126,14 +150,23 @@ def test_options_change_the_loss():
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "all_masked"])
 def test_masks(backend, mask_kind):
     b = _batch(device=_device(backend))
-    mask = {"none": None, "bool": b["mask"] > 0, "float": b["mask"],
-            "all_masked": torch.zeros_like(b["mask"])}[mask_kind]
+    mask = {
+        "none": None,
+        "bool": b["mask"] > 0,
+        "float": b["mask"],
+        "all_masked": torch.zeros_like(b["mask"]),
+    }[mask_kind]
     x = b["logits"].requires_grad_()
     out = _call(ops.ppo_loss, b, x, {"entropy_coef": 0.01}, mask=mask, backend=backend)
     (grad,) = torch.autograd.grad(out.loss, x)
     cpu_mask = None if mask is None else mask.cpu()
-    expected = _call(reference.ppo_loss, {k: v.cpu() for k, v in b.items()}, x.detach().cpu(),
-                     {"entropy_coef": 0.01}, mask=cpu_mask)
+    expected = _call(
+        reference.ppo_loss,
+        {k: v.cpu() for k, v in b.items()},
+        x.detach().cpu(),
+        {"entropy_coef": 0.01},
+        mask=cpu_mask,
+    )
     _assert_outputs_close(out, expected, 1e-10, 1e-9)
     if mask_kind == "all_masked":
         assert out.loss.item() == 0 and grad.abs().max().item() == 0
@@ -142,8 +175,14 @@ def test_masks(backend, mask_kind):
 @pytest.mark.parametrize("backend", ["torch", *[b for b in BACKENDS if not _interpreted(b)]])
 def test_gradcheck_float64(backend):
     b = _batch(B=2, T=3, V=7, device=_device(backend), spread=0.1)
-    options = dict(clip_eps_high=0.3, kl_coef=0.2, with_ref=True, entropy_coef=0.1,
-                   temperature=0.8, loss_agg="seq-mean-token-mean")
+    options = dict(
+        clip_eps_high=0.3,
+        kl_coef=0.2,
+        with_ref=True,
+        entropy_coef=0.1,
+        temperature=0.8,
+        loss_agg="seq-mean-token-mean",
+    )
     x = b["logits"].requires_grad_()
     assert torch.autograd.gradcheck(
         lambda t: _call(ops.ppo_loss, b, t, options, backend=backend).loss, (x,)
@@ -167,7 +206,8 @@ def test_low_precision_at_least_as_close_as_torch_in_that_dtype(backend, dtype):
     torch_low, torch_low_grad = run(reference.ppo_loss, b32["logits"].to(dtype))
     assert kernel_grad.dtype == dtype and kernel.loss.dtype == torch.float32
     truth_grad, kernel_grad, torch_low_grad = (
-        g.float().cpu() for g in (truth_grad, kernel_grad, torch_low_grad))
+        g.float().cpu() for g in (truth_grad, kernel_grad, torch_low_grad)
+    )
     for name in ("loss", "logprobs", "entropy"):
         want = getattr(truth, name).detach().cpu()
         err_kernel = (getattr(kernel, name).cpu() - want).abs().max().item()
@@ -226,8 +266,9 @@ def test_edge_shapes(backend, shape):
     out = _call(ops.ppo_loss, b, x, {"entropy_coef": 0.01}, backend=backend)
     (grad,) = torch.autograd.grad(out.loss, x)
     x_ref = x.detach().cpu().requires_grad_()
-    expected = _call(reference.ppo_loss, {k: v.cpu() for k, v in b.items()}, x_ref,
-                     {"entropy_coef": 0.01})
+    expected = _call(
+        reference.ppo_loss, {k: v.cpu() for k, v in b.items()}, x_ref, {"entropy_coef": 0.01}
+    )
     (grad_ref,) = torch.autograd.grad(expected.loss, x_ref)
     _assert_outputs_close(out, expected, 1e-10, 1e-9)
     torch.testing.assert_close(grad.cpu(), grad_ref, atol=1e-12, rtol=1e-9)
@@ -236,13 +277,19 @@ def test_edge_shapes(backend, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flat_and_non_contiguous_inputs(backend):
     b = _batch(device=_device(backend))
-    flat = {k: v.reshape(15, -1).squeeze(-1) if k != "logits" else v.reshape(15, -1)
-            for k, v in b.items()}
+    flat = {
+        k: v.reshape(15, -1).squeeze(-1) if k != "logits" else v.reshape(15, -1)
+        for k, v in b.items()
+    }
     wide = torch.cat([flat["logits"], flat["logits"]], dim=-1)[:, :37]  # rows 2V apart
     assert not wide.is_contiguous()
     out = _call(ops.ppo_loss, flat, wide, {"entropy_coef": 0.01}, backend=backend)
-    expected = _call(reference.ppo_loss, {k: v.cpu() for k, v in flat.items()},
-                     flat["logits"].cpu(), {"entropy_coef": 0.01})
+    expected = _call(
+        reference.ppo_loss,
+        {k: v.cpu() for k, v in flat.items()},
+        flat["logits"].cpu(),
+        {"entropy_coef": 0.01},
+    )
     assert out.logprobs.shape == (15,)
     _assert_outputs_close(out, expected, 1e-10, 1e-9)
 
@@ -324,8 +371,13 @@ def test_fused_linear_repeated_backward_is_right_or_a_clear_error(backend):
     weight = torch.randn(9, 5, dtype=torch.float64, device=dev, requires_grad=True)
     expected = _call(reference.ppo_loss, b, hidden @ weight.t(), {})
     grads = torch.autograd.grad(expected.loss, (hidden, weight))
-    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
-                backend=backend)
+    out = _call(
+        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        b,
+        hidden,
+        {},
+        backend=backend,
+    )
     out.loss.backward(retain_graph=True)
     out.loss.backward(retain_graph=True)
     for got, want in zip((hidden.grad, weight.grad), grads, strict=True):
@@ -354,8 +406,13 @@ def test_double_backward_is_an_error_not_a_missing_term(backend):
         torch.autograd.grad(out.loss, x, create_graph=True)
     hidden = torch.randn(1, 4, 5, dtype=torch.float64, device=dev, requires_grad=True)
     weight = torch.randn(9, 5, dtype=torch.float64, device=dev)
-    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden, {},
-                backend=backend)
+    out = _call(
+        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        b,
+        hidden,
+        {},
+        backend=backend,
+    )
     with pytest.raises(RuntimeError, match="create_graph=True .* not supported"):
         torch.autograd.grad(out.loss, hidden, create_graph=True)
 
@@ -370,10 +427,17 @@ def test_fused_linear_matches_unfused(backend, chunk_size):
     weight = torch.randn(V, H, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
     bias = torch.randn(V, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
     b = _batch(B=B, T=T, V=V, device=dev, seed=2)
-    options = dict(entropy_coef=0.02, with_ref=True, kl_coef=0.1, dual_clip=2.0,
-                   loss_agg="seq-mean-token-sum")
-    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, bias=bias, **k), b,
-                hidden, options, backend=backend, chunk_size=chunk_size)
+    options = dict(
+        entropy_coef=0.02, with_ref=True, kl_coef=0.1, dual_clip=2.0, loss_agg="seq-mean-token-sum"
+    )
+    out = _call(
+        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, bias=bias, **k),
+        b,
+        hidden,
+        options,
+        backend=backend,
+        chunk_size=chunk_size,
+    )
     grads = torch.autograd.grad(out.loss * 0.5, (hidden, weight, bias))
     logits = torch.nn.functional.linear(hidden, weight, bias)
     expected = _call(reference.ppo_loss, b, logits, options)
@@ -389,14 +453,19 @@ def test_fused_linear_float32_frozen_head(backend):
     hidden = torch.randn(1, 40, 16, device=dev, requires_grad=True)
     weight = torch.randn(300, 16, device=dev) / 4  # frozen: no weight gradient is computed
     b = _batch(B=1, T=40, V=300, dtype=torch.float32, device=dev)
-    out = _call(lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k), b, hidden,
-                {"entropy_coef": 0.01}, backend=backend, chunk_size=16)
+    out = _call(
+        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        b,
+        hidden,
+        {"entropy_coef": 0.01},
+        backend=backend,
+        chunk_size=16,
+    )
     _, grad_weight, grad_bias = out.loss.grad_fn.saved_tensors
     assert grad_weight.numel() == 0 and grad_bias.numel() == 0  # the forward skipped them
     (grad,) = torch.autograd.grad(out.loss, hidden)
     h_ref = hidden.detach().double().requires_grad_()
-    expected = _call(reference.ppo_loss, b, h_ref @ weight.double().t(),
-                     {"entropy_coef": 0.01})
+    expected = _call(reference.ppo_loss, b, h_ref @ weight.double().t(), {"entropy_coef": 0.01})
     (grad_ref,) = torch.autograd.grad(expected.loss, h_ref)
     torch.testing.assert_close(out.loss.double(), expected.loss.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), grad_ref, atol=1e-6, rtol=1e-4)
@@ -412,8 +481,9 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
     def run(fn, h, w, b):
         h, w = h.to(dev).requires_grad_(), w.to(dev).requires_grad_()
         out = _call(lambda x, *a, **k: fn(x, w, *a, **k), b, h, options)
-        return [out.loss.double().cpu()] + [g.double().cpu() for g in
-                                            torch.autograd.grad(out.loss, (h, w))]
+        return [out.loss.double().cpu()] + [
+            g.double().cpu() for g in torch.autograd.grad(out.loss, (h, w))
+        ]
 
     def eager(h, w, *a, **k):
         return reference.ppo_loss(h @ w.t(), *a, **k)
@@ -436,8 +506,9 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
         truth = run(eager, h64, w64, b)
         eager_low = run(eager, h64.bfloat16(), w64.bfloat16(), b)
         fused_low = run(fused, h64.bfloat16(), w64.bfloat16(), b)
-        for name, want, got_eager, got_fused in zip(names, truth, eager_low, fused_low,
-                                                     strict=True):
+        for name, want, got_eager, got_fused in zip(
+            names, truth, eager_low, fused_low, strict=True
+        ):
             err_eager[name] += (got_eager - want).abs().max().item()
             err_fused[name] += (got_fused - want).abs().max().item()
     for name in names:
@@ -487,11 +558,13 @@ def test_gae_matches_a_loop():
 BAD_INPUTS = {
     "action_too_large": (lambda b: b["actions"].__setitem__((0, 0), 37), ValueError, "actions"),
     "action_negative": (lambda b: b["actions"].__setitem__((0, 1), -1), ValueError, "actions"),
-    "float_actions": (lambda b: b.__setitem__("actions", b["actions"].double()), TypeError,
-                      "actions"),
+    "float_actions": (
+        lambda b: b.__setitem__("actions", b["actions"].double()),
+        TypeError,
+        "actions",
+    ),
     "old_shape": (lambda b: b.__setitem__("old", b["old"][:, :4]), ValueError, "old_logprobs"),
-    "adv_shape": (lambda b: b.__setitem__("adv", b["adv"].reshape(-1)), ValueError,
-                  "advantages"),
+    "adv_shape": (lambda b: b.__setitem__("adv", b["adv"].reshape(-1)), ValueError, "advantages"),
     "mask_shape": (lambda b: b.__setitem__("mask", b["mask"].t()), ValueError, "mask"),
     "mask_not_binary": (lambda b: b["mask"].__setitem__((0, 0), 0.5), ValueError, "mask"),
     "adv_nan": (lambda b: b["adv"].__setitem__((2, 1), float("nan")), ValueError, "advantages"),
@@ -511,10 +584,15 @@ def test_bad_inputs_raise_naming_the_argument(backend, case):
 
 @pytest.mark.parametrize(
     "options, name",
-    [(dict(kl_estimator="k4"), "kl_estimator"), (dict(loss_agg="seq-sum"), "loss_agg"),
-     (dict(dual_clip=0.9), "dual_clip"), (dict(temperature=0.0), "temperature"),
-     (dict(kl_coef=0.1), "ref_logprobs"), (dict(clip_eps=-0.1), "clip_eps"),
-     (dict(entropy_coef=float("nan")), "entropy_coef")],
+    [
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(loss_agg="seq-sum"), "loss_agg"),
+        (dict(dual_clip=0.9), "dual_clip"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(kl_coef=0.1), "ref_logprobs"),
+        (dict(clip_eps=-0.1), "clip_eps"),
+        (dict(entropy_coef=float("nan")), "entropy_coef"),
+    ],
 )
 def test_bad_options_raise_naming_the_argument(options, name):
     b = _batch()
@@ -534,14 +612,27 @@ def test_fused_linear_bad_shapes():
     b = _batch(B=1, T=4, V=9)
     hidden = torch.randn(1, 4, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="weight"):
-        ops.fused_linear_ppo_loss(hidden, torch.randn(9, 6, dtype=torch.float64), b["actions"],
-                                  b["old"], b["adv"])
+        ops.fused_linear_ppo_loss(
+            hidden, torch.randn(9, 6, dtype=torch.float64), b["actions"], b["old"], b["adv"]
+        )
     with pytest.raises(ValueError, match="bias"):
-        ops.fused_linear_ppo_loss(hidden, torch.randn(9, 5, dtype=torch.float64), b["actions"],
-                                  b["old"], b["adv"], bias=torch.zeros(8, dtype=torch.float64))
+        ops.fused_linear_ppo_loss(
+            hidden,
+            torch.randn(9, 5, dtype=torch.float64),
+            b["actions"],
+            b["old"],
+            b["adv"],
+            bias=torch.zeros(8, dtype=torch.float64),
+        )
     with pytest.raises(ValueError, match="chunk_size"):
-        ops.fused_linear_ppo_loss(hidden, torch.randn(9, 5, dtype=torch.float64), b["actions"],
-                                  b["old"], b["adv"], chunk_size=0)
+        ops.fused_linear_ppo_loss(
+            hidden,
+            torch.randn(9, 5, dtype=torch.float64),
+            b["actions"],
+            b["old"],
+            b["adv"],
+            chunk_size=0,
+        )
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if not _interpreted(b)])
@@ -554,8 +645,14 @@ def test_torch_compile_fullgraph(backend):
 
     def step(x, h):
         out = _call(ops.ppo_loss, b, x, options, backend=backend)
-        fused = _call(lambda t, *a, **k: ops.fused_linear_ppo_loss(t, weight, *a, **k), b, h,
-                      options, backend=backend, chunk_size=4)
+        fused = _call(
+            lambda t, *a, **k: ops.fused_linear_ppo_loss(t, weight, *a, **k),
+            b,
+            h,
+            options,
+            backend=backend,
+            chunk_size=4,
+        )
         return out.loss * 2 + fused.loss + out.clipfrac
 
     x = b["logits"].requires_grad_()
@@ -579,15 +676,17 @@ def test_opcheck(backend):
     x = b["logits"].reshape(4, 33).requires_grad_()
     options = (0.8, 1.28, 2.0, 0.1, "k2", 0.01, 0.9)
     for compute_grad in (True, False):
-        torch.library.opcheck(torch.ops.rlgaf_fast.ppo_loss.default,
-                              (x, *tokens, flat(b["ref"]), weight, *options, compute_grad,
-                               backend))
+        torch.library.opcheck(
+            torch.ops.rlgaf_fast.ppo_loss.default,
+            (x, *tokens, flat(b["ref"]), weight, *options, compute_grad, backend),
+        )
     hidden = torch.randn(4, 8, device=dev, requires_grad=True)
     w = torch.randn(33, 8, device=dev, requires_grad=True)
     bias = torch.randn(33, device=dev, requires_grad=True)
-    torch.library.opcheck(torch.ops.rlgaf_fast.fused_linear_ppo_loss.default,
-                          (hidden, w, bias, *tokens, None, weight, *options, 3, True, True, True,
-                           backend))
+    torch.library.opcheck(
+        torch.ops.rlgaf_fast.fused_linear_ppo_loss.default,
+        (hidden, w, bias, *tokens, None, weight, *options, 3, True, True, True, backend),
+    )
 
 
 def test_public_names_are_exported():

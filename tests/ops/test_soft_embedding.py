@@ -43,8 +43,9 @@ def test_top_k_equals_dense_on_renormalised_truncation():
 def test_gradcheck_top_k():
     probs = torch.softmax(torch.randn(3, 9, dtype=torch.float64), -1).requires_grad_()
     w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda p, q: rlgaf_fast.soft_embedding(p, q, top_k=3),
-                                    (probs, w))
+    assert torch.autograd.gradcheck(
+        lambda p, q: rlgaf_fast.soft_embedding(p, q, top_k=3), (probs, w)
+    )
 
 
 def test_invalid_inputs_raise_clear_errors():
@@ -63,14 +64,21 @@ def test_invalid_inputs_raise_clear_errors():
         rlgaf_fast.soft_embedding(torch.tensor(1.0), torch.randn(1, 4))
 
 
-needs_cpp = pytest.mark.skipif("cpp" not in rlgaf_fast.available_backends(),
-                               reason="C++ extension not built")
+needs_cpp = pytest.mark.skipif(
+    "cpp" not in rlgaf_fast.available_backends(), reason="C++ extension not built"
+)
 
 
 @needs_cpp
-@pytest.mark.parametrize(("probs_dtype", "weight_dtype"), [
-    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("probs_dtype", "weight_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
 def test_cpp_top_k_in_low_precision_matches_the_float64_reference(probs_dtype, weight_dtype):
     # Distinct probabilities (exact in every dtype), so that the k largest are unambiguous.
     raw = torch.stack([torch.randperm(200) + 1 for _ in range(6)]).double()
@@ -81,8 +89,11 @@ def test_cpp_top_k_in_low_precision_matches_the_float64_reference(probs_dtype, w
     w64 = w.detach().double().requires_grad_()
     ref = reference.soft_embedding(p64, w64, top_k=17)
     assert out.dtype == weight_dtype
-    tol = dict(rtol=2e-2, atol=2e-2) if torch.bfloat16 in (probs_dtype, weight_dtype) else \
-        dict(rtol=1e-3, atol=1e-3)
+    tol = (
+        dict(rtol=2e-2, atol=2e-2)
+        if torch.bfloat16 in (probs_dtype, weight_dtype)
+        else dict(rtol=1e-3, atol=1e-3)
+    )
     torch.testing.assert_close(out.double(), ref, **tol)
     grad = torch.randn(6, 24, dtype=torch.float64)
     gp, gw = torch.autograd.grad(out, (probs, w), grad.to(weight_dtype))
@@ -149,8 +160,11 @@ def test_cpp_top_k_backward_refuses_an_index_outside_the_vocabulary():
         wrong[1, 2] = bad
         with pytest.raises(RuntimeError, match=r"index must hold ids in \[0, 10\)"):
             backward(torch.ones_like(out), w, out, wrong, coef, row_sum, probs.dtype)
-    with pytest.raises(RuntimeError, match=r"index must be an int64 \[N, k\] tensor, got Int "
-                                           r"\[2, 3\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"index must be an int64 \[N, k\] tensor, got Int "
+        r"\[2, 3\]",
+    ):
         backward(torch.ones_like(out), w, out, index.int(), coef, row_sum, probs.dtype)
 
 

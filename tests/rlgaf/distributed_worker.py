@@ -35,8 +35,10 @@ def fsdp2_accelerator():
     accelerator.state.distributed_type = DistributedType.FSDP
     # Each decoder layer sharded on its own, inside the sharded model, as launches usually do.
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+    )
     return accelerator
 
 
@@ -61,19 +63,34 @@ def make_trainer(run_name: str, fsdp: bool) -> RLGAFTrainer:
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     # Tied input and output embeddings (as the oracle's generator) in the "lm" runs: one
     # weight under two names in the checkpoints.
-    generator = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1,
-                                tie_embeddings=kind == "lm")
+    generator = build_causal_lm(
+        32, hidden_size=32, num_layers=1, eos_token_id=1, tie_embeddings=kind == "lm"
+    )
     discriminator = build_transformer_discriminator(32, hidden_size=32, num_layers=1)
     if kind == "lm":
-        lm = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1,
-                             tie_embeddings=True)
+        lm = build_causal_lm(32, hidden_size=32, num_layers=1, eos_token_id=1, tie_embeddings=True)
         discriminator = LMDiscriminator(lm, bigram_sequences=torch.randint(0, 32, (50, 8)))
-    config = RLGAFConfig(mode=mode, total_steps=3, batch_size=8, minibatch_size=4,
-                         max_new_tokens=8, generator_lr=1e-3, discriminator_lr=1e-3,
-                         generator_ema=0.5, straight_through=kind == "lm", progress_bar=False)
-    return RLGAFTrainer(config, generator, discriminator, synthetic_examples(64, 32),
-                        eos_token_id=1, pad_token_id=0,
-                        accelerator=fsdp2_accelerator() if fsdp else None)
+    config = RLGAFConfig(
+        mode=mode,
+        total_steps=3,
+        batch_size=8,
+        minibatch_size=4,
+        max_new_tokens=8,
+        generator_lr=1e-3,
+        discriminator_lr=1e-3,
+        generator_ema=0.5,
+        straight_through=kind == "lm",
+        progress_bar=False,
+    )
+    return RLGAFTrainer(
+        config,
+        generator,
+        discriminator,
+        synthetic_examples(64, 32),
+        eos_token_id=1,
+        pad_token_id=0,
+        accelerator=fsdp2_accelerator() if fsdp else None,
+    )
 
 
 def run(out_dir: str, mode: str, fsdp: bool) -> None:
@@ -83,13 +100,17 @@ def run(out_dir: str, mode: str, fsdp: bool) -> None:
     history = trainer.train()
     rollout = trainer.rollout()
     with trainer.unsharded(trainer.policy, trainer.discriminator):
-        result = {"rank": trainer.rank, "world": trainer.accelerator.num_processes,
-                  "distributed_type": str(trainer.accelerator.distributed_type),
-                  "initial": initial, "generator": fingerprint(trainer.unwrapped_policy),
-                  "discriminator": fingerprint(trainer.discriminator and
-                                                trainer.unwrapped_discriminator),
-                  "ema": fingerprint(trainer.evaluation_model),
-                  "rollout": rollout.response_ids.tolist(), "history": history}
+        result = {
+            "rank": trainer.rank,
+            "world": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "initial": initial,
+            "generator": fingerprint(trainer.unwrapped_policy),
+            "discriminator": fingerprint(trainer.discriminator and trainer.unwrapped_discriminator),
+            "ema": fingerprint(trainer.evaluation_model),
+            "rollout": rollout.response_ids.tolist(),
+            "history": history,
+        }
     # DTensor under FSDP2: each rank holds a shard of every parameter.
     models = [m for m in (trainer.policy, trainer.discriminator) if m is not None]
     result["param_types"] = sorted({type(p).__name__ for m in models for p in m.parameters()})
@@ -99,10 +120,13 @@ def run(out_dir: str, mode: str, fsdp: bool) -> None:
         resumed = make_trainer(mode, fsdp)
         resumed.load_checkpoint(path)
         with resumed.unsharded(resumed.policy, resumed.discriminator):
-            result["resumed"] = {"generator": fingerprint(resumed.unwrapped_policy),
-                                 "discriminator": fingerprint(resumed.discriminator and
-                                                             resumed.unwrapped_discriminator),
-                                 "ema": fingerprint(resumed.evaluation_model)}
+            result["resumed"] = {
+                "generator": fingerprint(resumed.unwrapped_policy),
+                "discriminator": fingerprint(
+                    resumed.discriminator and resumed.unwrapped_discriminator
+                ),
+                "ema": fingerprint(resumed.evaluation_model),
+            }
         # The next step of both continues identically: the same loss and the same updated
         # generator (reinforce's first loss is zero whatever the weights; the update is not).
         result["next_step"] = []

@@ -15,14 +15,17 @@ def word_tokenizer():
     model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def test_jsonl_text_loads_and_tokenises(tmp_path):
     path = tmp_path / "demos.jsonl"
-    rows = [{"prompt": "say hello", "response": "hello world"},
-            {"prompt": "say it again", "response": "again"}]
+    rows = [
+        {"prompt": "say hello", "response": "hello world"},
+        {"prompt": "say it again", "response": "again"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dataset = load_examples(path, word_tokenizer())
     assert dataset["prompt_ids"] == [[5, 3], [5, 6, 7]]
@@ -39,8 +42,9 @@ def test_prompts_only_and_missing_columns(tmp_path):
 
 
 def test_sampler_pads_and_is_reproducible():
-    sampler = ExampleSampler(load_examples(synthetic_examples(20, 16)), pad_id=0,
-                             max_response_len=4)
+    sampler = ExampleSampler(
+        load_examples(synthetic_examples(20, 16)), pad_id=0, max_response_len=4
+    )
     a, b = sampler.batch(6, seed=7), sampler.batch(6, seed=7)
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.response_ids, b.response_ids)
     assert a.response_ids.shape == (6, 4)
@@ -50,8 +54,10 @@ def test_sampler_pads_and_is_reproducible():
 
 
 def test_sampler_keeps_the_last_prompt_tokens():
-    rows = [{"prompt_ids": [5, 6, 7, 8, 9], "response_ids": [3, 1]}, {"prompt_ids": [4],
-                                                                       "response_ids": [2, 1]}]
+    rows = [
+        {"prompt_ids": [5, 6, 7, 8, 9], "response_ids": [3, 1]},
+        {"prompt_ids": [4], "response_ids": [2, 1]},
+    ]
     sampler = ExampleSampler(load_examples(rows), pad_id=0, max_response_len=4, max_prompt_len=3)
     batch = sampler.take([0, 1])
     assert batch.prompt_ids.tolist() == [[7, 8, 9], [0, 0, 4]]
@@ -63,7 +69,8 @@ def test_a_tokenizer_that_closes_texts_with_eos_leaves_prompts_open():
 
     tokenizer = word_tokenizer()
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)])  # as T5's tokenizer does
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )  # as T5's tokenizer does
     assert tokenizer("say hello")["input_ids"] == [5, 3, 1]
     dataset = load_examples([{"prompt": "say hello", "response": "hello world"}], tokenizer)
     assert dataset["prompt_ids"] == [[5, 3]]

@@ -50,8 +50,9 @@ def test_context_features_add_the_hidden_state_before_each_token():
     token_logp, entropy = features_by_hand(lm, ids)
     scale = torch.log(torch.tensor(float(VOCAB), dtype=torch.float64))
     context = lm.model(input_ids=ids).last_hidden_state[:, :-1]
-    features = torch.cat([torch.stack([token_logp / scale, entropy / scale], -1).float(),
-                          context.float()], -1)
+    features = torch.cat(
+        [torch.stack([token_logp / scale, entropy / scale], -1).float(), context.float()], -1
+    )
     expected = d.head(features).squeeze(-1).sum(-1)
     got = discriminator_logit(d, d.get_input_embeddings()(ids), torch.ones_like(ids))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -86,12 +87,12 @@ def test_token_ids_travel_through_the_soft_embedding_of_a_hard_token():
     assert weight.shape == (VOCAB, 17)
     torch.testing.assert_close(weight[:, -1], torch.arange(VOCAB, dtype=torch.float32))
     logits = torch.randn(5, VOCAB, requires_grad=True)
-    embeds, tokens = rlgaf_fast.gumbel_softmax_embedding(logits, weight, 0.7, True,
-                                                               seed=3)
+    embeds, tokens = rlgaf_fast.gumbel_softmax_embedding(logits, weight, 0.7, True, seed=3)
     torch.testing.assert_close(embeds, d.get_input_embeddings()(tokens))
     # (token 0 is the LM's padding: its zero embedding would make h_0, the gradient, zero)
-    soft = torch.cat([d.get_input_embeddings()(torch.ones(5, 1, dtype=torch.int64)),
-                      embeds[:, None]], 1)
+    soft = torch.cat(
+        [d.get_input_embeddings()(torch.ones(5, 1, dtype=torch.int64)), embeds[:, None]], 1
+    )
     discriminator_logit(d, soft, torch.ones(5, 2)).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0  # through the LM features
 
@@ -141,8 +142,9 @@ def test_soft_tokens_score_as_the_mixture_of_log_probabilities():
     torch.testing.assert_close(captured["f"][0, -1, 0], expected, rtol=1e-4, atol=1e-5)
     # On the simplex the gradient is log p / log V up to a constant (the logits).
     expected_grad = (logp / scale).float()
-    torch.testing.assert_close(probs.grad - probs.grad.mean(),
-                               expected_grad - expected_grad.mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        probs.grad - probs.grad.mean(), expected_grad - expected_grad.mean(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_lm_discriminator_trains_only_its_head_by_default():
@@ -178,7 +180,8 @@ def test_lm_discriminator_learns_to_separate_likely_from_unlikely_sequences():
     for _ in range(60):
         fake = torch.randint(VOCAB, (16, 7))
         loss = F.binary_cross_entropy_with_logits(
-            logit(torch.cat([real_pool.expand(16, -1), fake])), labels)
+            logit(torch.cat([real_pool.expand(16, -1), fake])), labels
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,8 +244,17 @@ def test_absolute_positions_do_not_depend_on_left_padding():
     from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-                        num_labels=1, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        num_labels=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     discriminator = DiscriminatorOnSequences(GPT2ForSequenceClassification(config).eval())
     ids = torch.randint(1, VOCAB, (1, 5))
     alone = discriminator(ids, torch.ones_like(ids))
@@ -250,8 +262,9 @@ def test_absolute_positions_do_not_depend_on_left_padding():
     torch.testing.assert_close(padded, alone)
     # The positions matter: shifted ones (what left padding did before) score differently.
     embeds = discriminator.discriminator.get_input_embeddings()(ids)
-    shifted = discriminator.discriminator(inputs_embeds=embeds,
-                                          position_ids=torch.arange(4, 9)[None]).logits
+    shifted = discriminator.discriminator(
+        inputs_embeds=embeds, position_ids=torch.arange(4, 9)[None]
+    ).logits
     assert not torch.allclose(shifted.reshape(1), alone)
 
 
@@ -262,9 +275,17 @@ def test_padding_warning_is_dropped_for_models_with_their_own_classifier_head():
 
     from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
 
-    model = GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=8, num_labels=1,
-        pad_token_id=0))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=16,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            n_positions=8,
+            num_labels=1,
+            pad_token_id=0,
+        )
+    )
     embeds, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
     with warnings_of(logging.getLogger(type(model).__module__)) as records:
         transformers_logging.warning_once.cache_clear()

@@ -23,26 +23,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out_dir: Path, sharding: str, processes: int = 2,
-           modes: tuple[str, ...] = MODES) -> dict[str, list[dict]]:
+def launch(
+    out_dir: Path, sharding: str, processes: int = 2, modes: tuple[str, ...] = MODES
+) -> dict[str, list[dict]]:
     out_dir.mkdir()
     # A port of its own for each launch: the previous one's may not be free yet.
     if processes > 1:
-        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(free_port())]
+        launcher = [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
     else:  # accelerate launch refuses --multi_gpu for one process; torchrun's is distributed
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                    "--master_port", str(free_port())]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(free_port()),
+        ]
     command = [*launcher, str(WORKER), str(out_dir), ",".join(modes), sharding]
     repo = str(Path(__file__).parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {mode: [json.loads((out_dir / f"{mode}-rank{r}.json").read_text())
-                   for r in range(processes)] for mode in modes}
+    return {
+        mode: [json.loads((out_dir / f"{mode}-rank{r}.json").read_text()) for r in range(processes)]
+        for mode in modes
+    }
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
@@ -67,8 +93,10 @@ def test_two_processes_train_and_stay_in_sync(tmp_path):
         # FSDP2 trains as DDP does: the same rollouts, weights equal up to rounding.
         assert fsdp[mode][0]["rollout"] == ddp[mode][0]["rollout"], mode
         for part in ("generator", "discriminator", "ema"):
-            assert fsdp[mode][0][part] == pytest.approx(ddp[mode][0][part], rel=1e-5, abs=1e-6), \
-                (mode, part)
+            assert fsdp[mode][0][part] == pytest.approx(ddp[mode][0][part], rel=1e-5, abs=1e-6), (
+                mode,
+                part,
+            )
         # An FSDP checkpoint loads back into a fresh trainer, which continues identically.
         resumed = fsdp[mode][0]["resumed"]
         for part in ("generator", "discriminator", "ema"):

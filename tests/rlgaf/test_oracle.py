@@ -68,8 +68,9 @@ def test_arrays_load_whatever_the_pickle_protocol(tmp_path, protocol):
 
 def numpy_oracle_log_likelihood(params, tokens):
     """README's equations, literally, in numpy float64."""
-    emb, wi, ui, bi, wf, uf, bf, wo, uo, bo, wc, uc, bc, w_out, b_out = \
-        [p.astype(np.float64) for p in params]
+    emb, wi, ui, bi, wf, uf, bf, wo, uo, bo, wc, uc, bc, w_out, b_out = [
+        p.astype(np.float64) for p in params
+    ]
 
     def sigmoid(z):
         return 1 / (1 + np.exp(-z))
@@ -103,10 +104,22 @@ def test_oracle_matches_its_readme():
     assert torch.equal(oracle.sample(5, seed=3), oracle.sample(5, seed=3))
 
 
-MICRO = OraclePreset(num_demos=200, num_test=100, num_eval=100, num_final=300, num_sweep=100,
-                     gen_hidden=16, gen_layers=1, sft_steps=4, sft_batch=16, adv_steps=2,
-                     d_pretrain_steps=1, eval_every=1, d_fit_steps=0,
-                     trainer={"batch_size": 8, "minibatch_size": 4})
+MICRO = OraclePreset(
+    num_demos=200,
+    num_test=100,
+    num_eval=100,
+    num_final=300,
+    num_sweep=100,
+    gen_hidden=16,
+    gen_layers=1,
+    sft_steps=4,
+    sft_batch=16,
+    adv_steps=2,
+    d_pretrain_steps=1,
+    eval_every=1,
+    d_fit_steps=0,
+    trainer={"batch_size": 8, "minibatch_size": 4},
+)
 
 
 @needs_oracle
@@ -117,8 +130,9 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
     metrics = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert metrics["warm_start"] == sft["final"]
     # Another seed from the same warm start keeps the demonstrations it was trained on.
-    other = run_oracle(ORACLE, "ppo", tmp_path / "ppo1", preset=MICRO, init=tmp_path / "sft",
-                       seed=1)
+    other = run_oracle(
+        ORACLE, "ppo", tmp_path / "ppo1", preset=MICRO, init=tmp_path / "sft", seed=1
+    )
     assert (other["seed"], other["data_seed"]) == (1, 0)
     assert other["oracle_samples_nll_oracle"] == metrics["oracle_samples_nll_oracle"]
     assert {"nll_oracle", "nll_test", "distinct", "copied"} <= set(metrics["final"])
@@ -140,8 +154,24 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
 def test_smoke_preset_through_the_cli(tmp_path):
     from rlgaf_fast.cli import main
 
-    assert main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
-                 "--preset", "smoke", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "oracle",
+                "--oracle",
+                str(ORACLE),
+                "--mode",
+                "ppo",
+                "--out",
+                str(tmp_path),
+                "--preset",
+                "smoke",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "metrics.json").read_text())["final"]["nll_oracle"] < 11.0
 
 
@@ -160,21 +190,33 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     # The discriminator built is the one asked for: the MLP head alone (width 32, inputs 2,
     # 2 + 32 or 3), the LM copy too, or the CNN.
     generator_params = sum(t.numel() for t in build_oracle_generator(MICRO).parameters())
-    head = {"lm-context": (2 + MICRO.gen_hidden) * 32 + 32 + 33, "lm-tuned": 2 * 32 + 32 + 33,
-            "lm-bigram": 3 * 32 + 32 + 33}
+    head = {
+        "lm-context": (2 + MICRO.gen_hidden) * 32 + 32 + 33,
+        "lm-tuned": 2 * 32 + 32 + 33,
+        "lm-bigram": 3 * 32 + 32 + 33,
+    }
     trainable = metrics["discriminator_trainable_params"]
     if discriminator == "cnn":
         assert trainable > 10**5
     else:
         assert trainable == head[discriminator] + (discriminator == "lm-tuned") * generator_params
-    logs = [json.loads(line) for line in
-            (tmp_path / "gumbel" / "log.jsonl").read_text().splitlines()]
+    logs = [
+        json.loads(line) for line in (tmp_path / "gumbel" / "log.jsonl").read_text().splitlines()
+    ]
     assert [row["step"] for row in logs if "d_loss" in row] == [1, 2]
-    assert all(math.isfinite(row["d_loss"]) and 0 <= row["d_acc_real"] <= 1 for row in logs
-               if "d_loss" in row)
+    assert all(
+        math.isfinite(row["d_loss"]) and 0 <= row["d_acc_real"] <= 1
+        for row in logs
+        if "d_loss" in row
+    )
     with pytest.raises(ValueError, match="discriminator must be one of lm, lm-context, lm-tuned"):
-        run_oracle(ORACLE, "ppo", tmp_path / "bad", init=tmp_path,
-                   preset=dataclasses.replace(MICRO, discriminator="mlp"))
+        run_oracle(
+            ORACLE,
+            "ppo",
+            tmp_path / "bad",
+            init=tmp_path,
+            preset=dataclasses.replace(MICRO, discriminator="mlp"),
+        )
 
 
 @needs_oracle
@@ -182,14 +224,16 @@ def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
     import dataclasses
 
     metrics = run_oracle(ORACLE, "ppo", tmp_path, preset=dataclasses.replace(MICRO, d_fit_steps=3))
-    fit_log = [json.loads(line) for line in
-               (tmp_path / "d_fit" / "log.jsonl").read_text().splitlines()]
+    fit_log = [
+        json.loads(line) for line in (tmp_path / "d_fit" / "log.jsonl").read_text().splitlines()
+    ]
     assert [row["step"] for row in fit_log] == [1, 2, 3]
     warm_nll, fit_nll = metrics["d_fit_nll_demos"]
     assert fit_nll < warm_nll  # three MLE steps at 1e-3 on 200 sequences raise their likelihood
     # tmp_path holds that run's generator, a warm start like any other
-    assert "d_fit_nll_demos" not in run_oracle(ORACLE, "ppo", tmp_path / "none", preset=MICRO,
-                                               init=tmp_path)
+    assert "d_fit_nll_demos" not in run_oracle(
+        ORACLE, "ppo", tmp_path / "none", preset=MICRO, init=tmp_path
+    )
 
 
 @pytest.mark.parametrize("mode", ["ppo", "gumbel", "reinforce"])
@@ -198,19 +242,37 @@ def test_discriminator_settings_are_checked_before_anything_trains(mode, tmp_pat
 
     from rlgaf_fast.cli import main
 
-    cases = ((dict(d_fit_steps=-1), "d_fit_steps must be >= 0"),
-             (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator"),
-             (dict(d_fit_steps=2, discriminator="mlp"), "discriminator must be one of lm, "))
+    cases = (
+        (dict(d_fit_steps=-1), "d_fit_steps must be >= 0"),
+        (dict(d_fit_steps=2, discriminator="cnn"), "needs an lm discriminator"),
+        (dict(d_fit_steps=2, discriminator="mlp"), "discriminator must be one of lm, "),
+    )
     for bad, match in cases:
         # a missing oracle file: the check must come first
         with pytest.raises(ValueError, match=match):
-            run_oracle(tmp_path / "missing.pkl", mode, tmp_path / "bad",
-                       preset=dataclasses.replace(MICRO, **bad))
-    for extra, match in ((["--d-fit-steps", "-1"], "d_fit_steps must be >= 0"),
-                         (["--discriminator", "cnn", "--d-fit-steps", "5"], "needs an lm")):
+            run_oracle(
+                tmp_path / "missing.pkl",
+                mode,
+                tmp_path / "bad",
+                preset=dataclasses.replace(MICRO, **bad),
+            )
+    for extra, match in (
+        (["--d-fit-steps", "-1"], "d_fit_steps must be >= 0"),
+        (["--discriminator", "cnn", "--d-fit-steps", "5"], "needs an lm"),
+    ):
         with pytest.raises(SystemExit, match=match):
-            main(["oracle", "--oracle", str(tmp_path / "missing.pkl"), "--mode", mode,
-                  "--out", str(tmp_path / "bad")] + extra)
+            main(
+                [
+                    "oracle",
+                    "--oracle",
+                    str(tmp_path / "missing.pkl"),
+                    "--mode",
+                    mode,
+                    "--out",
+                    str(tmp_path / "bad"),
+                ]
+                + extra
+            )
 
 
 def test_oracle_cli_sets_d_fit_steps_and_zero_for_the_cnn(tmp_path, monkeypatch):
@@ -224,21 +286,49 @@ def test_oracle_cli_sets_d_fit_steps_and_zero_for_the_cnn(tmp_path, monkeypatch)
         return {"time_s": 0.0, "final": {}}
 
     monkeypatch.setattr(oracle_module, "run_oracle", record)
-    command = ["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
-               "--preset", "full"]
-    for extra in ([], ["--d-fit-steps", "7"], ["--discriminator", "cnn"],
-                  ["--discriminator", "lm-bigram"]):
+    command = [
+        "oracle",
+        "--oracle",
+        str(ORACLE),
+        "--mode",
+        "ppo",
+        "--out",
+        str(tmp_path),
+        "--preset",
+        "full",
+    ]
+    for extra in (
+        [],
+        ["--d-fit-steps", "7"],
+        ["--discriminator", "cnn"],
+        ["--discriminator", "lm-bigram"],
+    ):
         assert main(command + extra) == 0
     assert [(p.discriminator, p.d_fit_steps) for p in presets] == [
-        ("lm", 500), ("lm", 7), ("cnn", 0), ("lm-bigram", 500)]
+        ("lm", 500),
+        ("lm", 7),
+        ("cnn", 0),
+        ("lm-bigram", 500),
+    ]
 
 
 def test_oracle_cli_refuses_a_malformed_override(tmp_path):
     from rlgaf_fast.cli import main
 
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        main(["oracle", "--oracle", str(ORACLE), "--mode", "ppo", "--out", str(tmp_path),
-              "--set", "kl_coef"])
+        main(
+            [
+                "oracle",
+                "--oracle",
+                str(ORACLE),
+                "--mode",
+                "ppo",
+                "--out",
+                str(tmp_path),
+                "--set",
+                "kl_coef",
+            ]
+        )
 
 
 def test_copied_fraction_counts_verbatim_demonstrations():
@@ -261,8 +351,9 @@ def test_spearman_matches_scipy():
 def test_overrides_set_any_field_and_are_checked_before_the_warm_start(tmp_path, monkeypatch):
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
-    metrics = run_oracle(ORACLE, "ppo", tmp_path / "ppo", preset=MICRO,
-                         overrides={"total_steps": 1, "kl_coef": 0.03})
+    metrics = run_oracle(
+        ORACLE, "ppo", tmp_path / "ppo", preset=MICRO, overrides={"total_steps": 1, "kl_coef": 0.03}
+    )
     assert (metrics["config"]["total_steps"], metrics["config"]["kl_coef"]) == (1, 0.03)
     assert [h["step"] for h in metrics["history"] if h["phase"] == "ppo"] == [0, 1]
 

@@ -21,7 +21,7 @@ def test_sample_categorical_never_draws_a_zero_probability_token(monkeypatch):
     """At the ends of the uniform draw (exactly 0, the largest float below 1) and where it
     meets the cumulative sum exactly, next to zero-probability tokens."""
     probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.25, 0.75, 0.0], [0.5, 0.0, 0.5, 0.0]])
-    expected = {0.0: [2, 1, 0], 0.5: [2, 2, 0], 1.0 - 2.0 ** -24: [2, 2, 2]}
+    expected = {0.0: [2, 1, 0], 0.5: [2, 2, 0], 1.0 - 2.0**-24: [2, 2, 2]}
     for u, tokens in expected.items():
         monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
         assert sample_categorical(probs).tolist() == tokens, u
@@ -35,8 +35,9 @@ def test_generate_stops_after_eos_and_masks():
     def sampler(logits, t):  # sequence 0 ends at step 1, sequence 1 never
         return torch.tensor([7, 2]) if t != 1 else torch.tensor([1, 2])
 
-    batch = generate(model, prompt_ids, prompt_mask, 4, eos_token_id=1, pad_token_id=0,
-                     token_sampler=sampler)
+    batch = generate(
+        model, prompt_ids, prompt_mask, 4, eos_token_id=1, pad_token_id=0, token_sampler=sampler
+    )
     assert batch.response_ids.tolist() == [[7, 1, 0, 0], [2, 2, 2, 2]]
     assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
@@ -53,16 +54,18 @@ def test_cached_generation_matches_full_forward():
 
     batch = generate(model, prompt_ids, prompt_mask, 5, token_sampler=sampler)
     input_ids, attention_mask, position_ids = sequence_inputs(batch)
-    full = model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids).logits[:, 2:-1]
+    full = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).logits[:, 2:-1]
     torch.testing.assert_close(torch.stack(recorded, 1), full.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_sequence_inputs_positions_skip_left_padding():
     prompt_ids, prompt_mask = pad_left([[3], [4, 5]], pad_id=0)
     response_ids, response_mask = pad_right([[7, 8], [9]], pad_id=0)
-    _, mask, positions = sequence_inputs(Batch(prompt_ids, prompt_mask, response_ids,
-                                               response_mask))
+    _, mask, positions = sequence_inputs(
+        Batch(prompt_ids, prompt_mask, response_ids, response_mask)
+    )
     assert mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
     assert positions[0, 1:].tolist() == [0, 1, 2] and positions[1, :3].tolist() == [0, 1, 2]
 
@@ -76,6 +79,11 @@ def test_left_align_keeps_token_order():
 
 
 def test_step_seed_differs_per_step_rank_stream_and_sub():
-    seeds = {step_seed(0, s, r, k, u) for s in range(10) for r in range(2) for k in range(3)
-             for u in range(4)}
+    seeds = {
+        step_seed(0, s, r, k, u)
+        for s in range(10)
+        for r in range(2)
+        for k in range(3)
+        for u in range(4)
+    }
     assert len(seeds) == 240 and all(0 <= s < 2**63 for s in seeds)

@@ -13,11 +13,28 @@ from .conftest import PAD, VOCAB, make_trainer
 
 EXPECTED_KEYS = {
     "sft": {"g_loss"},
-    "ppo": {"g_loss", "value_loss", "reward", "kl", "entropy", "clipfrac", "d_loss",
-            "d_acc_real", "d_acc_fake"},
+    "ppo": {
+        "g_loss",
+        "value_loss",
+        "reward",
+        "kl",
+        "entropy",
+        "clipfrac",
+        "d_loss",
+        "d_acc_real",
+        "d_acc_fake",
+    },
     "reinforce": {"g_loss", "reward", "kl", "entropy", "d_loss", "d_acc_real", "d_acc_fake"},
-    "gumbel": {"g_loss", "reward", "kl", "tau", "token_mismatch", "d_loss", "d_acc_real",
-               "d_acc_fake"},
+    "gumbel": {
+        "g_loss",
+        "reward",
+        "kl",
+        "tau",
+        "token_mismatch",
+        "d_loss",
+        "d_acc_real",
+        "d_acc_fake",
+    },
     "rlhf": {"g_loss", "value_loss", "reward", "kl", "entropy", "clipfrac"},
 }
 
@@ -48,8 +65,7 @@ def test_every_mode_trains_and_logs(mode, demos, tmp_path):
 
 def test_gumbel_training_pass_regenerates_the_generated_tokens(demos):
     # The relaxed sample's argmax (same seeds, teacher-forced) is the token generation drew.
-    trainer = make_trainer("gumbel", demos, tau_start=0.5, tau_end=0.1,
-                           tau_schedule="exponential")
+    trainer = make_trainer("gumbel", demos, tau_start=0.5, tau_end=0.1, tau_schedule="exponential")
     history = trainer.train()
     assert [h["token_mismatch"] for h in history] == [0.0, 0.0, 0.0]
     assert history[0]["tau"] == pytest.approx(0.5)
@@ -57,8 +73,9 @@ def test_gumbel_training_pass_regenerates_the_generated_tokens(demos):
 
 
 def test_sft_learns_the_demonstrations(demos):
-    trainer = make_trainer("sft", demos, total_steps=40, batch_size=16, minibatch_size=16,
-                           generator_lr=3e-3)
+    trainer = make_trainer(
+        "sft", demos, total_steps=40, batch_size=16, minibatch_size=16, generator_lr=3e-3
+    )
     history = trainer.train()
     first = sum(h["g_loss"] for h in history[:5]) / 5
     last = sum(h["g_loss"] for h in history[-5:]) / 5
@@ -66,8 +83,15 @@ def test_sft_learns_the_demonstrations(demos):
 
 
 def test_rlhf_increases_a_fixed_reward(demos):
-    trainer = make_trainer("rlhf", demos, total_steps=25, batch_size=16, minibatch_size=8,
-                           generator_lr=3e-3, kl_coef=0.0)
+    trainer = make_trainer(
+        "rlhf",
+        demos,
+        total_steps=25,
+        batch_size=16,
+        minibatch_size=8,
+        generator_lr=3e-3,
+        kl_coef=0.0,
+    )
     history = trainer.train()
     first = sum(h["reward"] for h in history[:5]) / 5
     last = sum(h["reward"] for h in history[-5:]) / 5
@@ -79,8 +103,9 @@ class NaNDiscriminator(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inner = build_transformer_discriminator(VOCAB, hidden_size=32, num_layers=1,
-                                                     num_heads=2, pad_token_id=PAD)
+        self.inner = build_transformer_discriminator(
+            VOCAB, hidden_size=32, num_layers=1, num_heads=2, pad_token_id=PAD
+        )
 
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
@@ -109,19 +134,38 @@ def test_non_finite_loss_stops_and_names_the_step(mode, demos):
 @pytest.mark.parametrize("mode", ["ppo", "reinforce", "gumbel"])
 def test_resume_continues_exactly(mode, demos, tmp_path):
     extra = {"baseline_decay": 0.9} if mode == "reinforce" else {}
+
     # Gumbel mode trains a CNN discriminator with dropout: torch's random state must resume too.
     def discriminator():
-        return CNNDiscriminator(VOCAB, embed_dim=16, filters=((2, 8), (3, 8))) \
-            if mode == "gumbel" else None
+        return (
+            CNNDiscriminator(VOCAB, embed_dim=16, filters=((2, 8), (3, 8)))
+            if mode == "gumbel"
+            else None
+        )
 
-    full = make_trainer(mode, demos, total_steps=4, save_every=2, output_dir=str(tmp_path),
-                        tensorboard=False, lr_schedule="linear", discriminator=discriminator(),
-                        **extra)
+    full = make_trainer(
+        mode,
+        demos,
+        total_steps=4,
+        save_every=2,
+        output_dir=str(tmp_path),
+        tensorboard=False,
+        lr_schedule="linear",
+        discriminator=discriminator(),
+        **extra,
+    )
     full_history = full.train()
     full.close()
 
-    resumed = make_trainer(mode, demos, total_steps=4, seed=0, **extra,
-                           lr_schedule="linear", discriminator=discriminator())
+    resumed = make_trainer(
+        mode,
+        demos,
+        total_steps=4,
+        seed=0,
+        **extra,
+        lr_schedule="linear",
+        discriminator=discriminator(),
+    )
     torch.manual_seed(123)  # a random state unlike the checkpoint's
     # Different random weights first, so that loading must restore all of them.
     for p in resumed.unwrapped_policy.parameters():
@@ -131,11 +175,13 @@ def test_resume_continues_exactly(mode, demos, tmp_path):
     resumed_history = resumed.train()
     assert resumed_history == [
         {k: v for k, v in h.items() if k != "tokens_per_s"} | {"tokens_per_s": r["tokens_per_s"]}
-        for h, r in zip(full_history[2:], resumed_history, strict=True)]
+        for h, r in zip(full_history[2:], resumed_history, strict=True)
+    ]
     for a, b in zip(params(full.unwrapped_policy), params(resumed.unwrapped_policy), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(params(full.unwrapped_discriminator),
-                    params(resumed.unwrapped_discriminator), strict=True):
+    for a, b in zip(
+        params(full.unwrapped_discriminator), params(resumed.unwrapped_discriminator), strict=True
+    ):
         assert torch.equal(a, b)
     steps = [t.g_opt.state_dict()["state"][0]["step"] for t in (full, resumed)]
     assert steps[0] == steps[1]
@@ -149,8 +195,11 @@ def test_generator_ema_is_the_moving_average_of_the_generator(demos, tmp_path):
         trainer.step()
         live = params(trainer.unwrapped_policy.model)
         # torch's AveragedModel starts from the weights after the first step.
-        expected = live if expected is None else \
-            [decay * e + (1 - decay) * p for e, p in zip(expected, live, strict=True)]
+        expected = (
+            live
+            if expected is None
+            else [decay * e + (1 - decay) * p for e, p in zip(expected, live, strict=True)]
+        )
     averaged = params(trainer.evaluation_model)
     for e, a in zip(expected, averaged, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
@@ -177,8 +226,7 @@ def test_adam_beta1_reaches_both_optimisers(demos):
     for opt in (trainer.g_opt, trainer.d_opt):
         assert all(group["betas"] == (0.0, 0.999) for group in opt.param_groups)
         # Without momentum Adam's first moment is the last gradient itself.
-        param = next(p for group in opt.param_groups for p in group["params"]
-                     if p.grad is not None)
+        param = next(p for group in opt.param_groups for p in group["params"] if p.grad is not None)
         torch.testing.assert_close(opt.state[param]["exp_avg"], param.grad)
     assert make_trainer("gumbel", demos).g_opt.param_groups[0]["betas"] == (0.9, 0.999)
 
@@ -188,12 +236,18 @@ def test_fsdp1_is_refused_with_a_clear_message(demos):
     # plugin are what the trainer reads. FSDP2 runs in test_distributed.py.
     from accelerate.utils import DistributedType
 
-    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP,
-                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    fsdp1 = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)),
+    )
     generator = make_trainer("sft", demos).unwrapped_policy.model
     with pytest.raises(NotImplementedError, match="supports FSDP2 only.*version 1"):
-        RLGAFTrainer(RLGAFConfig(mode="sft", batch_size=4, minibatch_size=4), generator,
-                     demonstrations=demos, accelerator=fsdp1)
+        RLGAFTrainer(
+            RLGAFConfig(mode="sft", batch_size=4, minibatch_size=4),
+            generator,
+            demonstrations=demos,
+            accelerator=fsdp1,
+        )
 
 
 def test_resume_warns_about_a_changed_config_or_missing_random_state(demos, tmp_path):
@@ -223,8 +277,15 @@ def test_a_crafted_optimizer_file_cannot_run_code(demos, tmp_path):
 
 @pytest.mark.parametrize("mode", ["sft", "ppo"])
 def test_g_steps_draw_fresh_batches_and_the_schedule_counts_iterations(mode, demos):
-    trainer = make_trainer(mode, demos, total_steps=4, g_steps=2, lr_schedule="linear",
-                           generator_ema=0.5, mle_coef=0.1 if mode == "ppo" else 0.0)
+    trainer = make_trainer(
+        mode,
+        demos,
+        total_steps=4,
+        g_steps=2,
+        lr_schedule="linear",
+        generator_ema=0.5,
+        mle_coef=0.1 if mode == "ppo" else 0.0,
+    )
     drawn = []
     draw = trainer.demos.batch
     trainer.demos.batch = lambda size, seed: drawn.append(seed) or draw(size, seed)
@@ -240,26 +301,43 @@ def test_generator_dropout_is_off_unless_asked_for(demos):
 
     def gpt2():
         torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
-                                          n_positions=32, pad_token_id=PAD, eos_token_id=1))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=16,
+                n_layer=1,
+                n_head=2,
+                n_positions=32,
+                pad_token_id=PAD,
+                eos_token_id=1,
+            )
+        )
 
     def dropouts(model):
         return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
 
     config = dict(mode="reinforce", batch_size=4, minibatch_size=4, max_new_tokens=4)
-    trainer = RLGAFTrainer(RLGAFConfig(**config), gpt2(), build_transformer_discriminator(
-        VOCAB, hidden_size=16, num_layers=1, num_heads=2), demos)
+    trainer = RLGAFTrainer(
+        RLGAFConfig(**config),
+        gpt2(),
+        build_transformer_discriminator(VOCAB, hidden_size=16, num_layers=1, num_heads=2),
+        demos,
+    )
     model = trainer.unwrapped_policy.model
     assert dropouts(model) and set(dropouts(model)) == {0.0}
     # Without dropout the same weights give the same log-probabilities twice, so PPO's ratio
     # starts at 1.
     batch = trainer.rollout()
     model.train()
-    torch.testing.assert_close(trainer._token_logprobs(model, batch),
-                               trainer._token_logprobs(model, batch), rtol=0, atol=0)
-    kept = RLGAFTrainer(RLGAFConfig(**config, disable_dropout=False), gpt2(),
-                        build_transformer_discriminator(VOCAB, hidden_size=16, num_layers=1,
-                                                        num_heads=2), demos)
+    torch.testing.assert_close(
+        trainer._token_logprobs(model, batch), trainer._token_logprobs(model, batch), rtol=0, atol=0
+    )
+    kept = RLGAFTrainer(
+        RLGAFConfig(**config, disable_dropout=False),
+        gpt2(),
+        build_transformer_discriminator(VOCAB, hidden_size=16, num_layers=1, num_heads=2),
+        demos,
+    )
     assert set(dropouts(kept.unwrapped_policy.model)) == {0.1}
 
 
@@ -267,8 +345,13 @@ def test_checkpoint_files_are_safe_formats(demos, tmp_path):
     trainer = make_trainer("ppo", demos)
     path = trainer.save_checkpoint(tmp_path / "ckpt")
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["discriminator.safetensors", "generator.safetensors", "optimizer.pt",
-                     "rng-0.pt", "trainer_state.json"]
+    assert names == [
+        "discriminator.safetensors",
+        "generator.safetensors",
+        "optimizer.pt",
+        "rng-0.pt",
+        "trainer_state.json",
+    ]
     torch.load(path / "optimizer.pt", weights_only=True)  # tensors and plain values only
 
 
@@ -291,19 +374,34 @@ def test_mle_coef_adds_the_demonstrations_likelihood(mode, demos):
 
 def test_mode_requirements_are_clear(demos):
     with pytest.raises(ValueError, match="discriminator"):
-        RLGAFTrainer(RLGAFConfig(mode="ppo", batch_size=4, minibatch_size=4),
-                     make_trainer("sft", demos).unwrapped_policy.model, None, demos)
+        RLGAFTrainer(
+            RLGAFConfig(mode="ppo", batch_size=4, minibatch_size=4),
+            make_trainer("sft", demos).unwrapped_policy.model,
+            None,
+            demos,
+        )
     with pytest.raises(ValueError, match="reward_fn"):
-        RLGAFTrainer(RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4),
-                     make_trainer("sft", demos).unwrapped_policy.model, None, demos)
+        RLGAFTrainer(
+            RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4),
+            make_trainer("sft", demos).unwrapped_policy.model,
+            None,
+            demos,
+        )
     with pytest.raises(ValueError, match="mle_coef"):
-        RLGAFTrainer(RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4, mle_coef=1.0),
-                     make_trainer("sft", demos).unwrapped_policy.model, None, None, demos,
-                     reward_fn=lambda batch: batch.response_ids.float().sum(-1))
+        RLGAFTrainer(
+            RLGAFConfig(mode="rlhf", batch_size=4, minibatch_size=4, mle_coef=1.0),
+            make_trainer("sft", demos).unwrapped_policy.model,
+            None,
+            None,
+            demos,
+            reward_fn=lambda batch: batch.response_ids.float().sum(-1),
+        )
 
 
-OPS_OF_MODE = {"ppo": ("ppo_loss", "value_loss", "gae"),
-               "gumbel": ("gumbel_softmax", "gumbel_softmax_embedding")}
+OPS_OF_MODE = {
+    "ppo": ("ppo_loss", "value_loss", "gae"),
+    "gumbel": ("gumbel_softmax", "gumbel_softmax_embedding"),
+}
 
 
 # Tolerance of the fused-versus-reference comparison: the ops agree to ~1e-6 per call; over 20
@@ -318,20 +416,32 @@ def test_fused_kernels_give_the_same_training(mode, demos):
         pytest.skip(f"rlgaf_fast does not export {missing} yet")
     runs = {}
     for fused in (False, True):
-        trainer = make_trainer(mode, demos, total_steps=20, use_fused_kernels=fused,
-                               tau_start=0.7, tau_end=0.3, tau_schedule="linear")
+        trainer = make_trainer(
+            mode,
+            demos,
+            total_steps=20,
+            use_fused_kernels=fused,
+            tau_start=0.7,
+            tau_end=0.3,
+            tau_schedule="linear",
+        )
         runs[fused] = trainer.train()
     keys = ("g_loss", "d_loss", "reward", "kl")
     for step, (ref, fused) in enumerate(zip(runs[False], runs[True], strict=True)):
         for key in keys:
-            assert fused[key] == pytest.approx(ref[key], rel=PARITY_RTOL, abs=PARITY_ATOL), \
-                (step, key)
+            assert fused[key] == pytest.approx(ref[key], rel=PARITY_RTOL, abs=PARITY_ATOL), (
+                step,
+                key,
+            )
 
 
 def test_prompts_longer_than_the_positions_are_refused_or_truncated(demos):
     long = [{"prompt_ids": list(range(2, 30)) * 10, "response_ids": [3, 1]}]  # 280 tokens
-    with pytest.raises(ValueError, match=r"demonstrations \(280 tokens\) plus max_new_tokens \(6\) "
-                                         r"exceeds the generator's 256 positions"):
+    with pytest.raises(
+        ValueError,
+        match=r"demonstrations \(280 tokens\) plus max_new_tokens \(6\) "
+        r"exceeds the generator's 256 positions",
+    ):
         make_trainer("sft", long, batch_size=1, minibatch_size=1)
     trainer = make_trainer("sft", long, batch_size=1, minibatch_size=1, max_prompt_length=250)
     assert trainer.demos.longest_prompt == 250
