@@ -2,9 +2,9 @@
 of sequences whose bigram occurs in the 10,000 training demonstrations, for held-out oracle
 samples and for the warm start's own samples at temperatures 1.0 to 0.8 (5,000 each).
 
-    python docs/rlgaf_oracle/bigram_coverage.py \
-        --oracle ../shared/data/seqgan/target_params_py3.pkl --init runs/oracle/sft \
-        --out docs/rlgaf_oracle/bigram_coverage.json
+    python benchmarks/oracle/bigram_coverage.py \
+        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --out benchmarks/oracle/bigram_coverage.json
 """
 
 import argparse

@@ -9,8 +9,8 @@ With --d-fit-steps N, each row also gives the mean log-probability under the fea
 that run_oracle builds with d_fit_steps=N (the warm start fit N more steps to the
 demonstrations, seed 0), which the discriminator then reads instead.
 
-    python docs/rlgaf_oracle/lm_features.py --oracle ../shared/data/seqgan/target_params_py3.pkl \
-        --init runs/oracle/sft --out docs/rlgaf_oracle/lm_features.json
+    python benchmarks/oracle/lm_features.py --oracle SeqGAN/save/target_params_py3.pkl \
+        --init runs/oracle/sft --out benchmarks/oracle/lm_features.json
 """
 
 import argparse

@@ -7,9 +7,9 @@ If a model of the oracle's shape fitted the demonstrations better than the warm 
 LMDiscriminator on it would know more than the warm start; SeqGAN's MLE figure (9.038) also
 came from such an LSTM.
 
-    python docs/rlgaf_oracle/lstm_control.py \
-        --oracle ../shared/data/seqgan/target_params_py3.pkl --init runs/oracle/sft \
-        --out docs/rlgaf_oracle/seeds/lstm-control.json
+    python benchmarks/oracle/lstm_control.py \
+        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --out benchmarks/oracle/seeds/lstm-control.json
 """
 
 import argparse

@@ -4,9 +4,9 @@ demonstrations as a 300-iteration ``ppo`` run makes (2 epochs of 2 minibatches: 
 
 It tells how much of an ``mle_coef`` run's result the extra MLE alone would give.
 
-    python docs/rlgaf_oracle/mle_continuation.py \
-        --oracle ../shared/data/seqgan/target_params_py3.pkl --init runs/oracle/sft \
-        --out docs/rlgaf_oracle/seeds/mle-continuation-control.json
+    python benchmarks/oracle/mle_continuation.py \
+        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --out benchmarks/oracle/seeds/mle-continuation-control.json
 """
 
 import argparse

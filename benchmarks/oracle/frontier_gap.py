@@ -5,7 +5,7 @@ warm start, and its NLL_test minus the frontier's at the same NLL_oracle. The fr
 warm start sampled at temperatures 0.8 to 1.2 (lm_features.json), interpolated linearly. A
 negative gap is a run that got ahead of simply cooling the warm start.
 
-    python docs/rlgaf_oracle/frontier_gap.py docs/rlgaf_oracle/ppo docs/rlgaf_oracle/seeds/*
+    python benchmarks/oracle/frontier_gap.py benchmarks/oracle/ppo benchmarks/oracle/seeds/*
 """
 
 import argparse
