@@ -1,9 +1,10 @@
-"""Which cases each preset runs, and the targets (from the project's issues) they measure.
+"""Which cases each preset runs, and the performance targets they measure.
 
-tiny: seconds, for the pytest wrappers and dry runs. quick: this 2-core CPU machine in under
-3 minutes: the CPU targets of issues 2 and 3, and small sweeps over V and N for the plots.
-full: the sizes DESIGN.md lists (vocabularies 32000, 128256, 151936; 1k to 16k tokens; fp32 and
-bf16), cut to what fits the device's memory. goals: only the GPU targets (gpu_check.sh).
+tiny: seconds, for the pytest wrappers and dry runs. quick: a 2-core CPU machine in under
+3 minutes: the CPU targets of Gumbel-Softmax and the PPO losses, and small sweeps over V and N
+for the plots. full: the sizes of docs/design.md ("Benchmark protocol": vocabularies 32000,
+128256, 151936; 1k to 16k tokens; fp32 and bf16), cut to what fits the device's memory. goals:
+only the GPU targets (gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -45,9 +46,7 @@ CLIP_ENTROPY = "clip+entropy"
 
 
 def _gumbel_cpu_target() -> tuple[list[Case], list[Goal]]:
-    case = Case(
-        "gumbel_softmax", "fwd+bwd", 512, 32000, goal="issue 2: cpp >= 15x eager and >= 5x compile"
-    )
+    case = Case("gumbel_softmax", "fwd+bwd", 512, 32000, goal="cpp >= 15x eager and >= 5x compile")
     goals = [
         Goal(
             case.key,
@@ -55,7 +54,7 @@ def _gumbel_cpu_target() -> tuple[list[Case], list[Goal]]:
             "speedup_vs_eager",
             at_least=15,
             device="cpu",
-            text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 15x eager",
+            text="gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 15x eager",
         ),
         Goal(
             case.key,
@@ -63,7 +62,7 @@ def _gumbel_cpu_target() -> tuple[list[Case], list[Goal]]:
             "speedup_vs_compile",
             at_least=5,
             device="cpu",
-            text="issue 2: gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 5x compile",
+            text="gumbel_softmax [512, 32000] fp32 fwd+bwd, cpp >= 5x compile",
         ),
     ]
     return [case], goals
@@ -76,7 +75,7 @@ def _ppo_cpu_target() -> tuple[list[Case], list[Goal]]:
         2048,
         32000,
         variant=CLIP_ENTROPY,
-        goal="issue 3: cpp >= 8x eager, >= 3x compile, memory <= logits + grad + O(N)",
+        goal="cpp >= 8x eager, >= 3x compile, memory <= logits + grad + O(N)",
     )
     logits_and_grad = 2 * 2048 * 32000 * 4
     goals = [
@@ -86,7 +85,7 @@ def _ppo_cpu_target() -> tuple[list[Case], list[Goal]]:
             "speedup_vs_eager",
             at_least=8,
             device="cpu",
-            text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 8x eager",
+            text="ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 8x eager",
         ),
         Goal(
             case.key,
@@ -94,7 +93,7 @@ def _ppo_cpu_target() -> tuple[list[Case], list[Goal]]:
             "speedup_vs_compile",
             at_least=3,
             device="cpu",
-            text="issue 3: ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 3x compile",
+            text="ppo_loss [2048, 32000] fp32 fwd+bwd, cpp >= 3x compile",
         ),
         # the logits are an input, not counted in the extra bytes: grad + O(N) remain
         Goal(
@@ -103,7 +102,7 @@ def _ppo_cpu_target() -> tuple[list[Case], list[Goal]]:
             "peak_bytes",
             at_most=logits_and_grad / 2 + 2048 * 256,
             device="cpu",
-            text="issue 3: ppo_loss cpp extra peak memory <= the gradient + O(N)",
+            text="ppo_loss cpp extra peak memory <= the gradient + O(N)",
         ),
     ]
     return [case], goals
@@ -117,7 +116,7 @@ def _embedding_memory(n_values: tuple[int, ...], d: int) -> tuple[list[Case], li
             n,
             128256,
             d,
-            goal="issue 2: extra memory grows with N*D, not N*V",
+            goal="extra memory grows with N*D, not N*V",
         )
         for n in n_values
     ]
@@ -128,7 +127,7 @@ def _embedding_memory(n_values: tuple[int, ...], d: int) -> tuple[list[Case], li
             FUSED,
             "peak_bytes",
             at_most=c.n * c.d * 4 * 4 + (1 << 20),
-            text=f"issue 2: gumbel_softmax_embedding N={c.n}, V=128256: extra memory "
+            text=f"gumbel_softmax_embedding N={c.n}, V=128256: extra memory "
             f"O(N*D) (N*V*4 = {c.n * c.v * 4 / 2**20:.0f} MiB)",
         )
         for c in cases
@@ -141,7 +140,7 @@ def _fused_linear_target(
 ) -> tuple[list[Case], list[Goal]]:
     case = Case("fused_linear_ppo_loss", "fwd+bwd", n, v, h, dtype, CLIP_ENTROPY)
     if device == "cpu":
-        case = Case(**{**case.__dict__, "goal": "issue 3: <= 1/4 eager memory at <= 1.2x time"})
+        case = Case(**{**case.__dict__, "goal": "<= 1/4 eager memory at <= 1.2x time"})
         goals = [
             Goal(
                 case.key,
@@ -149,8 +148,7 @@ def _fused_linear_target(
                 "mem_ratio_vs_eager",
                 at_most=0.25,
                 device="cpu",
-                text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v}: <= 1/4 of "
-                "eager peak memory",
+                text=f"fused_linear_ppo_loss N={n}, H={h}, V={v}: <= 1/4 of eager peak memory",
             ),
             Goal(
                 case.key,
@@ -158,13 +156,11 @@ def _fused_linear_target(
                 "time_ratio_vs_eager",
                 at_most=1.2,
                 device="cpu",
-                text="issue 3: ... at <= 1.2x eager's time",
+                text="... at <= 1.2x eager's time",
             ),
         ]
     else:
-        case = Case(
-            **{**case.__dict__, "goal": "issue 3: <= 1.15x its matmuls, <= 1/5 eager memory"}
-        )
+        case = Case(**{**case.__dict__, "goal": "<= 1.15x its matmuls, <= 1/5 eager memory"})
         goals = [
             Goal(
                 case.key,
@@ -172,7 +168,7 @@ def _fused_linear_target(
                 "time_ratio_vs_matmuls",
                 at_most=1.15,
                 device="cuda",
-                text=f"issue 3: fused_linear_ppo_loss N={n}, H={h}, V={v} {dtype}: <= "
+                text=f"fused_linear_ppo_loss N={n}, H={h}, V={v} {dtype}: <= "
                 "1.15x the time of its three matrix products",
             ),
             Goal(
@@ -181,7 +177,7 @@ def _fused_linear_target(
                 "mem_ratio_vs_eager",
                 at_most=0.2,
                 device="cuda",
-                text="issue 3: ... with <= 1/5 of eager's peak memory",
+                text="... with <= 1/5 of eager's peak memory",
             ),
         ]
     return [case], goals
@@ -194,7 +190,7 @@ def _gpu_targets() -> tuple[list[Case], list[Goal]]:
         8192,
         128256,
         dtype="bfloat16",
-        goal="issue 2: >= 85% of copy bandwidth",
+        goal=">= 85% of copy bandwidth",
     )
     ppo = Case(
         "ppo_loss",
@@ -203,7 +199,7 @@ def _gpu_targets() -> tuple[list[Case], list[Goal]]:
         128256,
         dtype="bfloat16",
         variant=CLIP_ENTROPY,
-        goal="issue 3: >= 85% of copy bandwidth",
+        goal=">= 85% of copy bandwidth",
     )
     goals = [
         Goal(
@@ -212,7 +208,7 @@ def _gpu_targets() -> tuple[list[Case], list[Goal]]:
             "fraction_of_ceiling",
             at_least=0.85,
             device="cuda",
-            text="issue 2: gumbel_softmax [8192, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
+            text="gumbel_softmax [8192, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
         ),
         Goal(
             ppo.key,
@@ -220,7 +216,7 @@ def _gpu_targets() -> tuple[list[Case], list[Goal]]:
             "fraction_of_ceiling",
             at_least=0.85,
             device="cuda",
-            text="issue 3: ppo_loss [16384, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
+            text="ppo_loss [16384, 128256] bf16 fwd+bwd >= 85% of copy bandwidth",
         ),
     ]
     linear_cases, linear_goals = _fused_linear_target(8192, 4096, 128256, "bfloat16", "cuda")
@@ -272,7 +268,7 @@ def quick() -> tuple[list[Case], list[Goal]]:
 
 
 def full(device: str) -> tuple[list[Case], list[Goal]]:
-    """DESIGN.md's sizes; on a CPU, the token counts stop at 4096 (the eager reference would
+    """docs/design.md's sizes; on a CPU, the token counts stop at 4096 (the eager reference would
     need tens of GiB beyond; cases that still do not fit are skipped), the embedding ops use
     N=1024 and D=256 (a CPU matmul of D=1024 takes minutes), and bf16 is left out of the CPU
     sweeps except one size. On this 2-core machine it runs for an hour or more."""
