@@ -617,7 +617,7 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
 _INTERPRETER_CHUNK = 64
 
 
-# The fused embedding's memory beyond its float32 [N, D] output stays O(N * D), within issue 2's
+# The fused embedding's memory beyond its float32 [N, D] output stays O(N * D), within the memory
 # goal on a GPU (N * D * 16 bytes + 1 MiB, for D >= 256): the probabilities workspace takes at
 # most max(N * D, 256 * N, _MIN_WORKSPACE) elements and the split product's partial sums at most
 # max(2 * N * D, _MIN_WORKSPACE), 4 bytes each (a 16-bit p is stored as two halves).

@@ -1,4 +1,4 @@
-"""Counter-based Gumbel noise for Triton kernels: the randomness contract of DESIGN.md.
+"""Counter-based Gumbel noise for Triton kernels: the randomness contract (docs/design.md).
 
 Element (row r, column c) uses Philox4x32-10 keyed by (seed & 0xffffffff, seed >> 32) with counter
 (c >> 2, r & 0xffffffff, r >> 32, 0) and takes output word c & 3; u = (2 * (word >> 9) + 1) * 2^-24

@@ -1,4 +1,4 @@
-// Fused C++ CPU kernels of the Gumbel-Softmax family: the kernel contract of issue 2
+// Fused C++ CPU kernels of the Gumbel-Softmax family: the kernel contract of docs/design.md
 // (forward, backward, backward from logits, and the fused Gumbel-Softmax -> embedding forward and
 // backward). Inputs arrive 2-D and contiguous from the Python op layer; the checks here are the
 // last line of defence.

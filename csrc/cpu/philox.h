@@ -1,4 +1,4 @@
-// Counter-based Gumbel noise of the randomness contract (DESIGN.md, rlgaf_fast/reference.py):
+// Counter-based Gumbel noise of the randomness contract (docs/design.md, reference.py):
 // element (row r, column c) uses Philox4x32-10 with key (seed & 0xffffffff, seed >> 32) and
 // counter (c >> 2, r & 0xffffffff, r >> 32, 0), takes output word c & 3,
 // u = (2 * (word >> 9) + 1) * 2^-24 in (0, 1) and g = -log(-log(u)) in float32.

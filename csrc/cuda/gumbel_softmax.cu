@@ -1,6 +1,6 @@
 // CUDA kernels of the Gumbel-Softmax family, registered as torch.ops.rlgaf_fast_cuda.*.
 //
-// Kernel contract: see DESIGN.md and the op layer (rlgaf_fast/ops/). Inputs arrive 2-D and
+// Kernel contract: see docs/design.md and the op layer (rlgaf_fast/ops/). Inputs arrive 2-D and
 // contiguous; arithmetic is float32 (float64 for float64 logits); the Gumbel noise of element
 // (row r, column c) is Philox4x32-10 keyed by the seed with counter (c >> 2, r_lo, r_hi, 0),
 // word c & 3, exactly as rlgaf_fast/reference.py. One Philox call gives the noise of four

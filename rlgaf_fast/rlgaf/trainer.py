@@ -1,6 +1,6 @@
 """RLGAFTrainer: adversarial RL fine-tuning of a causal LM against a discriminator.
 
-One iteration (``step``), as DESIGN.md's training loop:
+One iteration (``step``), as in docs/design.md ("Training loop"):
   1. roll out responses to prompts from the generator;
   2. the discriminator scores them; the score is the reward, plus a KL penalty to a frozen
      reference; the generator is updated by PPO (value head, GAE), REINFORCE (baseline), or, in

@@ -319,7 +319,7 @@ def test_embedding_gradient_in_low_precision_is_the_exact_one_rounded(backend, d
     no 16-bit intermediate, such as the output, whose product with grad_out enters every entry
     (a 16-bit output made the gradient worse than torch's in that dtype)."""
     if _interpreted(backend) and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter computes tl.dot of bf16 operands wrongly (DESIGN.md)")
+        pytest.skip("Triton's interpreter gets tl.dot of bf16 operands wrong (docs/design.md)")
     dev = _device(backend)
     torch.manual_seed(4)
     for seed in range(5):
@@ -349,7 +349,7 @@ def test_embedding_gradient_in_low_precision_is_the_exact_one_rounded(backend, d
 )
 def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch, n, d, dtype):
     """What the Triton forward allocates with its GPU configuration (chunk width, split), the
-    kernels not launched: within issue 2's goal (the benchmark's, on a GPU) of N * D * 16 bytes
+    kernels not launched: within the memory goal (the benchmark's, on a GPU) of N * D * 16 bytes
     + 1 MiB beyond the inputs, at V = 128256."""
     from rlgaf_fast.kernels import gumbel_softmax as gs
 
@@ -463,7 +463,7 @@ def test_embedding_float32_and_float64_mixed_match_reference(backend, logits_dty
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_embedding_mixed_dtypes_and_empty_batch(backend):
     if _interpreted(backend):
-        pytest.skip("the Triton interpreter computes tl.dot of bf16 operands wrongly (DESIGN.md)")
+        pytest.skip("Triton's interpreter gets tl.dot of bf16 operands wrong (docs/design.md)")
     dev = _device(backend)
     x = _logits(3, 40, torch.float32, backend)
     w = torch.randn(40, 8, device=dev, dtype=torch.bfloat16)
