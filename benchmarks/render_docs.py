@@ -140,7 +140,7 @@ def _run_section(path: Path, doc: dict, out: Path) -> list[str]:
     if train.exists():
         lines += _train_section(report.load(train))
     source = os.path.relpath(path, out.parent)
-    lines += [f"Source: [{path.relative_to(ROOT)}]({source}).", ""]
+    lines += [f"Source: [{path.name}]({source}).", ""]
     return lines
 
 
