@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlgaf_fast.rlgaf.modes import MODE_NAMES
+
 # ---------------------------------------------------------------------- rlgaf-fast train
 
 TINY_PRESET: dict[str, Any] = {
@@ -82,6 +84,7 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
     ``overrides`` (RLGAFConfig fields) replace the trainer section's values."""
     from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
     from rlgaf_fast.rlgaf.data import synthetic_examples
+    from rlgaf_fast.rlgaf.modes import mode_spec
 
     trainer_values = spec.get("trainer") or {}
     if not isinstance(trainer_values, dict):
@@ -105,8 +108,9 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
     if "generator" not in spec:
         raise ValueError("the config needs a generator section (name_or_path or config)")
     generator = _build_model(spec["generator"], "causal_lm", pad_id)
+    mode = mode_spec(config.mode)
     discriminator = None
-    if config.mode in ("ppo", "reinforce", "gumbel"):
+    if mode.discriminator:
         if "discriminator" not in spec:
             raise ValueError(f"mode {config.mode!r} needs a discriminator section in the config")
         discriminator = _build_model(spec["discriminator"], "classifier", pad_id)
@@ -123,9 +127,11 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
     else:
         demonstrations = data.get("demonstrations")
     reward_fn = None
-    if config.mode == "rlhf":
+    if mode.reward_fn:
         if "reward_model" not in spec:
-            raise ValueError("mode 'rlhf' needs a reward_model section (name_or_path or config)")
+            raise ValueError(
+                f"mode {config.mode!r} needs a reward_model section (name_or_path or config)"
+            )
         reward_fn = _reward_model_fn(_build_model(spec["reward_model"], "classifier", pad_id))
     return RLGAFTrainer(
         config,
@@ -146,7 +152,7 @@ def _reward_model_fn(model):
     import torch
 
     from rlgaf_fast.rlgaf.discriminator import token_sequences
-    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
+    from rlgaf_fast.rlgaf.models import DiscriminatorOnSequences
 
     scorer = DiscriminatorOnSequences(model.requires_grad_(False).eval())
     device = None  # where the scorer is: moved once, as moving walks every parameter
@@ -210,7 +216,7 @@ def add_train_parser(subparsers: Any) -> None:
         help="built-in config: a config-built model on "
         "generated data (about a minute); --config then overrides its sections",
     )
-    p.add_argument("--mode", choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
+    p.add_argument("--mode", choices=MODE_NAMES)
     p.add_argument("--steps", type=int, help="override trainer.total_steps")
     p.add_argument("--out", help="output directory (logs, checkpoints)")
     p.add_argument("--resume", help="checkpoint directory to continue from")
@@ -227,7 +233,7 @@ def run_oracle_command(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from rlgaf_fast.rlgaf.oracle import PRESETS, check_discriminator, run_oracle
+    from rlgaf_fast.bench.oracle import PRESETS, check_discriminator, run_oracle
 
     _set_threads(args.threads)
     preset = PRESETS[args.preset]
@@ -277,7 +283,7 @@ def add_oracle_parser(subparsers: Any) -> None:
         "OUT/metrics.json, OUT/samples.txt and OUT/curves.png.",
     )
     p.add_argument("--oracle", required=True, help="target_params_py3.pkl")
-    p.add_argument("--mode", required=True, choices=["sft", "ppo", "reinforce", "gumbel", "rlhf"])
+    p.add_argument("--mode", required=True, choices=MODE_NAMES)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
     p.add_argument("--init", help="directory of an sft run to warm-start from (else train one)")

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from rlgaf_fast.rlgaf.oracle import OracleLSTM, load_warm_start, oracle_data, sample_generator
+from rlgaf_fast.bench.oracle import OracleLSTM, load_warm_start, oracle_data, sample_generator
 
 
 def coverage(tokens: torch.Tensor, seen: set[tuple[int, int]]) -> float:

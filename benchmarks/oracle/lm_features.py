@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from rlgaf_fast.rlgaf.oracle import (
+from rlgaf_fast.bench.oracle import (
     PRESETS,
     START_TOKEN,
     OracleLSTM,

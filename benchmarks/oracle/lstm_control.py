@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlgaf_fast.rlgaf.oracle import (
+from rlgaf_fast.bench.oracle import (
     HIDDEN,
     SEQ_LEN,
     START_TOKEN,

@@ -14,8 +14,7 @@ import json
 
 import torch
 
-from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
-from rlgaf_fast.rlgaf.oracle import (
+from rlgaf_fast.bench.oracle import (
     OracleLSTM,
     copied_fraction,
     evaluate,
@@ -23,6 +22,7 @@ from rlgaf_fast.rlgaf.oracle import (
     oracle_data,
     oracle_examples,
 )
+from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """RLGAF: adversarial RL fine-tuning of a causal LM against a discriminator.
 
 ``RLGAFConfig`` holds the knobs, ``RLGAFTrainer`` runs the loop (modes sft, ppo, reinforce,
-gumbel, rlhf), ``oracle`` holds the SeqGAN synthetic benchmark.
+gumbel, rlhf: the table in ``modes``), ``checkpoint`` saves and restores it. The SeqGAN synthetic
+benchmark is ``rlgaf_fast.bench.oracle``.
 """
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("sft", "ppo", "reinforce", "gumbel", "rlhf")
+from rlgaf_fast.rlgaf.modes import MODE_NAMES
+
+MODES = MODE_NAMES  # the table in modes.py says what each needs
 REWARD_TYPES = ("log_d", "neg_log_1m_d", "logit")
 TAU_SCHEDULES = ("constant", "linear", "exponential")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -24,7 +26,7 @@ class RLGAFConfig:
     mode: ``sft`` (MLE on the demonstrations), ``ppo`` (discriminator reward, value head, GAE,
     clipped PPO), ``reinforce`` (discriminator reward, baseline, no critic), ``gumbel``
     (Gumbel-Softmax relaxation, discriminator gradient flows into the generator), ``rlhf``
-    (PPO against a fixed reward function or reward model).
+    (PPO against a fixed reward function or reward model); see modes.py for what each needs.
     """
 
     mode: str = "ppo"

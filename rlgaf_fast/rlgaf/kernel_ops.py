@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+from torch import Tensor
+
 from rlgaf_fast import reference
 
 OP_NAMES = (
@@ -18,16 +21,30 @@ OP_NAMES = (
 )
 
 
+def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / temperature)`` at ``actions``: float32 ``[...]`` from logits
+    ``[..., V]`` and token ids ``[...]``, differentiable (callers that need no gradient call it
+    under ``no_grad``).
+
+    Computed as the reference PPO loss computes its log-probabilities (float64 logits stay
+    float64 until the end), so that log-probabilities taken here and inside the loss agree.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    return all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).float()
+
+
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
     """A namespace with the six ops the loop uses: from ``rlgaf_fast`` (fused, backend "auto")
-    when ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``."""
+    when ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``; and
+    ``token_logprobs``, plain PyTorch either way (rlgaf_fast has no fused one)."""
     if not use_fused_kernels:
-        return SimpleNamespace(**{name: getattr(reference, name) for name in OP_NAMES})
-    import rlgaf_fast
+        ops = {name: getattr(reference, name) for name in OP_NAMES}
+    else:
+        import rlgaf_fast
 
-    return SimpleNamespace(
-        **{name: getattr(rlgaf_fast, name, None) or _missing(name) for name in OP_NAMES}
-    )
+        ops = {name: getattr(rlgaf_fast, name, None) or _missing(name) for name in OP_NAMES}
+    return SimpleNamespace(**ops, token_logprobs=token_logprobs)
 
 
 def _missing(name: str):

@@ -7,18 +7,17 @@ One iteration (``step``), as in docs/design.md ("Training loop"):
      the Gumbel mode, by the discriminator's gradient through soft one-hot tokens;
   3. the discriminator is updated on demonstrations versus the fresh generations.
 ``sft`` (MLE on the demonstrations) and ``rlhf`` (PPO against a fixed reward function) are the
-baselines. ``config.use_fused_kernels`` swaps rlgaf_fast's fused ops in for their references
+baselines. What each mode needs, and which update it runs, is the table in modes.py; the
+pieces the trainer is built from come from build.py, and its checkpoints from checkpoint.py.
+``config.use_fused_kernels`` swaps rlgaf_fast's fused ops in for their references
 (kernel_ops.py); nothing else changes. Processes and devices come from ``accelerate``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from rlgaf_fast.rlgaf import checkpoint
+from rlgaf_fast.rlgaf.build import (
+    build_models,
+    build_optimizers,
+    build_samplers,
+    check_inputs,
+    open_logs,
+    special_tokens,
+)
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import (
     STREAM_DEMOS,
@@ -37,85 +45,23 @@ from rlgaf_fast.rlgaf.data import (
     STREAM_SAMPLING,
     STREAM_SHUFFLE,
     Batch,
-    ExampleSampler,
-    load_examples,
     step_seed,
     torch_generator,
 )
 from rlgaf_fast.rlgaf.discriminator import (
-    discriminator_logit,
-    left_aligned_inputs,
     reward_from_logit,
     sequences_for_discriminator,
     stack_batches,
     token_sequences,
 )
 from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
+from rlgaf_fast.rlgaf.models import PolicyWithValue
+from rlgaf_fast.rlgaf.modes import mode_spec
+from rlgaf_fast.rlgaf.parallel import make_accelerator, optimizer_step, prepare, unsharded
 from rlgaf_fast.rlgaf.rollout import generate, response_slice, sequence_inputs
 
 # reward_fn(batch) -> [B] float tensor: the sequence-level reward of the rlhf mode.
 RewardFn = Callable[[Batch], Tensor]
-
-
-class PolicyWithValue(nn.Module):
-    """The generator LM and, for PPO, a scalar value head on its last hidden state. One module,
-    so that one DDP wrapper synchronises both."""
-
-    def __init__(self, model: nn.Module, with_value_head: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.value_head = None
-        if with_value_head:
-            hidden = model.get_input_embeddings().weight.shape[1]
-            self.value_head = nn.Linear(hidden, 1)
-            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden))
-            nn.init.zeros_(self.value_head.bias)
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """``(logits [B, L, V], values [B, L] or None)``."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=self.value_head is not None,
-        )
-        values = None
-        if self.value_head is not None:
-            # [B, L, 1] -> [B, L] as a tensor of its own: FSDP2 warns about outputs that are
-            # views, whose in-place changes would skip its backward hooks.
-            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1).clone()
-        return out.logits, values
-
-
-class DiscriminatorOnSequences(nn.Module):
-    """The discriminator, reading left-aligned sequences ``[B, L]`` of token ids (embedded here)
-    or ``[B, L, D]`` embeddings, with their mask; returns the real logit ``[B]``.
-
-    The embedding lookup sits inside this module's forward so that the data-parallel wrapper
-    sees every use of the discriminator's weights: FSDP reduces a parameter's gradient only for
-    uses inside the forward it wraps.
-    """
-
-    def __init__(self, discriminator: nn.Module) -> None:
-        super().__init__()
-        self.discriminator = discriminator
-        config = getattr(discriminator, "config", None)
-        if config is not None and hasattr(config, "pad_token_id") and config.pad_token_id is None:
-            # transformers' classifiers refuse batches without a pad token id, which they use
-            # only to find the last token of input_ids; given left-aligned embeddings they
-            # read the last position, whatever the id.
-            config.pad_token_id = 0
-
-    def forward(self, values: Tensor, mask: Tensor) -> Tensor:
-        if not values.is_floating_point():
-            values = self.discriminator.get_input_embeddings()(values)
-        with left_aligned_inputs(self.discriminator):
-            logit = discriminator_logit(self.discriminator, values, mask)
-        # Not a view of the discriminator's [B, 1] output (FSDP2 warns about views, as above).
-        return logit.clone()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -127,24 +73,6 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
-# Config fields a resumed run may change without changing what it computes.
-_RESUMABLE_CHANGES = {"output_dir", "log_every", "save_every", "tensorboard", "progress_bar"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -180,28 +108,15 @@ class RLGAFTrainer:
         eval_fn: Callable[[RLGAFTrainer], dict] | None = None,
         accelerator: Any = None,
     ) -> None:
-        from accelerate import Accelerator
-
         config.validate()
         self.config = config
+        self.mode = config.mode
+        self.spec = mode_spec(config.mode)
         self.ops = kernel_ops(config.use_fused_kernels)
-        if accelerator is None:
-            # cpu=True on a machine without CUDA makes several processes run DDP over gloo.
-            accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.fsdp = getattr(accelerator, "distributed_type", None) == "FSDP"
-        if self.fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
-            # FSDP1 flattens the wrapped modules' weights; rollouts, the weight average and the
-            # checkpoints read them through FSDP2's unshard() instead.
-            raise NotImplementedError(
-                "RLGAFTrainer supports FSDP2 only (accelerate launch --use_fsdp "
-                "--fsdp_version 2); got FSDP version "
-                f"{accelerator.state.fsdp_plugin.fsdp_version}"
-            )
-        self.accelerator = accelerator
+        self.accelerator, self.fsdp = make_accelerator(accelerator)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        self.mode = config.mode
         self.step_count = 0
         self.reward_baseline: float | None = None
         self.eval_fn = eval_fn
@@ -210,263 +125,115 @@ class RLGAFTrainer:
         # any) follow config.seed. Batches and samples use their own per-step seeds.
         torch.manual_seed(config.seed)
 
-        # Special tokens: explicit arguments, else the tokenizer's, else the model config's.
-        for source in (tokenizer, getattr(generator, "config", None)):
-            if eos_token_id is None and isinstance(getattr(source, "eos_token_id", None), int):
-                eos_token_id = source.eos_token_id
-            if pad_token_id is None and isinstance(getattr(source, "pad_token_id", None), int):
-                pad_token_id = source.pad_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
-
-        needs_discriminator = self.mode in ("ppo", "reinforce", "gumbel")
-        if needs_discriminator and discriminator is None:
-            raise ValueError(f"mode {self.mode!r} needs a discriminator")
-        if self.mode == "rlhf" and reward_fn is None:
-            raise ValueError("mode 'rlhf' needs reward_fn (a fixed reward function or model)")
-        if demonstrations is None and self.mode != "rlhf":
-            raise ValueError(f"mode {self.mode!r} needs demonstrations")
-        if demonstrations is None and config.mle_coef > 0:
-            raise ValueError(f"mle_coef > 0 (got {config.mle_coef}) needs demonstrations")
-        if demonstrations is None and prompts is None:
-            raise ValueError("give prompts (or demonstrations, whose prompts are used)")
-
-        lengths = (config.max_new_tokens, config.max_prompt_length)
-        self.demos = None
-        if demonstrations is not None:
-            self.demos = ExampleSampler(
-                load_examples(demonstrations, tokenizer, eos_token_id), self.pad_token_id, *lengths
-            )
-        self.prompts = self.demos
-        if prompts is not None:
-            self.prompts = ExampleSampler(
-                load_examples(prompts, tokenizer, eos_token_id), self.pad_token_id, *lengths
-            )
-        positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
-        samplers = {"demonstrations": self.demos}
-        if prompts is not None:  # else the prompts are the demonstrations', checked once
-            samplers["prompts"] = self.prompts
-        if isinstance(positions, int):
-            for name, sampler in samplers.items():
-                if (
-                    sampler is not None
-                    and sampler.longest_prompt + config.max_new_tokens > positions
-                ):
-                    raise ValueError(
-                        f"the longest prompt of the {name} ({sampler.longest_prompt} tokens) "
-                        f"plus max_new_tokens ({config.max_new_tokens}) exceeds the generator's "
-                        f"{positions} positions; set max_prompt_length (at most "
-                        f"{positions - config.max_new_tokens}) to keep the last tokens of each "
-                        f"prompt"
-                    )
-
-        # Models: the policy (with a value head for PPO), the discriminator, the reference.
-        if config.disable_dropout:
-            for module in generator.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
-                if isinstance(getattr(module, "attention_dropout", None), float):
-                    module.attention_dropout = 0.0  # Llama-style attention passes a float
-        self.policy = PolicyWithValue(generator, with_value_head=self.mode in ("ppo", "rlhf"))
-        uses_kl = config.kl_coef > 0 and self.mode != "sft"
-        if uses_kl and reference_model is None:
-            reference_model = copy.deepcopy(generator)
-        self.reference = reference_model
-        if self.reference is not None:
-            self.reference.requires_grad_(False).eval().to(self.device)
-        self.discriminator = (
-            DiscriminatorOnSequences(discriminator) if needs_discriminator else None
+        self.eos_token_id, self.pad_token_id = special_tokens(
+            tokenizer, generator, eos_token_id, pad_token_id
         )
-        self.ema = None
-        if config.generator_ema > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                generator,
-                device=self.device,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.generator_ema),
-            )
-            self.ema.requires_grad_(False).eval()
+        check_inputs(self.spec, config, discriminator, reward_fn, demonstrations, prompts)
+        self.demos, self.prompts = build_samplers(
+            config, generator, demonstrations, prompts, tokenizer, eos_token_id, self.pad_token_id
+        )
+        models = build_models(
+            self.spec, config, generator, discriminator, reference_model, self.device
+        )
+        optimizers = build_optimizers(config, models.policy, models.discriminator)
+        models, optimizers = prepare(self.accelerator, models, optimizers)
+        self.policy, self.discriminator, self.reference, self.ema = models
+        self.g_opt, self.g_sched, self.d_opt, self.d_sched = optimizers
+        self.log_writer, self.tensorboard = open_logs(config, self.is_main)
 
-        total = max(1, config.total_steps)
-        betas = (config.adam_beta1, 0.999)
-        self.g_opt = torch.optim.AdamW(
-            self.policy.parameters(),
-            lr=config.generator_lr,
-            betas=betas,
-            weight_decay=config.weight_decay,
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, num_steps: int | None = None) -> list[dict]:
+        """Run until ``config.total_steps`` (or ``num_steps`` more steps); log every step to
+        ``output_dir/log.jsonl`` (and TensorBoard), checkpoint every ``save_every`` steps."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        end = c.total_steps if num_steps is None else self.step_count + num_steps
+        history = []
+        bar = tqdm(
+            total=end,
+            initial=self.step_count,
+            desc=f"rlgaf {self.mode}",
+            disable=not (c.progress_bar and self.is_main),
+            dynamic_ncols=True,
         )
-        self.g_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.g_opt, lr_lambda(config.lr_schedule, config.warmup_steps, total)
-        )
-        self.d_opt = self.d_sched = None
+        while self.step_count < end:
+            logs = self.step()
+            history.append(logs)
+            self.log(logs)
+            bar.update(1)
+            bar.set_postfix(
+                {k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward") if k in logs}
+            )
+            if c.save_every and self.step_count % c.save_every == 0 and c.output_dir:
+                self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
+        bar.close()
+        return history
+
+    def step(self) -> dict:
+        """One iteration: ``g_steps`` generator updates then ``d_steps`` discriminator updates."""
+        c = self.config
+        start = time.perf_counter()
+        self.policy.train()
+        logs: dict[str, Any] = {}
+        fakes: list[Batch] = []
+        for g in range(c.g_steps):
+            out, batch = self.spec.update(self, g)  # sft_step, ppo_step, ... (modes.py)
+            if batch is not None:
+                fakes.append(batch)
+            logs.update(out)
+            if self.ema is not None:
+                with self.unsharded(self.policy):
+                    self.ema.update_parameters(self.unwrapped_policy.model)
+        # The schedule counts iterations (total_steps of them), whatever g_steps is.
+        self.g_sched.step()
         if self.discriminator is not None:
-            self.d_opt = torch.optim.AdamW(
-                self.discriminator.parameters(),
-                lr=config.discriminator_lr,
-                betas=betas,
-                weight_decay=config.discriminator_weight_decay,
-            )
-            self.d_sched = torch.optim.lr_scheduler.LambdaLR(self.d_opt, lambda _: 1.0)
-        # One model per prepare call: accelerate's FSDP2 takes no more.
-        self.policy, self.g_opt = self.accelerator.prepare(self.policy, self.g_opt)
-        if self.discriminator is not None:
-            self.discriminator, self.d_opt = self.accelerator.prepare(
-                self.discriminator, self.d_opt
-            )
+            for d in range(c.d_steps):
+                # The first discriminator steps use this iteration's rollouts (made before the
+                # generator update); any further ones get fresh generations.
+                fake = fakes[d] if d < len(fakes) else self.rollout(sub=c.g_steps + d)
+                logs.update(self.discriminator_step(fake, sub=d))
+        self.step_count += 1
+        elapsed = time.perf_counter() - start
+        logs["tokens_per_s"] = logs.pop("tokens", 0) * c.g_steps / elapsed
+        logs["lr"] = self.g_sched.get_last_lr()[0]
+        logs["step"] = self.step_count
+        eval_every = int(c.extra.get("eval_every", 0))
+        if self.eval_fn is not None and eval_every and self.step_count % eval_every == 0:
+            logs.update(self.eval_fn(self))
+        return logs
 
-        self.log_writer = None
-        self.tensorboard = None
-        if config.output_dir and self.is_main:
-            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            self.log_writer = open(Path(config.output_dir) / "log.jsonl", "a", encoding="utf-8")
-            if config.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:  # tensorboard is optional
-                    pass
-                else:
-                    self.tensorboard = SummaryWriter(str(Path(config.output_dir) / "tb"))
-
-    # ------------------------------------------------------------------ helpers
-
-    def _seed(self, stream: int, step: int | None = None, sub: int = 0) -> int:
-        step = self.step_count if step is None else step
-        return step_seed(self.config.seed, step, self.rank, stream, sub)
-
-    @property
-    def unwrapped_policy(self) -> PolicyWithValue:
-        return self.accelerator.unwrap_model(self.policy)
-
-    @property
-    def unwrapped_discriminator(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.discriminator).discriminator
-
-    @contextlib.contextmanager
-    def unsharded(self, *modules: nn.Module | None):
-        """Under FSDP, gathers the full weights of ``modules`` (and of their FSDP submodules)
-        for reads outside their forward, such as generation; does nothing otherwise. Every
-        process must enter it together."""
-        if not self.fsdp:
-            yield
+    def log(self, logs: dict) -> None:
+        """Append ``logs`` to ``output_dir/log.jsonl`` and TensorBoard every ``log_every``
+        steps (on the main process only)."""
+        if not self.is_main or self.step_count % self.config.log_every:
             return
-        from torch.distributed.fsdp import FSDPModule
+        if self.log_writer is not None:
+            self.log_writer.write(json.dumps(logs) + "\n")
+            self.log_writer.flush()
+        if self.tensorboard is not None:
+            for key, value in logs.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step_count)
 
-        modules = tuple(m for m in modules if isinstance(m, FSDPModule))
-        for module in modules:
-            # Make the outermost module FSDP's root before an inner one runs on its own (a
-            # decoder layer during generation), which would otherwise claim to be the root.
-            module._get_fsdp_state()._lazy_init()
-        sharded = [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
-        for m in sharded:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in sharded:
-                m.reshard()
+    # ------------------------------------------------------------------ checkpoints
 
-    @property
-    def evaluation_model(self) -> nn.Module:
-        """The generator to evaluate and ship: the weight average when ``generator_ema`` > 0,
-        else the live generator (under FSDP, sharded: use it inside
-        ``unsharded(trainer.policy)``)."""
-        return self.unwrapped_policy.model if self.ema is None else self.ema.module
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Save everything training needs to continue into directory ``path`` (see
+        checkpoint.py for its files); returns ``path``."""
+        return checkpoint.save_checkpoint(self, path)
 
-    def tau(self, step: int | None = None) -> float:
-        """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
-        ``tau_start`` at step 0 to ``tau_end`` at step ``total_steps``. As with learning-rate
-        schedules, the last update (step ``total_steps - 1``) uses the value one step short of
-        ``tau_end``."""
-        c = self.config
-        progress = min(1.0, (self.step_count if step is None else step) / max(1, c.total_steps))
-        if c.tau_schedule == "linear":
-            return c.tau_start + (c.tau_end - c.tau_start) * progress
-        if c.tau_schedule == "exponential":
-            return c.tau_start * (c.tau_end / c.tau_start) ** progress
-        return c.tau_start
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly."""
+        checkpoint.load_checkpoint(self, path, stacklevel=3)
 
-    def _check_finite(self, loss: Tensor, what: str) -> None:
-        if not torch.isfinite(loss).all():
-            # Steps are numbered as the log numbers them (from 1).
-            raise NonFiniteLossError(
-                f"non-finite {what} ({loss.item()}) at step {self.step_count + 1} "
-                f"(mode {self.mode!r}); stopped before its optimizer step, so every weight is "
-                "that of the last finite update"
-            )
-
-    def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        if self.config.max_grad_norm > 0 and self.fsdp:
-            # accelerate's FSDP branch finds the model by comparing parameter lists, which
-            # fails when two prepared models have as many tensors; torch's clipping takes the
-            # sharded (DTensor) gradients directly, after the unscaling that branch does.
-            self.accelerator.unscale_gradients(optimizer)
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
-        elif self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
-        optimizer.step()
-
-    def rollout(self, sub: int = 0, gumbel_seeds: list[int] | None = None) -> Batch:
-        """Responses of the current generator to a fresh batch of prompts."""
-        c = self.config
-        prompts = self.prompts.batch(c.batch_size, self._seed(STREAM_PROMPTS, sub=sub))
-        prompts = prompts.to(self.device)
-        sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
-        token_sampler = None
-        if gumbel_seeds is not None:
-
-            def token_sampler(logits: Tensor, t: int) -> Tensor:
-                # Gumbel-max: the hard Gumbel-Softmax sample's one-hot sits at argmax(x + g).
-                return self.ops.gumbel_softmax(logits, 1.0, True, seed=gumbel_seeds[t]).argmax(-1)
-
-        model = self.unwrapped_policy.model
-        was_training = model.training
-        model.eval()
-        with self.unsharded(self.policy):
-            batch = generate(
-                model,
-                prompts.prompt_ids,
-                prompts.prompt_mask,
-                c.max_new_tokens,
-                temperature=c.sample_temperature,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                generator=sampler,
-                token_sampler=token_sampler,
-            )
-        model.train(was_training)
-        return batch
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> Tensor:
-        """Sequence reward ``[B]``: reward_fn in ``rlhf``, else the discriminator's."""
-        if self.mode == "rlhf":
-            return self.reward_fn(batch).to(self.device).float()
-        self.discriminator.eval()  # rewards without dropout noise
-        logit = self.discriminator(*token_sequences(batch))
-        self.discriminator.train()
-        return reward_from_logit(logit, self.config.reward_type)
-
-    def _token_logprobs(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Log-probabilities ``[B, T]`` of the response tokens under ``model`` (no grad)."""
-        input_ids, attention_mask, position_ids = sequence_inputs(batch)
-        with torch.no_grad():
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).logits
-            logits = response_slice(logits, batch.prompt_ids.shape[1])
-            zeros = torch.zeros_like(batch.response_ids, dtype=torch.float32)
-            return self.ops.ppo_loss(
-                logits,
-                batch.response_ids,
-                zeros,
-                zeros,
-                batch.response_mask,
-                temperature=self.config.sample_temperature,
-            ).logprobs.float()
+    def close(self) -> None:
+        """Close the log files."""
+        if self.log_writer is not None:
+            self.log_writer.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     # ------------------------------------------------------------------ generator updates
 
@@ -508,10 +275,7 @@ class RLGAFTrainer:
         with torch.no_grad():
             logits, values = self.policy(*inputs)
             logits = response_slice(logits, prompt_len)
-            zeros = torch.zeros_like(actions, dtype=torch.float32)
-            old_logprobs = ops.ppo_loss(
-                logits, actions, zeros, zeros, mask, temperature=c.sample_temperature
-            ).logprobs.float()
+            old_logprobs = ops.token_logprobs(logits, actions, temperature=c.sample_temperature)
             old_values = response_slice(values, prompt_len)
             score = self.score(batch)
             rewards, kl = self._token_rewards(batch, old_logprobs, score)
@@ -577,7 +341,7 @@ class RLGAFTrainer:
         rewards = torch.zeros_like(logprobs)
         kl = 0.0
         if self.reference is not None and self.config.kl_coef > 0:
-            token_kl = (logprobs - self._token_logprobs(self.reference, batch)) * mask
+            token_kl = (logprobs - self._response_logprobs(self.reference, batch)) * mask
             rewards = rewards - self.config.kl_coef * token_kl
             kl = (token_kl.sum(-1)).mean().item()
         last = (batch.response_mask.sum(-1) - 1).clamp(min=0)
@@ -593,7 +357,7 @@ class RLGAFTrainer:
         with torch.no_grad():
             score = self.score(batch)
             with self.unsharded(self.policy):
-                old_logprobs = self._token_logprobs(self.unwrapped_policy.model, batch)
+                old_logprobs = self._response_logprobs(self.unwrapped_policy.model, batch)
             rewards, kl = self._token_rewards(batch, old_logprobs, score)
             seq_reward = rewards.sum(-1)
             baseline = seq_reward.mean().item()
@@ -730,289 +494,117 @@ class RLGAFTrainer:
             "d_acc_fake": (logit[n_real:] < 0).float().mean().item(),
         }
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ helpers
 
-    def step(self) -> dict:
-        """One iteration: ``g_steps`` generator updates then ``d_steps`` discriminator updates."""
-        c = self.config
-        start = time.perf_counter()
-        self.policy.train()
-        logs: dict[str, Any] = {}
-        fakes: list[Batch] = []
-        for g in range(c.g_steps):
-            if self.mode == "sft":
-                out = self.sft_step(sub=g)
-            elif self.mode == "gumbel":
-                seeds = [
-                    self._seed(STREAM_GUMBEL, sub=c.max_new_tokens * g + t)
-                    for t in range(c.max_new_tokens)
-                ]
-                batch = self.rollout(sub=g, gumbel_seeds=seeds)
-                fakes.append(batch)
-                out = self.gumbel_step(batch, seeds, sub=g)
-            else:
-                batch = self.rollout(sub=g)
-                fakes.append(batch)
-                out = (
-                    self.ppo_step(batch, sub=g)
-                    if self.mode in ("ppo", "rlhf")
-                    else self.reinforce_step(batch, sub=g)
-                )
-            logs.update(out)
-            if self.ema is not None:
-                with self.unsharded(self.policy):
-                    self.ema.update_parameters(self.unwrapped_policy.model)
-        # The schedule counts iterations (total_steps of them), whatever g_steps is.
-        self.g_sched.step()
-        if self.discriminator is not None:
-            for d in range(c.d_steps):
-                # The first discriminator steps use this iteration's rollouts (made before the
-                # generator update); any further ones get fresh generations.
-                fake = fakes[d] if d < len(fakes) else self.rollout(sub=c.g_steps + d)
-                logs.update(self.discriminator_step(fake, sub=d))
-        self.step_count += 1
-        elapsed = time.perf_counter() - start
-        logs["tokens_per_s"] = logs.pop("tokens", 0) * c.g_steps / elapsed
-        logs["lr"] = self.g_sched.get_last_lr()[0]
-        logs["step"] = self.step_count
-        eval_every = int(c.extra.get("eval_every", 0))
-        if self.eval_fn is not None and eval_every and self.step_count % eval_every == 0:
-            logs.update(self.eval_fn(self))
-        return logs
-
-    def train(self, num_steps: int | None = None) -> list[dict]:
-        """Run until ``config.total_steps`` (or ``num_steps`` more steps); log every step to
-        ``output_dir/log.jsonl`` (and TensorBoard), checkpoint every ``save_every`` steps."""
-        from tqdm.auto import tqdm
-
-        c = self.config
-        end = c.total_steps if num_steps is None else self.step_count + num_steps
-        history = []
-        bar = tqdm(
-            total=end,
-            initial=self.step_count,
-            desc=f"rlgaf {self.mode}",
-            disable=not (c.progress_bar and self.is_main),
-            dynamic_ncols=True,
-        )
-        while self.step_count < end:
-            logs = self.step()
-            history.append(logs)
-            self.log(logs)
-            bar.update(1)
-            bar.set_postfix(
-                {k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward") if k in logs}
-            )
-            if c.save_every and self.step_count % c.save_every == 0 and c.output_dir:
-                self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
-        bar.close()
-        return history
-
-    def log(self, logs: dict) -> None:
-        if not self.is_main or self.step_count % self.config.log_every:
-            return
-        if self.log_writer is not None:
-            self.log_writer.write(json.dumps(logs) + "\n")
-            self.log_writer.flush()
-        if self.tensorboard is not None:
-            for key, value in logs.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, self.step_count)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Weights as safetensors; optimizer, scheduler and RNG state as tensors-only torch
-        files (loaded with weights_only=True); step and baseline as JSON."""
-        from safetensors.torch import save_model
-
-        path = Path(path)
-        self.accelerator.wait_for_everyone()
-        state = {
-            "g_opt": self._optimizer_state(self.policy, self.g_opt),
-            "g_sched": self.g_sched.state_dict(),
-        }
-        if self.d_opt is not None:
-            state.update(
-                d_opt=self._optimizer_state(self.discriminator, self.d_opt),
-                d_sched=self.d_sched.state_dict(),
-            )
-        if self.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-        self._save_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
-        if self.discriminator is not None:
-            self._save_weights(
-                self.discriminator, self.unwrapped_discriminator, path / "discriminator.safetensors"
-            )
-        if self.is_main:
-            if self.ema is not None:  # the average and its count (n_averaged)
-                save_model(self.ema, str(path / "generator_ema.safetensors"))
-            torch.save(state, path / "optimizer.pt")
-            trainer_state = {
-                "step": self.step_count,
-                "reward_baseline": self.reward_baseline,
-                "config": self.config.to_dict(),
-            }
-            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        self.accelerator.wait_for_everyone()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, path / f"rng-{self.rank}.pt")
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly."""
-        from safetensors.torch import load_model
-
-        path = Path(path)
-        self._load_weights(self.policy, self.unwrapped_policy, path / "generator.safetensors")
-        if self.discriminator is not None:
-            self._load_weights(
-                self.discriminator, self.unwrapped_discriminator, path / "discriminator.safetensors"
-            )
-        if self.ema is not None:
-            load_model(self.ema, str(path / "generator_ema.safetensors"), device=self._load_device)
-        state = torch.load(path / "optimizer.pt", map_location=self._load_device, weights_only=True)
-        self._load_optimizer_state(self.policy, self.g_opt, state["g_opt"])
-        self.g_sched.load_state_dict(state["g_sched"])
-        if self.d_opt is not None:
-            self._load_optimizer_state(self.discriminator, self.d_opt, state["d_opt"])
-            self.d_sched.load_state_dict(state["d_sched"])
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-        resumable = set(_RESUMABLE_CHANGES)
-        if self.config.lr_schedule == self.config.tau_schedule == "constant":
-            resumable.add("total_steps")  # a longer run, the same steps
-        changed = [
-            f"{k} ({v!r} -> {getattr(self.config, k)!r})"
-            for k, v in trainer_state.get("config", {}).items()
-            if k not in resumable and getattr(self.config, k, v) != v
-        ]
-        if changed:
-            warnings.warn(
-                f"resuming {path} with a config that differs from its own in "
-                f"{', '.join(changed)}; the run will not continue as it would have",
-                stacklevel=2,
-            )
-        self.step_count = trainer_state["step"]
-        self.reward_baseline = trainer_state["reward_baseline"]
-        rng_file = path / f"rng-{self.rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:  # saved by fewer processes: the weights are restored, dropout noise is not
-            warnings.warn(
-                f"{rng_file} is missing: process {self.rank} keeps its own random "
-                "state, so the run will not continue exactly",
-                stacklevel=2,
-            )
-
-    # Under FSDP each process holds a shard of the weights and of the optimizer state;
-    # checkpoints hold them whole (torch.distributed.checkpoint's full state dicts). The weights
-    # files are those written without FSDP; the optimizer state is keyed by parameter name.
-
-    def _optimizer_state(self, module: nn.Module, optimizer: Any) -> dict:
-        if not self.fsdp:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        return get_optimizer_state_dict(
-            module,
-            optimizer.optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-        )
-
-    def _load_optimizer_state(self, module: nn.Module, optimizer: Any, state: dict) -> None:
-        if not self.fsdp:
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(
-            module, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True)
-        )
+    def _seed(self, stream: int, step: int | None = None, sub: int = 0) -> int:
+        step = self.step_count if step is None else step
+        return step_seed(self.config.seed, step, self.rank, stream, sub)
 
     @property
-    def _load_device(self) -> str:
-        # safetensors and torch.load take a CPU as "cpu" only (accelerate may say "cpu:0").
-        return "cpu" if self.device.type == "cpu" else str(self.device)
+    def unwrapped_policy(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.policy)
 
-    @staticmethod
-    def _aliases(module: nn.Module) -> list[list[str]]:
-        """The names of each parameter of ``module``: several for a tied weight."""
-        names: dict[int, list[str]] = {}
-        for name, param in module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), []).append(name)
-        return list(names.values())
+    @property
+    def unwrapped_discriminator(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.discriminator).discriminator
 
-    def _save_weights(self, module: nn.Module, unwrapped: nn.Module, file: Path) -> None:
-        from safetensors.torch import save_file, save_model
+    def unsharded(self, *modules: nn.Module | None) -> contextlib.AbstractContextManager:
+        """Under FSDP, gathers the full weights of ``modules`` for reads outside their forward,
+        such as generation; does nothing otherwise. Every process must enter it together."""
+        return unsharded(self.fsdp, *modules)
 
-        if not self.fsdp:
-            if self.is_main:
-                save_model(unwrapped, str(file))
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
+    @property
+    def evaluation_model(self) -> nn.Module:
+        """The generator to evaluate and ship: the weight average when ``generator_ema`` > 0,
+        else the live generator (under FSDP, sharded: use it inside
+        ``unsharded(trainer.policy)``)."""
+        return self.unwrapped_policy.model if self.ema is None else self.ema.module
+
+    def tau(self, step: int | None = None) -> float:
+        """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
+        ``tau_start`` at step 0 to ``tau_end`` at step ``total_steps``. As with learning-rate
+        schedules, the last update (step ``total_steps - 1``) uses the value one step short of
+        ``tau_end``."""
+        c = self.config
+        progress = min(1.0, (self.step_count if step is None else step) / max(1, c.total_steps))
+        if c.tau_schedule == "linear":
+            return c.tau_start + (c.tau_end - c.tau_start) * progress
+        if c.tau_schedule == "exponential":
+            return c.tau_start * (c.tau_end / c.tau_start) ** progress
+        return c.tau_start
+
+    def _check_finite(self, loss: Tensor, what: str) -> None:
+        if not torch.isfinite(loss).all():
+            # Steps are numbered as the log numbers them (from 1).
+            raise NonFiniteLossError(
+                f"non-finite {what} ({loss.item()}) at step {self.step_count + 1} "
+                f"(mode {self.mode!r}); stopped before its optimizer step, so every weight is "
+                "that of the last finite update"
+            )
+
+    def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any) -> None:
+        optimizer_step(
+            self.accelerator, self.fsdp, loss, module, optimizer, self.config.max_grad_norm
         )
 
-        state = get_model_state_dict(
-            module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if self.is_main:
-            prefix = "discriminator." if unwrapped is not module else ""
-            state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
-            for names in self._aliases(unwrapped):  # one name per tied weight, as save_model
-                for name in [n for n in names if n in state][1:]:
-                    del state[name]
-            save_file(state, str(file), metadata={"format": "pt"})
+    def rollout(self, sub: int = 0, gumbel_seeds: list[int] | None = None) -> Batch:
+        """Responses of the current generator to a fresh batch of prompts."""
+        c = self.config
+        prompts = self.prompts.batch(c.batch_size, self._seed(STREAM_PROMPTS, sub=sub))
+        prompts = prompts.to(self.device)
+        sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
+        token_sampler = None
+        if gumbel_seeds is not None:
 
-    def _load_weights(self, module: nn.Module, unwrapped: nn.Module, file: Path) -> None:
-        from safetensors.torch import load_file, load_model
+            def token_sampler(logits: Tensor, t: int) -> Tensor:
+                # Gumbel-max: the hard Gumbel-Softmax sample's one-hot sits at argmax(x + g).
+                return self.ops.gumbel_softmax(logits, 1.0, True, seed=gumbel_seeds[t]).argmax(-1)
 
-        if not self.fsdp:
-            load_model(unwrapped, str(file), device=self._load_device)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            set_model_state_dict,
-        )
+        model = self.unwrapped_policy.model
+        was_training = model.training
+        model.eval()
+        with self.unsharded(self.policy):
+            batch = generate(
+                model,
+                prompts.prompt_ids,
+                prompts.prompt_mask,
+                c.max_new_tokens,
+                temperature=c.sample_temperature,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                generator=sampler,
+                token_sampler=token_sampler,
+            )
+        model.train(was_training)
+        return batch
 
-        state = load_file(str(file), device=self._load_device)
-        # A file holds one name of each tied weight, and torch.distributed.checkpoint shards
-        # only the first name of a tied weight that its own state dict lists: give it exactly
-        # that name (strict=False lets the other names go, as they are the same tensor).
-        group = {}
-        for i, names in enumerate(self._aliases(unwrapped)):
-            found = [state[n] for n in names if n in state]
-            if not found:
-                raise KeyError(f"{file} lacks the weight {names[0]}")
-            for name in names:
-                state.setdefault(name, found[0])
-                group[name] = i
-        prefix = "discriminator." if unwrapped is not module else ""
-        chosen: dict[Any, str] = {}
-        for key in get_model_state_dict(module):  # sharded: no gathering
-            name = key.removeprefix(prefix)
-            chosen.setdefault(group.get(name, name), key)
-        set_model_state_dict(
-            module,
-            {k: state[k.removeprefix(prefix)] for k in chosen.values()},
-            options=StateDictOptions(full_state_dict=True, strict=False),
-        )
+    @torch.no_grad()
+    def score(self, batch: Batch) -> Tensor:
+        """Sequence reward ``[B]``: reward_fn in ``rlhf``, else the discriminator's."""
+        if self.spec.reward_fn:
+            return self.reward_fn(batch).to(self.device).float()
+        self.discriminator.eval()  # rewards without dropout noise
+        logit = self.discriminator(*token_sequences(batch))
+        self.discriminator.train()
+        return reward_from_logit(logit, self.config.reward_type)
 
-    def close(self) -> None:
-        if self.log_writer is not None:
-            self.log_writer.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    def _response_logprobs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Log-probabilities ``[B, T]`` of the response tokens under ``model`` (no grad)."""
+        input_ids, attention_mask, position_ids = sequence_inputs(batch)
+        with torch.no_grad():
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).logits
+            logits = response_slice(logits, batch.prompt_ids.shape[1])
+            return self.ops.token_logprobs(
+                logits, batch.response_ids, temperature=self.config.sample_temperature
+            )
+
+    def gumbel_seeds(self, g: int) -> list[int]:
+        """The seeds of the ``g``-th Gumbel update of this iteration: one per response token,
+        each drawing that token's noise for every sequence of the batch."""
+        n = self.config.max_new_tokens
+        return [self._seed(STREAM_GUMBEL, sub=n * g + t) for t in range(n)]

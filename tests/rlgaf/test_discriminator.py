@@ -240,8 +240,8 @@ def test_absolute_positions_do_not_depend_on_left_padding():
     left-padded beside a longer one: positions count real tokens only."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
+    from rlgaf_fast.rlgaf.models import DiscriminatorOnSequences
     from rlgaf_fast.rlgaf.rollout import pad_left_to
-    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
 
     torch.manual_seed(0)
     config = GPT2Config(
@@ -273,7 +273,7 @@ def test_padding_warning_is_dropped_for_models_with_their_own_classifier_head():
     from transformers import GPT2Config, GPT2ForSequenceClassification
     from transformers.utils import logging as transformers_logging
 
-    from rlgaf_fast.rlgaf.trainer import DiscriminatorOnSequences
+    from rlgaf_fast.rlgaf.models import DiscriminatorOnSequences
 
     model = GPT2ForSequenceClassification(
         GPT2Config(

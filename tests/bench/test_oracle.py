@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlgaf_fast.rlgaf.oracle import (
+from rlgaf_fast.bench.oracle import (
     PARAM_SHAPES,
     OracleLSTM,
     OraclePreset,
@@ -276,7 +276,7 @@ def test_discriminator_settings_are_checked_before_anything_trains(mode, tmp_pat
 
 
 def test_oracle_cli_sets_d_fit_steps_and_zero_for_the_cnn(tmp_path, monkeypatch):
-    import rlgaf_fast.rlgaf.oracle as oracle_module
+    import rlgaf_fast.bench.oracle as oracle_module
     from rlgaf_fast.cli import main
 
     presets = []

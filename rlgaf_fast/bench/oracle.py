@@ -3,7 +3,8 @@
 Its 10,000 samples (20 tokens, vocabulary 5000) are the demonstrations; a generator (a small
 config-built transformers LM) is judged by NLL_oracle (how likely the oracle finds the
 generator's samples; lower is better) and NLL_test (how likely the generator finds held-out
-oracle samples; it rises when the generator drops modes). See ../shared/data/seqgan/README.md.
+oracle samples; it rises when the generator drops modes). The oracle's weights are SeqGAN's
+``target_params_py3.pkl`` (``rlgaf-fast oracle --oracle PATH``).
 
 ``run_oracle`` trains one mode and writes metrics.json, samples.txt and curves.png.
 """
@@ -28,6 +29,7 @@ from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import Batch, torch_generator
 from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, LMDiscriminator
 from rlgaf_fast.rlgaf.models import build_causal_lm
+from rlgaf_fast.rlgaf.modes import mode_spec
 from rlgaf_fast.rlgaf.rollout import generate, sample_categorical
 
 VOCAB_SIZE, SEQ_LEN, HIDDEN, START_TOKEN = 5000, 20, 32, 0
@@ -376,7 +378,7 @@ def evaluate(
 def check_discriminator(p: OraclePreset, mode: str) -> None:
     """Refuse a preset whose discriminator settings cannot build one for ``mode``, with what was
     expected (sft and rlhf build none)."""
-    if mode in ("sft", "rlhf"):
+    if not mode_spec(mode).discriminator:
         return
     if p.discriminator not in DISCRIMINATORS:
         raise ValueError(
@@ -452,12 +454,13 @@ def run_oracle(
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
+    spec = mode_spec(mode)
     check_discriminator(p, mode)  # before the warm start trains
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    if init is not None and mode != "sft":
+    if init is not None and spec.rollouts:
         generator, warm = load_warm_start(init, p)
     else:
         generator, warm = build_oracle_generator(p), None
@@ -494,7 +497,7 @@ def run_oracle(
         tensorboard=False,
     )
     config = None
-    if mode != "sft":  # built first, so that a bad override fails before the warm start trains
+    if spec.rollouts:  # built first, so that a bad override fails before the warm start trains
         if overrides and "mode" in overrides:
             raise ValueError("overrides may not set mode; choose it with mode (--mode)")
         config = RLGAFConfig.from_dict(
@@ -533,7 +536,7 @@ def run_oracle(
         )
         trainer.train()
         trainer.close()
-        if mode != "sft":
+        if spec.rollouts:
             metrics["warm_start"], _ = evaluate(generator, oracle, test, p.num_final, seed=4000)
 
     if config is not None:
@@ -544,7 +547,7 @@ def run_oracle(
             return oracle.log_likelihood(batch.response_ids).mean(-1)
 
         discriminator, real_demos = None, demos
-        if mode != "rlhf":
+        if spec.discriminator:
             bigram_sequences = None
             if p.discriminator == "lm-bigram":
                 # Counts from one half, real examples from the other: a real example's count is
@@ -581,7 +584,7 @@ def run_oracle(
             generator,
             discriminator,
             demonstrations=oracle_examples(real_demos),
-            reward_fn=oracle_reward if mode == "rlhf" else None,
+            reward_fn=oracle_reward if spec.reward_fn else None,
             eval_fn=lambda tr: eval_fn(tr, mode),
         )
         if discriminator is not None:
@@ -601,7 +604,7 @@ def run_oracle(
     final, samples = evaluate(generator, oracle, test, p.num_final, seed=5000)
     final["copied"] = copied_fraction(samples, demos)
     metrics["final"] = final
-    if mode == "sft":
+    if not spec.rollouts:  # the MLE model: how its temperature trades quality for diversity
         metrics["temperature_sweep"] = [
             {
                 "temperature": t,

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import rlgaf_fast
+from rlgaf_fast import reference
+from rlgaf_fast.rlgaf.kernel_ops import kernel_ops, token_logprobs
+from tests.conftest import fused_backends
+
+
+def inputs(dtype=torch.float32):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11)).to(dtype)
+    actions = torch.randint(11, (3, 5))
+    mask = torch.rand(3, 5) > 0.3
+    return logits, actions, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_are_the_reference_ppo_losss_bit_for_bit(dtype, temperature):
+    # The trainer used to read log-probabilities off the PPO loss with zero advantages.
+    logits, actions, mask = inputs(dtype)
+    zeros = torch.zeros(actions.shape)
+    old = reference.ppo_loss(logits, actions, zeros, zeros, mask, temperature=temperature)
+    got = token_logprobs(logits, actions, temperature)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, old.logprobs.float())
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_token_logprobs_match_the_fused_ppo_loss(backend):
+    logits, actions, mask = inputs()
+    zeros = torch.zeros(actions.shape)
+    with rlgaf_fast.use_backend(backend):
+        fused = rlgaf_fast.ppo_loss(logits, actions, zeros, zeros, mask, temperature=0.7)
+    got = token_logprobs(logits, actions, 0.7)
+    torch.testing.assert_close(got[mask], fused.logprobs.float()[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_are_differentiable():
+    logits, actions, _ = inputs()
+    logits.requires_grad_(True)
+    token_logprobs(logits, actions, 0.5).sum().backward()
+    expected = (torch.nn.functional.one_hot(actions, 11) - torch.softmax(logits / 0.5, -1)) / 0.5
+    torch.testing.assert_close(logits.grad, expected)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_both_op_sets_offer_token_logprobs(fused):
+    assert kernel_ops(fused).token_logprobs is token_logprobs
