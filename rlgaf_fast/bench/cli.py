@@ -81,7 +81,7 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument(
         "--docs",
         metavar="FILE.md",
-        help="only regenerate this performance section from every "
+        help="only regenerate the benchmarks page (docs/benchmarks.md) from every "
         "benchmarks/results/**/results.json (tiny runs left out)",
     )
     p.set_defaults(func=run_bench, preset=None)
@@ -91,20 +91,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from rlgaf_fast.bench import report, suite
 
     if args.docs:
-        files = sorted((suite.REPO_ROOT / "benchmarks" / "results").glob("**/results.json"))
-        docs = Path(args.docs)
-        section = report.performance_section(files, docs)
-        text = docs.read_text() if docs.exists() else ""
-        if report.SPLICE_START in text and report.SPLICE_END in text:
-            # A longer document (README.md) keeps everything outside the markers.
-            head, rest = text.split(report.SPLICE_START, 1)
-            tail = rest.split(report.SPLICE_END, 1)[1]
-            nested = "\n".join(
-                "#" + line if line.startswith("#") else line for line in section.splitlines()
-            )
-            section = f"{head}{report.SPLICE_START}\n{nested}\n{report.SPLICE_END}{tail}"
-        docs.write_text(section)
-        print(f"wrote {docs} from {len(files)} result file(s)")
+        out = Path(args.docs).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.benchmarks_page(suite.REPO_ROOT / "benchmarks" / "results", out))
+        print(f"wrote {out}")
         return 0
     if args.train:
         from rlgaf_fast.bench import train
