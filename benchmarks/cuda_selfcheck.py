@@ -1,14 +1,16 @@
-"""Self-check of the CUDA C++ Gumbel-Softmax kernels (torch.ops.rlgaf_fast_cuda.*) on a GPU.
+"""Self-check of the CUDA C++ Gumbel-Softmax kernels (the CUDA implementations of
+torch.ops.rlgaf_fast_C.*) on a GPU.
 
-Compares every op of csrc/cuda/gumbel_softmax.cu with rlgaf_fast/reference.py on random inputs
+Compares every op of csrc/cuda/*.cu with rlgaf_fast/reference.py on random inputs
 (float32, bfloat16 and a few float16 / float64 / mixed cases; V = 1, 7, 4099, 32000, 151936;
 N = 0; misaligned rows), prints one line per check and exits non-zero on any mismatch.
 
     python benchmarks/cuda_selfcheck.py            # uses the installed extension if it has the ops
-    python benchmarks/cuda_selfcheck.py --build    # always compiles csrc/cuda/gumbel_softmax.cu
+    python benchmarks/cuda_selfcheck.py --build    # always compiles csrc/ops.cpp and csrc/cuda/*.cu
 
 The ops come from `import rlgaf_fast` when the installed extension registers them; otherwise the
-.cu file is compiled with torch.utils.cpp_extension.load (about a minute).
+schemas (csrc/ops.cpp) and the .cu files are compiled with torch.utils.cpp_extension.load (about
+a minute).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from types import ModuleType
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CU_SOURCE = ROOT / "csrc" / "cuda" / "gumbel_softmax.cu"
+# the operators' schemas, then their CUDA implementations
+SOURCES = [ROOT / "csrc" / "ops.cpp", *sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
 SEED = 2**40 + 12345  # exercises both words of the Philox key
 TAU = 0.7
 
@@ -43,11 +46,17 @@ def load_reference() -> ModuleType:
 
 
 def has_cuda_ops() -> bool:
-    return hasattr(torch.ops.rlgaf_fast_cuda, "gumbel_softmax_fwd")
+    """Whether the operators exist with a CUDA kernel (a CPU-only build declares them too)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            "rlgaf_fast_C::gumbel_softmax_fwd", "CUDA"
+        )
+    except RuntimeError:  # the operator is not declared yet
+        return False
 
 
 def load_cuda_ops(build: bool) -> str:
-    """Registers torch.ops.rlgaf_fast_cuda.*; returns where they came from."""
+    """Registers the CUDA kernels of torch.ops.rlgaf_fast_C.*; returns where they came from."""
     if not build:
         for name in ("rlgaf_fast", "rlgaf_fast._C"):
             try:
@@ -62,15 +71,15 @@ def load_cuda_ops(build: bool) -> str:
     build_dir.mkdir(parents=True, exist_ok=True)
     load(
         name="rlgaf_fast_cuda_selfcheck",
-        sources=[str(CU_SOURCE)],
+        sources=[str(source) for source in SOURCES],
         build_directory=str(build_dir),
         extra_cuda_cflags=["-O3", "-std=c++17"],  # as setup.py builds it
         is_python_module=False,
         verbose=False,
     )
     if not has_cuda_ops():
-        raise RuntimeError(f"compiled {CU_SOURCE} but torch.ops.rlgaf_fast_cuda is still empty")
-    return f"compiled {CU_SOURCE.relative_to(ROOT)}"
+        raise RuntimeError("compiled the sources but rlgaf_fast_C has no CUDA kernels")
+    return "compiled " + ", ".join(str(source.relative_to(ROOT)) for source in SOURCES)
 
 
 class Checker:
@@ -173,7 +182,7 @@ def check_argmax(chk: Checker, name: str, got: torch.Tensor, z: torch.Tensor) ->
 def check_softmax_ops(
     chk: Checker, ref: ModuleType, n: int, v: int, dtype: torch.dtype, misaligned: bool = False
 ) -> None:
-    ops = torch.ops.rlgaf_fast_cuda
+    ops = torch.ops.rlgaf_fast_C
     tag = f"{str(dtype).replace('torch.', '')} N={n} V={v}{' misaligned' if misaligned else ''}"
     rtol, atol = tolerances(dtype)
     logits = make_logits(n, v, dtype, misaligned)
@@ -216,7 +225,7 @@ def check_embedding_ops(
     dtype: torch.dtype,
     weight_dtype: torch.dtype,
 ) -> None:
-    ops = torch.ops.rlgaf_fast_cuda
+    ops = torch.ops.rlgaf_fast_C
     tag = (
         f"{str(dtype).replace('torch.', '')}/{str(weight_dtype).replace('torch.', '')} "
         f"N={n} V={v} D={d}"
@@ -292,7 +301,7 @@ def check_embedding_ops(
 
 
 def check_errors(chk: Checker) -> None:
-    ops = torch.ops.rlgaf_fast_cuda
+    ops = torch.ops.rlgaf_fast_C
     cases = {
         "cpu logits": lambda: ops.gumbel_softmax_fwd(torch.randn(2, 3), 1.0, False, 0),
         "tau=0": lambda: ops.gumbel_softmax_fwd(torch.randn(2, 3, device="cuda"), 0.0, False, 0),

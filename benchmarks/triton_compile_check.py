@@ -62,13 +62,15 @@ def compile_instead_of_launch(compiled: list) -> None:
 
 def use_gpu_configuration() -> None:
     """The launchers pick interpreter-sized blocks for CPU tensors; make them pick the GPU's."""
-    from rlgaf_fast.kernels import gumbel_softmax as gs
+    from rlgaf_fast.kernels import launch
     from rlgaf_fast.kernels import ppo_loss as pl
 
-    gs._on_gpu = lambda t: True
-    gs._ptx_log = lambda t: True
-    gs._sm_count = lambda device_index: 132
-    gs._result_buffer = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
+    launch.on_gpu = lambda t: True
+    launch.ptx_log = lambda t: True
+    launch.sm_count = lambda device_index: 132
+    launch.result_buffer = lambda shape, dtype, device: torch.empty(
+        shape, dtype=dtype, device=device
+    )
     block = pl._block
     pl._block = lambda V, on_gpu: block(V, True)
 
@@ -76,6 +78,7 @@ def use_gpu_configuration() -> None:
 def cases():
     """(name, thunk) for each launcher call: every kernel, each dtype and specialisation."""
     from rlgaf_fast.kernels import gumbel_softmax as gs
+    from rlgaf_fast.kernels import gumbel_softmax_embedding as gse
     from rlgaf_fast.kernels import ppo_loss as pl
 
     # A small and a large vocabulary and width: the launchers' block sizes and warps follow them.
@@ -98,7 +101,7 @@ def cases():
                 f"gumbel_softmax_bwd_from_logits {name}",
                 lambda x=x: gs.gumbel_softmax_bwd_from_logits(x, x, 0.7, 3),
             )
-        yield f"gumbel_softmax_embedding fwd+bwd {name}", lambda x=x, w=w: _embedding(gs, x, w)
+        yield f"gumbel_softmax_embedding fwd+bwd {name}", lambda x=x, w=w: _embedding(gse, x, w)
         if weight_dtype != logits_dtype:
             continue
         actions = torch.randint(V, (N,))
@@ -129,9 +132,9 @@ def cases():
             )
 
 
-def _embedding(gs, x, w):
-    out, _, lse = gs.gumbel_softmax_embedding_fwd(x, w, 0.7, 3)
-    return gs.gumbel_softmax_embedding_bwd(torch.randn_like(out), x, w, out, lse, 0.7, 3, True)
+def _embedding(gse, x, w):
+    out, _, lse = gse.gumbel_softmax_embedding_fwd(x, w, 0.7, 3)
+    return gse.gumbel_softmax_embedding_bwd(torch.randn_like(out), x, w, out, lse, 0.7, 3, True)
 
 
 def main() -> int:

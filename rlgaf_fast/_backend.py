@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from rlgaf_fast.ops import registry
+
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _REINSTALL = "reinstall with: pip install --no-build-isolation -e . (a C++ compiler is needed)"
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -96,34 +98,54 @@ def _say_torch_fallback_once(reason: str) -> None:
     warnings.warn(f"rlgaf_fast: running on the torch backend because {reason}", stacklevel=6)
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, lacks: tuple[str, ...] = ()) -> str:
-    """The concrete backend that runs an op on ``tensor``'s device for the user's ``backend``.
-    ``lacks``: backends that have no kernel of this op, which "auto" passes over.
+def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
+    """The concrete backend that runs ``op`` on ``tensor``'s device for the user's ``backend``.
+    "auto" passes over the backends that have no kernel of ``op`` (rlgaf_fast.ops.registry).
 
-    Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
+    Raises ValueError for an unknown name and RuntimeError for one that cannot run here or has
+    no kernel of ``op``.
     """
-    return _resolve_for_device(backend, tensor.device.type, lacks)
+    return _resolve_for_device(backend, tensor.device.type, op)
 
 
 # The choice depends only on strings, the environment and what is installed, so torch.compile may
 # run it once while tracing and keep the answer, instead of tracing into imports.
 @torch.compiler.assume_constant_result
-def _resolve_for_device(backend: str, device: str, lacks: tuple[str, ...] = ()) -> str:
+def _resolve_for_device(backend: str, device: str, op: str) -> str:
     _check_name(backend, "backend")
+    kernels = registry.spec(op).kernels
     if backend == "auto":
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(device, lacks)
+        return _auto_backend(device, kernels)
     _require(backend, device)
+    if not registry.has_kernel(op, backend):
+        others = [b for b in registry.backends(op) if _runs_on(b, device)]
+        raise RuntimeError(
+            f"{op} has no {backend!r} kernel; the backends of {op} for tensors on {device}: "
+            f"{others}"
+        )
     return backend
 
 
-def _auto_backend(device: str, lacks: tuple[str, ...] = ()) -> str:
+def _runs_on(backend: str, device: str) -> bool:
+    """Whether ``backend`` takes tensors of ``device`` (not whether it is installed)."""
+    if backend == "cpp":
+        return device == "cpu"
+    if backend == "cuda":
+        return device == "cuda"
+    if backend == "triton":
+        return device == "cuda" or _triton_interpreted()
+    return True
+
+
+def _auto_backend(device: str, kernels: tuple[str, ...] = registry.FUSED_BACKENDS) -> str:
+    """The fastest available backend for ``device`` among torch and ``kernels``."""
     if device == "cuda":
-        if _triton()[0] and "triton" not in lacks:
+        if _triton()[0] and "triton" in kernels:
             return "triton"
-        if cuda_available() and "cuda" not in lacks:
+        if cuda_available() and "cuda" in kernels:
             return "cuda"
         _say_torch_fallback_once(
             "Triton is not available and the CUDA extension has no kernel of this op"
@@ -131,7 +153,7 @@ def _auto_backend(device: str, lacks: tuple[str, ...] = ()) -> str:
             else "neither Triton nor the CUDA extension is available"
         )
         return "torch"
-    if device == "cpu":
+    if device == "cpu" and "cpp" in kernels:
         if cpp_available():
             return "cpp"
         _say_torch_fallback_once(
@@ -170,16 +192,11 @@ def _require(backend: str, device: str) -> None:
             )
 
 
-def cpp_ops():
-    """The C++ CPU operators, ``torch.ops.rlgaf_fast_cpu``."""
+def extension_ops():
+    """The C++ operators of rlgaf_fast._C, ``torch.ops.rlgaf_fast_C``: one name per op, whose
+    CPU (cpp backend) or CUDA (cuda backend) kernel the dispatcher picks by the tensors' device."""
     _extension()
-    return torch.ops.rlgaf_fast_cpu
-
-
-def cuda_ops():
-    """The CUDA C++ operators, ``torch.ops.rlgaf_fast_cuda``."""
-    _extension()
-    return torch.ops.rlgaf_fast_cuda
+    return torch.ops.rlgaf_fast_C
 
 
 def triton_module(name: str) -> ModuleType:
@@ -187,12 +204,14 @@ def triton_module(name: str) -> ModuleType:
     return importlib.import_module(f"rlgaf_fast.kernels.{name}")
 
 
-def kernel_module(backend: str, triton_name: str):
-    """Where the kernels of ``backend`` live: an object whose attributes are the launchers."""
-    if backend == "cpp":
-        return cpp_ops()
-    if backend == "cuda":
-        return cuda_ops()
-    if backend == "triton":
-        return triton_module(triton_name)
-    raise ValueError(f"backend {backend!r} has no kernel module")
+def kernel_module(op: str, backend: str):
+    """Where the kernels of ``op`` on the fused ``backend`` live: an object whose attributes are
+    the kernel functions (the extension's operators or a Triton module's launchers)."""
+    row = registry.spec(op)
+    if backend not in row.kernels:
+        raise ValueError(f"backend must be one of {row.kernels} for {op}, got {backend!r}")
+    if backend in ("cpp", "cuda"):
+        return extension_ops()
+    if row.triton_module is None:
+        raise ValueError(f"{op} has no Triton module: its triton path is torch ops")
+    return triton_module(row.triton_module)

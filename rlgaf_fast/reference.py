@@ -192,6 +192,19 @@ def aggregate_loss(token_loss: Tensor, mask: Tensor, loss_agg: str = "token-mean
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
+def token_logprobs(logits: Tensor, actions: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / temperature)`` at ``actions``: float32 ``[...]`` from logits
+    ``[..., V]`` and integer actions ``[...]``, differentiable with respect to the logits.
+
+    Computed as :func:`ppo_loss` computes its log-probabilities (in float32, float64 for float64
+    logits), then returned in float32, so that log-probabilities taken here and inside the loss
+    agree bit for bit.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    return all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).float()
+
+
 def ppo_loss(
     logits: Tensor,
     actions: Tensor,

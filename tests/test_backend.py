@@ -1,10 +1,14 @@
+import importlib
+import importlib.util
 import os
 
 import pytest
 import torch
 
 import rlgaf_fast
+from rlgaf_fast import reference
 from rlgaf_fast._backend import resolve_backend
+from rlgaf_fast.ops import registry
 
 
 def test_available_backends_lists_torch_and_what_was_built():
@@ -17,12 +21,12 @@ def test_available_backends_lists_torch_and_what_was_built():
 def test_scope_and_environment_choose_the_backend(monkeypatch):
     x = torch.randn(2, 3)
     with rlgaf_fast.use_backend("torch"):
-        assert resolve_backend("auto", x) == "torch"
+        assert resolve_backend("auto", x, "gumbel_softmax") == "torch"
     monkeypatch.setenv("RLGAF_FAST_BACKEND", "torch")
-    assert resolve_backend("auto", x) == "torch"
+    assert resolve_backend("auto", x, "gumbel_softmax") == "torch"
     monkeypatch.setenv("RLGAF_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="RLGAF_FAST_BACKEND"):
-        resolve_backend("auto", x)
+        resolve_backend("auto", x, "gumbel_softmax")
     with pytest.raises(ValueError, match="name must be"):
         with rlgaf_fast.use_backend("fastest"):
             pass
@@ -32,7 +36,7 @@ def test_explicit_backend_on_the_wrong_device_is_an_error():
     if "cpp" not in rlgaf_fast.available_backends() or not torch.cuda.is_available():
         pytest.skip("needs the C++ extension and a GPU")
     with pytest.raises(RuntimeError, match="runs on CPU tensors"):
-        resolve_backend("cpp", torch.randn(2, device="cuda"))
+        resolve_backend("cpp", torch.randn(2, device="cuda"), "gumbel_softmax")
 
 
 def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
@@ -40,7 +44,7 @@ def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
     # as strings; streaming them crashed the process on the GPU image (csrc/error_format.h).
     if "cpp" not in rlgaf_fast.available_backends():
         pytest.skip("C++ extension not built")
-    ops = torch.ops.rlgaf_fast_cpu
+    ops = torch.ops.rlgaf_fast_C
     logits = torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"tau must be > 0, got -1\.5"):
         ops.gumbel_softmax_fwd(logits, -1.5, False, 0)
@@ -57,7 +61,7 @@ def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
     with pytest.raises(RuntimeError, match=r"weight must have V = 5 rows .* got shape \[4, 2\]"):
         ops.gumbel_softmax_embedding_fwd(logits, torch.randn(4, 2), 1.0, 0)
     with pytest.raises(RuntimeError, match=r"actions must be in \[0, 5\)"):
-        torch.ops.rlgaf_fast_cpu.ppo_loss_fwd(logits, torch.tensor([0, 5, 1]), 1.0)
+        ops.ppo_loss_fwd(logits, torch.tensor([0, 5, 1]), 1.0)
 
 
 def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
@@ -68,8 +72,36 @@ def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
     monkeypatch.setattr(_backend, "_triton", lambda: (False, "not installed"))
     monkeypatch.setattr(_backend, "cuda_available", lambda: True)
     _backend._say_torch_fallback_once.cache_clear()
+    ppo_kernels = registry.spec("ppo_loss").kernels
+    assert "cuda" not in ppo_kernels
     assert _backend._auto_backend("cuda") == "cuda"
     with pytest.warns(UserWarning, match="the CUDA extension has no kernel of this op"):
-        assert _backend._auto_backend("cuda", lacks=("cuda",)) == "torch"
+        assert _backend._auto_backend("cuda", ppo_kernels) == "torch"
     monkeypatch.setattr(_backend, "_triton", lambda: (True, ""))
-    assert _backend._auto_backend("cuda", lacks=("cuda",)) == "triton"
+    assert _backend._auto_backend("cuda", ppo_kernels) == "triton"
+
+
+def test_an_explicit_backend_without_the_ops_kernel_is_an_error_naming_the_op(monkeypatch):
+    from rlgaf_fast import _backend
+
+    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    with pytest.raises(RuntimeError, match="ppo_loss has no 'cuda' kernel"):
+        _backend._resolve_for_device("cuda", "cuda", "ppo_loss")
+    assert _backend._resolve_for_device("cuda", "cuda", "gumbel_softmax") == "cuda"
+    with pytest.raises(KeyError, match="op must be one of"):
+        _backend._resolve_for_device("torch", "cpu", "no_such_op")
+
+
+def test_the_op_table_is_what_the_package_offers():
+    """Every op of the table is a public function, with a reference function where the training
+    loop takes it from there; each Triton module named there imports; a row names only known
+    backends."""
+    for name, row in registry.OPS.items():
+        assert callable(getattr(rlgaf_fast, name)), name
+        assert set(row.kernels) <= set(registry.FUSED_BACKENDS), name
+        if row.training_loop:
+            assert callable(getattr(reference, name)), name
+        if row.triton_module is not None and importlib.util.find_spec("triton") is not None:
+            importlib.import_module(f"rlgaf_fast.kernels.{row.triton_module}")
+    with pytest.raises(ValueError, match="kernels must be among"):
+        registry.OpSpec(("cpp", "opencl"))

@@ -18,9 +18,8 @@ LAUNCHERS = {
         "gumbel_softmax_fwd",
         "gumbel_softmax_bwd",
         "gumbel_softmax_bwd_from_logits",
-        "gumbel_softmax_embedding_fwd",
-        "gumbel_softmax_embedding_bwd",
     ],
+    "gumbel_softmax_embedding": ["gumbel_softmax_embedding_fwd", "gumbel_softmax_embedding_bwd"],
     "ppo_loss": ["ppo_loss_fwd", "ppo_loss_fwd_grad"],
 }
 
@@ -57,12 +56,12 @@ def test_every_launcher_enters_its_tensors_device(monkeypatch):
 
 
 def test_a_grid_beyond_cuda_limits_is_a_clear_error():
-    from rlgaf_fast.kernels.gumbel_softmax import _check_grid
+    from rlgaf_fast.kernels.launch import check_grid
 
-    assert _check_grid((2**31 - 1, 65535), "k") == (2**31 - 1, 65535)
+    assert check_grid((2**31 - 1, 65535), "k") == (2**31 - 1, 65535)
     for grid in ((1, 65536), (2**31, 1)):
         with pytest.raises(ValueError, match="k: the problem is too large for one launch"):
-            _check_grid(grid, "k")
+            check_grid(grid, "k")
 
 
 def test_ppo_parameters_reach_the_device_once_per_distinct_set():

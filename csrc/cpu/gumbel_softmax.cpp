@@ -545,21 +545,12 @@ std::tuple<at::Tensor, at::Tensor> gumbel_softmax_embedding_bwd(
 
 }  // namespace
 
-// Registered for the CPU dispatch key rather than as catch-all kernels, so that tensors of other
-// devices (meta and fake tensors included) get a dispatcher error instead of reaching the kernels.
-TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
-  const auto cpu = c10::DispatchKey::CPU;
-  m.def("gumbel_softmax_fwd(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)",
-        torch::dispatch(cpu, &gumbel_softmax_fwd));
-  m.def("gumbel_softmax_bwd(Tensor grad_y, Tensor y, float tau) -> Tensor",
-        torch::dispatch(cpu, &gumbel_softmax_bwd));
-  m.def("gumbel_softmax_bwd_from_logits(Tensor grad_y, Tensor logits, float tau, int seed) -> "
-        "Tensor",
-        torch::dispatch(cpu, &gumbel_softmax_bwd_from_logits));
-  m.def("gumbel_softmax_embedding_fwd(Tensor logits, Tensor weight, float tau, int seed) -> "
-        "(Tensor, Tensor, Tensor)",
-        torch::dispatch(cpu, &gumbel_softmax_embedding_fwd));
-  m.def("gumbel_softmax_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor out, "
-        "Tensor lse, float tau, int seed, bool weight_grad) -> (Tensor, Tensor)",
-        torch::dispatch(cpu, &gumbel_softmax_embedding_bwd));
+// Schemas in csrc/ops.cpp. Registered for the CPU dispatch key, so that tensors of other devices
+// (meta and fake tensors included) get a dispatcher error instead of reaching the kernels.
+TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
+  m.impl("gumbel_softmax_fwd", &gumbel_softmax_fwd);
+  m.impl("gumbel_softmax_bwd", &gumbel_softmax_bwd);
+  m.impl("gumbel_softmax_bwd_from_logits", &gumbel_softmax_bwd_from_logits);
+  m.impl("gumbel_softmax_embedding_fwd", &gumbel_softmax_embedding_fwd);
+  m.impl("gumbel_softmax_embedding_bwd", &gumbel_softmax_embedding_bwd);
 }

@@ -432,13 +432,8 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_grad(
 }  // namespace cpu
 }  // namespace rlgaf_fast
 
-TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
-  m.def("ppo_loss_fwd(Tensor logits, Tensor actions, float temperature) -> (Tensor, Tensor)",
-        &rlgaf_fast::cpu::ppo_loss_fwd);
-  m.def(
-      "ppo_loss_fwd_grad(Tensor logits, Tensor actions, Tensor old_logprobs, Tensor advantages, "
-      "Tensor? ref_logprobs, Tensor token_weight, float ratio_low, float ratio_high, "
-      "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, float temperature, "
-      "Tensor(a!) grad_logits) -> (Tensor, Tensor)",
-      &rlgaf_fast::cpu::ppo_loss_fwd_grad);
+// Schemas in csrc/ops.cpp. CPU only: the CUDA extension has no kernel of the PPO losses.
+TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
+  m.impl("ppo_loss_fwd", &rlgaf_fast::cpu::ppo_loss_fwd);
+  m.impl("ppo_loss_fwd_grad", &rlgaf_fast::cpu::ppo_loss_fwd_grad);
 }

@@ -205,12 +205,8 @@ std::tuple<at::Tensor, at::Tensor> soft_embedding_topk_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rlgaf_fast_cpu, m) {
-  const auto cpu = c10::DispatchKey::CPU;
-  m.def("soft_embedding_topk_fwd(Tensor probs, Tensor weight, int k) -> "
-        "(Tensor, Tensor, Tensor, Tensor)",
-        torch::dispatch(cpu, &soft_embedding_topk_fwd));
-  m.def("soft_embedding_topk_bwd(Tensor grad_out, Tensor weight, Tensor out, Tensor index, "
-        "Tensor coef, Tensor row_sum, ScalarType probs_dtype) -> (Tensor, Tensor)",
-        torch::dispatch(cpu, &soft_embedding_topk_bwd));
+// Schemas in csrc/ops.cpp.
+TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
+  m.impl("soft_embedding_topk_fwd", &soft_embedding_topk_fwd);
+  m.impl("soft_embedding_topk_bwd", &soft_embedding_topk_bwd);
 }

@@ -9,7 +9,8 @@ reference's Philox (ten rounds of 32-bit products written as int64 tensor arithm
 Inductor's lowering into an exponentially re-expanded expression tree (seen with torch 2.13: no
 compiled graph after 7 minutes), and its eager form takes about 50 s for [512, 32000] on two
 cores, so it serves only as the correctness reference, on a few rows.
-``cpp``, ``triton``, ``cuda``: rlgaf_fast's fused backends. The fused linear loss adds
+``cpp``, ``triton``, ``cuda``: rlgaf_fast's fused backends, those that have a kernel of the op
+(rlgaf_fast.ops.registry). The fused linear loss adds
 ``matmuls`` (only the matrix products that any implementation must do: the floor for its time).
 
 Checks. Each provider's output (and in fwd+bwd its gradients) is compared with the reference
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlgaf_fast import reference
-from rlgaf_fast.ops.ppo_loss import LACKS as PPO_LACKS
+from rlgaf_fast.ops.registry import has_kernel
 
 SEED = 1234
 TAU = 1.0
@@ -204,8 +205,7 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
     hard = case.variant == "hard"
     top_k = _top_k(case)
     found: dict[str, Provider] = {}
-    if case.op in ("ppo_loss", "fused_linear_ppo_loss"):
-        fused_backends = [b for b in fused_backends if b not in PPO_LACKS]
+    fused_backends = [b for b in fused_backends if has_kernel(case.op, b)]
     if case.op == "gumbel_softmax":
         found["eager"] = lambda p: (F.gumbel_softmax(p.tensors["logits"], TAU, hard),)
         compiled = _compile("gumbel_softmax", F.gumbel_softmax)

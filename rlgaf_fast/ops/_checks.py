@@ -17,10 +17,13 @@ def check_tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def check_floating(x: object, name: str) -> Tensor:
+def check_floating(x: object, name: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> Tensor:
+    """``x`` is a tensor of one of ``dtypes`` (an op's are in rlgaf_fast.ops.registry)."""
     x = check_tensor(x, name)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise TypeError(f"{name} must be {expected}, got {x.dtype}")
     return x
 
 

@@ -1,9 +1,10 @@
 """Gumbel-Softmax and the fused Gumbel-Softmax -> embedding lookup: public functions, their
 custom operators with autograd, and backend dispatch.
 
-The fused backends (cpp, triton, cuda) share one kernel contract (see csrc/cpu/gumbel_softmax.cpp
-and kernels/gumbel_softmax.py) on 2-D contiguous inputs; this module does the shape handling,
-validation and autograd. The torch backend is rlgaf_fast.reference itself.
+The fused backends (cpp, triton, cuda) share one kernel contract (see
+csrc/cpu/gumbel_softmax.cpp, kernels/gumbel_softmax.py and kernels/gumbel_softmax_embedding.py) on
+2-D contiguous inputs; this module does the shape handling, validation and autograd. The torch
+backend is rlgaf_fast.reference itself.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from rlgaf_fast.ops._checks import (
     check_vocab_weight,
     resolve_seed,
 )
+from rlgaf_fast.ops.registry import OPS
 
-
-def _kernels(backend: str):
-    return kernel_module(backend, "gumbel_softmax")
+_EMBEDDING = "gumbel_softmax_embedding"
 
 
 # --- Gumbel-Softmax -------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def _kernels(backend: str):
 def _gumbel_softmax_op(
     logits: Tensor, tau: float, hard: bool, seed: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    y, index = _kernels(backend).gumbel_softmax_fwd(logits, tau, hard, seed)
+    y, index = kernel_module("gumbel_softmax", backend).gumbel_softmax_fwd(logits, tau, hard, seed)
     return y, index
 
 
@@ -47,7 +47,7 @@ def _(logits, tau, hard, seed, backend):
 def _gumbel_softmax_backward_op(
     grad_y: Tensor, saved: Tensor, tau: float, from_logits: bool, seed: int, backend: str
 ) -> Tensor:
-    kernels = _kernels(backend)
+    kernels = kernel_module("gumbel_softmax", backend)
     grad_y = grad_y.contiguous()
     if from_logits:  # saved are the logits: the soft sample is regenerated from the seed
         return kernels.gumbel_softmax_bwd_from_logits(grad_y, saved, tau, seed)
@@ -108,11 +108,11 @@ def gumbel_softmax(
     Returns:
         ``softmax((logits + g) / tau, dim)`` in the dtype and shape of ``logits``.
     """
-    check_floating(logits, "logits")
+    check_floating(logits, "logits", OPS["gumbel_softmax"].dtypes)
     tau = check_positive(tau, "tau")
     dim = check_dim(dim, logits.dim())
     seed = resolve_seed(seed)
-    name = resolve_backend(backend, logits)
+    name = resolve_backend(backend, logits, "gumbel_softmax")
     if name == "torch" or logits.dim() == 0 or logits.shape[dim] == 0:
         # no kernel for a 0-d input (one category) or an empty vocabulary: the reference's
         # torch ops handle both (sample 1 and an empty sample)
@@ -129,7 +129,9 @@ def gumbel_softmax(
 def _gumbel_softmax_embedding_op(
     logits: Tensor, weight: Tensor, tau: float, seed: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    out, tokens, lse = _kernels(backend).gumbel_softmax_embedding_fwd(logits, weight, tau, seed)
+    out, tokens, lse = kernel_module(_EMBEDDING, backend).gumbel_softmax_embedding_fwd(
+        logits, weight, tau, seed
+    )
     return out, tokens, lse
 
 
@@ -165,7 +167,7 @@ def _gumbel_softmax_embedding_backward_op(
 ) -> tuple[Tensor, Tensor]:
     # weight_grad False (the weight needs no gradient: hard mode detaches it): grad_weight, a
     # product as large as the forward's, is skipped and comes back empty
-    grad_logits, grad_weight = _kernels(backend).gumbel_softmax_embedding_bwd(
+    grad_logits, grad_weight = kernel_module(_EMBEDDING, backend).gumbel_softmax_embedding_bwd(
         grad_out.contiguous(), logits, weight, out, lse, tau, seed, weight_grad
     )
     return grad_logits, grad_weight
@@ -226,13 +228,13 @@ def gumbel_softmax_embedding(
     Returns:
         ``(embeddings [..., D] in weight's dtype, tokens [...] int64)``.
     """
-    check_floating(logits, "logits")
-    check_floating(weight, "weight")
+    check_floating(logits, "logits", OPS[_EMBEDDING].dtypes)
+    check_floating(weight, "weight", OPS[_EMBEDDING].dtypes)
     check_same_device(logits, "logits", weight, "weight")
     check_vocab_weight(logits, "logits", weight)
     tau = check_positive(tau, "tau")
     seed = resolve_seed(seed)
-    name = resolve_backend(backend, logits)
+    name = resolve_backend(backend, logits, _EMBEDDING)
     if name == "torch":
         return reference.gumbel_softmax_embedding(logits, weight, tau, hard, seed=seed)
     lead = logits.shape[:-1]

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlgaf_fast import reference
-from rlgaf_fast._backend import cpp_ops, resolve_backend
+from rlgaf_fast._backend import extension_ops, resolve_backend
 from rlgaf_fast.ops._checks import check_floating, check_same_device, check_vocab_weight
+from rlgaf_fast.ops.registry import OPS
 
 
 @torch.library.custom_op("rlgaf_fast::soft_embedding_topk", mutates_args=())
 def _soft_embedding_topk_op(
     probs: Tensor, weight: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, index, coef, row_sum = cpp_ops().soft_embedding_topk_fwd(probs, weight, top_k)
+    out, index, coef, row_sum = extension_ops().soft_embedding_topk_fwd(probs, weight, top_k)
     return out, index, coef, row_sum
 
 
@@ -49,7 +50,7 @@ def _soft_embedding_topk_backward_op(
     row_sum: Tensor,
     probs_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    grad_probs, grad_weight = cpp_ops().soft_embedding_topk_bwd(
+    grad_probs, grad_weight = extension_ops().soft_embedding_topk_bwd(
         grad_out.contiguous(), weight, out, index, coef, row_sum, probs_dtype
     )
     return grad_probs, grad_weight
@@ -98,8 +99,8 @@ def soft_embedding(
     Returns:
         ``[..., D]`` in weight's dtype; differentiable with respect to both inputs.
     """
-    check_floating(probs, "probs")
-    check_floating(weight, "weight")
+    check_floating(probs, "probs", OPS["soft_embedding"].dtypes)
+    check_floating(weight, "weight", OPS["soft_embedding"].dtypes)
     check_same_device(probs, "probs", weight, "weight")
     check_vocab_weight(probs, "probs", weight)
     vocab = weight.shape[0]
@@ -107,7 +108,7 @@ def soft_embedding(
         isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab
     ):
         raise ValueError(f"top_k must be an int in [1, {vocab}] or None, got {top_k!r}")
-    name = resolve_backend(backend, probs)
+    name = resolve_backend(backend, probs, "soft_embedding")
     if name == "torch":
         return reference.soft_embedding(probs, weight, top_k=top_k)
     if top_k is None:

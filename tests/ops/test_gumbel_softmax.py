@@ -351,16 +351,17 @@ def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch
     """What the Triton forward allocates with its GPU configuration (chunk width, split), the
     kernels not launched: within the memory goal (the benchmark's, on a GPU) of N * D * 16 bytes
     + 1 MiB beyond the inputs, at V = 128256."""
-    from rlgaf_fast.kernels import gumbel_softmax as gs
+    from rlgaf_fast.kernels import gumbel_softmax_embedding as gse
+    from rlgaf_fast.kernels import launch
 
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    monkeypatch.setattr(gs, "_on_gpu", lambda t: True)
-    monkeypatch.setattr(gs, "_sm_count", lambda device_index: 132)
+    monkeypatch.setattr(launch, "on_gpu", lambda t: True)
+    monkeypatch.setattr(launch, "sm_count", lambda device_index: 132)
     for kernel in ("_row_lse_kernel", "_embedding_probs_kernel", "_embedding_product_kernel"):
-        monkeypatch.setattr(gs, kernel, NoLaunch())
+        monkeypatch.setattr(gse, kernel, NoLaunch())
     allocated = []
     empty = torch.empty
 
@@ -372,7 +373,7 @@ def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch
     monkeypatch.setattr(torch, "empty", recording_empty)
     logits = torch.zeros(n, 128256, dtype=dtype)
     weight = torch.zeros(128256, d, dtype=dtype)
-    gs.gumbel_softmax_embedding_fwd(logits, weight, 1.0, 3)
+    gse.gumbel_softmax_embedding_fwd(logits, weight, 1.0, 3)
     assert len(allocated) >= 4  # out, tokens, lse, the workspace, the partial sums
     assert sum(allocated) <= n * d * 16 + (1 << 20), allocated
 
@@ -390,7 +391,7 @@ def test_embedding_backward_forms_grad_weight_only_when_needed(
     import rlgaf_fast.ops.gumbel_softmax as op_module
 
     flags = []
-    kernels = op_module._kernels
+    kernel_module = op_module.kernel_module
 
     class Recording:
         def __init__(self, module):
@@ -405,7 +406,9 @@ def test_embedding_backward_forms_grad_weight_only_when_needed(
             assert args[-1] or grads[1].numel() == 0
             return grads
 
-    monkeypatch.setattr(op_module, "_kernels", lambda backend: Recording(kernels(backend)))
+    monkeypatch.setattr(
+        op_module, "kernel_module", lambda op, backend: Recording(kernel_module(op, backend))
+    )
     dev = _device(backend)
     x = _logits(6, 70, torch.float32, backend).requires_grad_()
     w = torch.randn(70, 12, device=dev, requires_grad=weight_requires_grad)

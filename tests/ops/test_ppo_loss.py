@@ -1,6 +1,7 @@
 """The PPO losses (ppo_loss, fused_linear_ppo_loss, value_loss, gae) against rlgaf_fast.reference
 and hand-written loops, on every available backend."""
 
+import inspect
 import os
 
 import pytest
@@ -8,11 +9,14 @@ import torch
 
 import rlgaf_fast
 from rlgaf_fast import reference
+from rlgaf_fast.ops import fused_linear_ppo_loss as linear_ops
 from rlgaf_fast.ops import ppo_loss as ops
+from rlgaf_fast.ops._ppo import PPOOptions
+from rlgaf_fast.ops.registry import has_kernel
 from tests.conftest import fused_backends
 
 # the PPO losses have no CUDA C++ kernel (test_cuda_backend_is_a_clear_error)
-BACKENDS = [b for b in fused_backends() if b not in ops.LACKS]
+BACKENDS = [b for b in fused_backends() if has_kernel("ppo_loss", b)]
 ALL_BACKENDS = ["torch", *BACKENDS]
 METRICS = ("clipfrac", "approx_kl", "ratio_mean", "kl")
 
@@ -110,7 +114,7 @@ def test_cuda_backend_is_a_clear_error():
     weight = torch.randn(37, 8, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match="fused_linear_ppo_loss has no 'cuda' kernel"):
         _call(
-            lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+            lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, **k),
             b,
             hidden,
             {},
@@ -372,7 +376,7 @@ def test_fused_linear_repeated_backward_is_right_or_a_clear_error(backend):
     expected = _call(reference.ppo_loss, b, hidden @ weight.t(), {})
     grads = torch.autograd.grad(expected.loss, (hidden, weight))
     out = _call(
-        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, **k),
         b,
         hidden,
         {},
@@ -407,7 +411,7 @@ def test_double_backward_is_an_error_not_a_missing_term(backend):
     hidden = torch.randn(1, 4, 5, dtype=torch.float64, device=dev, requires_grad=True)
     weight = torch.randn(9, 5, dtype=torch.float64, device=dev)
     out = _call(
-        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, **k),
         b,
         hidden,
         {},
@@ -431,7 +435,7 @@ def test_fused_linear_matches_unfused(backend, chunk_size):
         entropy_coef=0.02, with_ref=True, kl_coef=0.1, dual_clip=2.0, loss_agg="seq-mean-token-sum"
     )
     out = _call(
-        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, bias=bias, **k),
+        lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, bias=bias, **k),
         b,
         hidden,
         options,
@@ -454,7 +458,7 @@ def test_fused_linear_float32_frozen_head(backend):
     weight = torch.randn(300, 16, device=dev) / 4  # frozen: no weight gradient is computed
     b = _batch(B=1, T=40, V=300, dtype=torch.float32, device=dev)
     out = _call(
-        lambda h, *a, **k: ops.fused_linear_ppo_loss(h, weight, *a, **k),
+        lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, **k),
         b,
         hidden,
         {"entropy_coef": 0.01},
@@ -489,7 +493,7 @@ def test_fused_linear_bfloat16_at_least_as_close_as_eager_bfloat16(backend):
         return reference.ppo_loss(h @ w.t(), *a, **k)
 
     def fused(h, w, *a, **k):
-        return ops.fused_linear_ppo_loss(h, w, *a, **k, chunk_size=7, backend=backend)
+        return linear_ops.fused_linear_ppo_loss(h, w, *a, **k, chunk_size=7, backend=backend)
 
     # Errors summed over several draws, so that no single draw's luck decides. On an H200
     # (torch 2.11, cuBLAS) this failed for triton in the one draw it had (2.4x eager's loss
@@ -605,18 +609,18 @@ def test_cpp_kernel_refuses_actions_out_of_range():
     """The op layer's range check is skipped under torch.compile; the kernel's is not."""
     x = torch.randn(3, 10)
     with pytest.raises(RuntimeError, match="actions"):
-        torch.ops.rlgaf_fast_cpu.ppo_loss_fwd(x, torch.tensor([0, 10, 2]), 1.0)
+        torch.ops.rlgaf_fast_C.ppo_loss_fwd(x, torch.tensor([0, 10, 2]), 1.0)
 
 
 def test_fused_linear_bad_shapes():
     b = _batch(B=1, T=4, V=9)
     hidden = torch.randn(1, 4, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="weight"):
-        ops.fused_linear_ppo_loss(
+        linear_ops.fused_linear_ppo_loss(
             hidden, torch.randn(9, 6, dtype=torch.float64), b["actions"], b["old"], b["adv"]
         )
     with pytest.raises(ValueError, match="bias"):
-        ops.fused_linear_ppo_loss(
+        linear_ops.fused_linear_ppo_loss(
             hidden,
             torch.randn(9, 5, dtype=torch.float64),
             b["actions"],
@@ -625,7 +629,7 @@ def test_fused_linear_bad_shapes():
             bias=torch.zeros(8, dtype=torch.float64),
         )
     with pytest.raises(ValueError, match="chunk_size"):
-        ops.fused_linear_ppo_loss(
+        linear_ops.fused_linear_ppo_loss(
             hidden,
             torch.randn(9, 5, dtype=torch.float64),
             b["actions"],
@@ -646,7 +650,7 @@ def test_torch_compile_fullgraph(backend):
     def step(x, h):
         out = _call(ops.ppo_loss, b, x, options, backend=backend)
         fused = _call(
-            lambda t, *a, **k: ops.fused_linear_ppo_loss(t, weight, *a, **k),
+            lambda t, *a, **k: linear_ops.fused_linear_ppo_loss(t, weight, *a, **k),
             b,
             h,
             options,
@@ -674,21 +678,37 @@ def test_opcheck(backend):
     tokens = (flat(b["actions"]), flat(b["old"]), flat(b["adv"]))
     weight = torch.full((4,), 0.25, device=dev)
     x = b["logits"].reshape(4, 33).requires_grad_()
-    options = (0.8, 1.28, 2.0, 0.1, "k2", 0.01, 0.9)
+    options = PPOOptions(0.8, 1.28, 2.0, 0.1, "k2", 0.01, 0.9).op_arguments()
     for compute_grad in (True, False):
         torch.library.opcheck(
             torch.ops.rlgaf_fast.ppo_loss.default,
-            (x, *tokens, flat(b["ref"]), weight, *options, compute_grad, backend),
+            (x, *tokens, flat(b["ref"]), weight),
+            dict(**options, compute_grad=compute_grad, backend=backend),
         )
     hidden = torch.randn(4, 8, device=dev, requires_grad=True)
     w = torch.randn(33, 8, device=dev, requires_grad=True)
     bias = torch.randn(33, device=dev, requires_grad=True)
+    flags = dict(grad_hidden_needed=True, grad_weight_needed=True, grad_bias_needed=True)
     torch.library.opcheck(
         torch.ops.rlgaf_fast.fused_linear_ppo_loss.default,
-        (hidden, w, bias, *tokens, None, weight, *options, 3, True, True, True, backend),
+        (hidden, w, bias, *tokens, None, weight),
+        dict(**options, chunk_size=3, **flags, backend=backend),
     )
 
 
+def test_options_cross_the_op_boundary_by_name():
+    """PPOOptions spread into the custom op's arguments of the same names and gather back, so an
+    inserted option cannot shift the others."""
+    options = PPOOptions(0.7, 1.3, 2.5, 0.2, "k1", 0.05, 0.8)
+    arguments = {"logits": None, **options.op_arguments(), "backend": "cpp"}
+    assert PPOOptions.from_op_arguments(arguments) == options
+    assert options.kernel_arguments()["kl_estimator"] == 1
+    for op in (ops._ppo_loss_impl, linear_ops._fused_linear_impl):
+        names = list(inspect.signature(op).parameters)
+        assert set(options.op_arguments()) <= set(names), op
+
+
 def test_public_names_are_exported():
-    for name in ("ppo_loss", "fused_linear_ppo_loss", "value_loss", "gae", "PPOLossOutput"):
+    for name in ("ppo_loss", "value_loss", "gae", "PPOLossOutput"):
         assert getattr(rlgaf_fast, name) is getattr(ops, name), name
+    assert rlgaf_fast.fused_linear_ppo_loss is linear_ops.fused_linear_ppo_loss

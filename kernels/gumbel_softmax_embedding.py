@@ -1,0 +1,570 @@
+"""Triton kernels of the fused Gumbel-Softmax -> embedding lookup and their launchers.
+
+Contract (shared with the cpp and cuda backends): inputs are 2-D and contiguous, logits [N, V],
+weight [V, D]; z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference, arithmetic in
+float32 (float64 for float64 logits). The row statistics and z come from the row kernels'
+device helpers (kernels/gumbel_softmax.py).
+
+The embedding never holds all [N, V] probabilities p = exp(z - lse): it regenerates them from
+the seed a vocabulary chunk at a time into a workspace of O(N * D) elements (_chunk_width).
+Forward: the row statistics (one pass of the noise), then per chunk the probabilities (a second
+pass, in all) and a Triton product kernel for p @ weight[chunk], split over the chunk's columns
+when N x D has few output tiles, whose partial sums (float32, float64 where an input is) add to
+out. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D (a third pass), then
+per chunk the probabilities again (a fourth) and grad_weight[chunk] = p^T @ grad_out by torch
+(cuBLAS on a GPU, so torch's matmul settings apply to it as to eager's: TF32 under
+set_float32_matmul_precision("high")). Regenerating the noise inside the products instead costs
+one pass of the noise per D tile (18 passes at D = 2048), 8 times slower than eager on an H200.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .gumbel_softmax import row_launch, row_stats, scale_by_inv_tau, z_tile
+from .launch import on_tensor_device
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. The seed is not specialised on: it changes every call.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _row_lse_kernel(
+    x_ptr,
+    lse_ptr,
+    index_ptr,
+    N,
+    V,
+    seed,
+    inv_tau_hi,
+    inv_tau_lo,
+    BLOCK: tl.constexpr,
+    FP64: tl.constexpr,
+    PTX_LOG: tl.constexpr,
+):
+    """lse = logsumexp(z) and argmax(z) of each row (first pass of the embedding forward)."""
+    for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = tl.cast(row32, tl.int64)
+        shift, s, best_index, _ = row_stats(
+            x_ptr + row * V, row, V, seed, inv_tau_hi, inv_tau_lo, True, BLOCK, FP64, PTX_LOG
+        )
+        tl.store(lse_ptr + row, shift + tl.log(s))
+        tl.store(index_ptr + row, best_index.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _embedding_probs_kernel(
+    x_ptr,
+    w_ptr,
+    lse_ptr,
+    p_hi_ptr,
+    p_lo_ptr,
+    N,
+    V,
+    col_start,
+    width,
+    p_stride,
+    seed,
+    inv_tau_hi,
+    inv_tau_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    FP64: tl.constexpr,
+    PTX_LOG: tl.constexpr,
+    SPLIT_P: tl.constexpr,
+):
+    """p = exp(z - lse) of columns [col_start, col_start + width) into the [N, width] workspace
+    (row stride p_stride), rounded to the weight's dtype. SPLIT_P (16-bit weight) also writes
+    the remainder p - p_hi, rounded the same way."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (local < width)[None, :]
+    z = z_tile(
+        x_ptr,
+        rows,
+        col_start + tl.program_id(1) * BLOCK_V,
+        mask,
+        V,
+        seed,
+        inv_tau_hi,
+        inv_tau_lo,
+        BLOCK_V,
+        FP64,
+        PTX_LOG,
+    )
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    w_dtype = w_ptr.dtype.element_ty  # the rounding of the dot operands (the weight is not read)
+    p_hi = p.to(w_dtype)
+    offsets = rows[:, None] * p_stride + local[None, :]
+    tl.store(p_hi_ptr + offsets, p_hi.to(p_hi_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_P:
+        p_lo = (p - p_hi.to(p.dtype)).to(w_dtype)
+        tl.store(p_lo_ptr + offsets, p_lo.to(p_lo_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _embedding_product_kernel(
+    p_hi_ptr,
+    p_lo_ptr,
+    w_ptr,
+    partial_ptr,
+    N,
+    K,
+    D,
+    p_stride,
+    k_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_P: tl.constexpr,
+):
+    """partial[s, rows, d tile] = p_hi[rows, ks] @ w[ks, d tile] (+ p_lo @ w), ks the columns
+    [s * k_per_split, (s + 1) * k_per_split) of one vocabulary chunk of K columns. The split
+    over K (axis 2) keeps the GPU busy when N x D has few tiles (a batch of single tokens)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    row_mask = rows < N
+    d_mask = dcols < D
+    # out_dtype explicit: triton 3.6 defaults it to float32 even for a float64 accumulator
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        w = tl.load(
+            w_ptr + ks.to(tl.int64)[:, None] * D + dcols[None, :],
+            mask=k_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        p_offsets = rows[:, None] * p_stride + ks[None, :]
+        p_mask = row_mask[:, None] & k_mask[None, :]
+        p_hi = tl.load(p_hi_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
+        acc = tl.dot(p_hi, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if SPLIT_P:
+            # a 16-bit p would put its rounding into every entry of out, and the backward's
+            # grad_out . out cancels against grad_out @ weight^T: the remainder's product makes
+            # out float32-accurate with tensor-core dots
+            p_lo = tl.load(p_lo_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
+            acc = tl.dot(p_lo, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+    partial = partial_ptr + tl.program_id(2).to(tl.int64) * N * D
+    tl.store(
+        partial + rows[:, None] * D + dcols[None, :],
+        acc.to(partial_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _embedding_bwd_logits_kernel(
+    grad_out_ptr,
+    x_ptr,
+    w_ptr,
+    go_dot_out_ptr,
+    lse_ptr,
+    grad_x_ptr,
+    N,
+    V,
+    D,
+    seed,
+    inv_tau_hi,
+    inv_tau_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PTX_LOG: tl.constexpr,
+):
+    """grad_logits tile = y * (grad_out @ weight^T - grad_out . out) / tau, y = exp(z - lse);
+    grad_out . out per row comes computed (go_dot_out, the accumulation dtype)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = tl.program_id(1) * BLOCK_V
+    cols = col_start + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    v_mask = cols < V
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    dy = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
+    for d_start in range(0, D, BLOCK_D):
+        dcols = d_start + tl.arange(0, BLOCK_D)
+        d_mask = dcols < D
+        nd_mask = row_mask[:, None] & d_mask[None, :]
+        go = tl.load(grad_out_ptr + rows[:, None] * D + dcols[None, :], mask=nd_mask, other=0.0)
+        w = tl.load(
+            w_ptr + cols.to(tl.int64)[:, None] * D + dcols[None, :],
+            mask=v_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        # go is exact in the weight's dtype: the public function returns out in that dtype
+        dy = tl.dot(
+            go.to(w.dtype), tl.trans(w), dy, input_precision=DOT_PRECISION, out_dtype=acc_dtype
+        )
+    mask = row_mask[:, None] & v_mask[None, :]
+    z = z_tile(
+        x_ptr, rows, col_start, mask, V, seed, inv_tau_hi, inv_tau_lo, BLOCK_V, FP64, PTX_LOG
+    )
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    go_dot_out = tl.load(go_dot_out_ptr + rows, mask=row_mask, other=0.0)
+    y = tl.exp(z - lse[:, None])
+    dtype = tl.float64 if FP64 else tl.float32
+    gx = y * (dy.to(dtype) - go_dot_out.to(dtype)[:, None])
+    gx = scale_by_inv_tau(gx, inv_tau_hi, inv_tau_lo, FP64)
+    tl.store(
+        grad_x_ptr + rows[:, None] * V + cols[None, :],
+        gx.to(grad_x_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tuple[int, ...]]:
+    """Tiles of the embedding kernels (every dot dimension >= 16):
+    probs (BLOCK_N, BLOCK_V): the probabilities kernel's tiles (elementwise: <= 16 noise elements
+    a thread); product (BLOCK_N, BLOCK_K, BLOCK_D): [BLOCK_N, BLOCK_K] probabilities @
+    [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary chunk; logits (BLOCK_N, BLOCK_V,
+    BLOCK_D): grad_logits tiles, a K-loop over D in steps of BLOCK_D; and num_warps. Wider weight
+    elements get smaller tiles (shared memory)."""
+    if not gpu:
+        return {
+            "probs": (16, 32),
+            "product": (16, 32, 16),
+            "logits": (16, 32, 16),
+            "num_warps": (4,),
+        }
+    d_tile = min(
+        {2: 256, 4: 128}.get(weight_dtype.itemsize, 64), max(16, triton.next_power_of_2(D))
+    )
+    if weight_dtype.itemsize <= 2:
+        return {
+            "probs": (32, 128),
+            "product": (64, 32, d_tile),
+            "logits": (64, 64, 64),
+            "num_warps": (8,),
+        }
+    if weight_dtype.itemsize == 4:  # float32: three-pass TF32 dots need more registers
+        return {
+            "probs": (32, 128),
+            "product": (64, 32, d_tile),
+            "logits": (32, 64, 32),
+            "num_warps": (8,),
+        }
+    return {
+        "probs": (16, 128),
+        "product": (32, 32, d_tile),
+        "logits": (32, 64, 32),
+        "num_warps": (4,),
+    }
+
+
+# Under the interpreter the vocabulary chunks are small, so that the tests' vocabularies span
+# several chunks and end in a partial one.
+_INTERPRETER_CHUNK = 64
+
+
+# The fused embedding's memory beyond its float32 [N, D] output stays O(N * D), within the memory
+# goal on a GPU (N * D * 16 bytes + 1 MiB, for D >= 256): the probabilities workspace takes at
+# most max(N * D, 256 * N, _MIN_WORKSPACE) elements and the split product's partial sums at most
+# max(2 * N * D, _MIN_WORKSPACE), 4 bytes each (a 16-bit p is stored as two halves).
+_MIN_WORKSPACE = 2**16
+
+
+def _chunk_width(N: int, V: int, D: int, gpu: bool) -> int:
+    """Vocabulary columns per chunk of the probabilities workspace [N, chunk]: at most
+    max(N * D, 256 * N, _MIN_WORKSPACE) elements. A multiple of 256 on a GPU (of every
+    BLOCK_V and BLOCK_K, and of 4, the noise's column alignment)."""
+    if not gpu:
+        return _INTERPRETER_CHUNK
+    chunk = max(D, _MIN_WORKSPACE // max(N, 1)) // 256 * 256
+    return min(max(chunk, 256), triton.cdiv(V, 256) * 256)
+
+
+def _k_per_split(
+    N: int, D: int, tiles: int, chunk: int, block_k: int, gpu: bool, device: torch.device
+) -> int:
+    """Columns of a vocabulary chunk per program of the product kernel (a multiple of block_k).
+    A GPU launch with fewer [BLOCK_N, BLOCK_D] output tiles than two per SM splits the chunk
+    over more programs, each at least 8 BLOCK_K steps long, with partial sums of at most
+    max(2 * N * D, _MIN_WORKSPACE) elements; the interpreter splits in two, so that the
+    tests run the split."""
+    steps = triton.cdiv(chunk, block_k)
+    if gpu:
+        most = max(2 * N * D, _MIN_WORKSPACE) // max(N * D, 1)
+        splits = max(1, min(2 * launch.sm_count(device.index or 0) // tiles, steps // 8, most))
+    else:
+        splits = min(2, steps)
+    return triton.cdiv(steps, splits) * block_k
+
+
+def _write_probs(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    lse: torch.Tensor,
+    p_hi: torch.Tensor,
+    p_lo: torch.Tensor,
+    col_start: int,
+    width: int,
+    seed: int,
+    inv_tau: tuple[float, float],
+    cfg: dict[str, tuple[int, ...]],
+    split: bool,
+) -> None:
+    """Fill p_hi[:, :width] (and p_lo, if split) with exp(z - lse) of the columns
+    [col_start, col_start + width), regenerating the noise; inv_tau from _inv_tau_parts and
+    cfg from _tile_config, worked out once by the caller for all its chunks."""
+    N, V = logits.shape
+    block_n, block_v = cfg["probs"]
+    grid = launch.check_grid(
+        (triton.cdiv(N, block_n), triton.cdiv(width, block_v)), "embedding probs"
+    )
+    _embedding_probs_kernel[grid](
+        logits,
+        weight,
+        lse,
+        p_hi,
+        p_lo,
+        N,
+        V,
+        col_start,
+        width,
+        p_hi.shape[1],
+        seed,
+        *inv_tau,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        FP64=logits.dtype == torch.float64,
+        PTX_LOG=launch.ptx_log(logits),
+        SPLIT_P=split,
+        num_warps=cfg["num_warps"][0],
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # float32 weights: three TF32 products give about float32 accuracy at tensor-core speed;
+    # 16-bit operands take the default (the option only concerns float32)
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "ieee" if dtype == torch.float64 else None
+
+
+def _check_vocabulary(logits: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape[0] != logits.shape[1]:
+        raise ValueError(
+            f"weight must have {logits.shape[1]} rows (logits' vocabulary), got {weight.shape[0]}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@on_tensor_device
+def gumbel_softmax_embedding_fwd(
+    logits: torch.Tensor, weight: torch.Tensor, tau: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(z) @ weight without holding all [N, V] probabilities at once.
+
+    logits [N, V], weight [V, D], contiguous. Returns out [N, D] in float32 (float64 where the
+    logits or the weight are), the accumulation dtype, tokens [N] int64 = argmax(z) and
+    lse [N] = logsumexp(z) (float32, float64 for float64 logits).
+    """
+    launch.check_matrix("logits", logits)
+    launch.check_matrix("weight", weight)
+    launch.check_same_device(logits=logits, weight=weight)
+    launch.check_tau_seed(tau, seed)
+    _check_vocabulary(logits, weight)
+    N, V = logits.shape
+    D = weight.shape[1]
+    fp64 = logits.dtype == torch.float64
+    # out in float32 (float64 where an input is): the op returns it in the weight's dtype, and
+    # the backward reads this one, so that grad_out . out carries no 16-bit rounding
+    out_dtype = torch.float64 if torch.float64 in (logits.dtype, weight.dtype) else torch.float32
+    out = torch.empty((N, D), dtype=out_dtype, device=logits.device)
+    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float64 if fp64 else torch.float32, device=logits.device)
+    if N == 0 or V == 0:
+        return out.zero_(), tokens, lse
+    inv_hi, inv_lo = launch.inv_tau_parts(tau)
+    ptx_log = launch.ptx_log(logits)
+    grid, block, num_warps = row_launch(N, V, logits, "noise")
+    _row_lse_kernel[(grid,)](
+        logits,
+        lse,
+        tokens,
+        N,
+        V,
+        seed,
+        inv_hi,
+        inv_lo,
+        BLOCK=block,
+        FP64=fp64,
+        PTX_LOG=ptx_log,
+        num_warps=num_warps,
+    )
+    if D > 0:
+        # The probabilities are written once, a vocabulary chunk at a time, to a bounded
+        # workspace, and a matrix-product kernel reads them: regenerating them inside the
+        # product instead costs one pass of the noise per D tile.
+        gpu = launch.on_gpu(logits)
+        cfg = _tile_config(weight.dtype, D, gpu)
+        block_n, block_k, block_d = cfg["product"]
+        split = weight.dtype in (torch.float16, torch.bfloat16)
+        chunk = _chunk_width(N, V, D, gpu)
+        p_hi = launch.result_buffer((N, chunk), weight.dtype, logits.device)
+        p_lo = launch.result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
+        k_per_split = _k_per_split(N, D, tiles, chunk, block_k, gpu, logits.device)
+        splits = triton.cdiv(chunk, k_per_split)
+        grid = launch.check_grid(
+            (triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd"
+        )
+        # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
+        partial = torch.empty((splits, N, D), dtype=out.dtype, device=out.device)
+        for col_start in range(0, V, chunk):
+            width = min(chunk, V - col_start)
+            used_splits = triton.cdiv(width, k_per_split)
+            _write_probs(
+                logits,
+                weight,
+                lse,
+                p_hi,
+                p_lo,
+                col_start,
+                width,
+                seed,
+                (inv_hi, inv_lo),
+                cfg,
+                split,
+            )
+            _embedding_product_kernel[(*grid, used_splits)](
+                p_hi,
+                p_lo,
+                weight[col_start : col_start + width],
+                partial,
+                N,
+                width,
+                D,
+                chunk,
+                k_per_split,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_D=block_d,
+                ACC_FP64=weight.dtype == torch.float64,
+                DOT_PRECISION=_dot_precision(weight.dtype),
+                SPLIT_P=split,
+                num_warps=cfg["num_warps"][0],
+            )
+            used = partial[:used_splits]
+            if col_start == 0:
+                torch.sum(used, 0, out=out)
+            elif used_splits == 1:  # the usual case at large N: no [N, D] sum to allocate
+                out += used[0]
+            else:
+                out += used.sum(0)
+    return out, tokens, lse
+
+
+@on_tensor_device
+def gumbel_softmax_embedding_bwd(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    tau: float,
+    seed: int,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of gumbel_softmax_embedding_fwd, regenerating y = exp(z - lse) from the seed.
+
+    grad_out, out [N, D]; logits [N, V]; weight [V, D]; lse [N] from the forward. Returns
+    grad_logits [N, V] (logits dtype) = y * (grad_out @ weight^T - grad_out . out) / tau and
+    grad_weight [V, D] (weight dtype) = y^T @ grad_out, a torch.mm of y and grad_out in the
+    weight's dtype (torch's matmul settings apply, as to eager's); with weight_grad False an
+    empty tensor instead, not computed.
+    """
+    for name, t in (("grad_out", grad_out), ("logits", logits), ("weight", weight), ("out", out)):
+        launch.check_matrix(name, t)
+    launch.check_same_device(grad_out=grad_out, logits=logits, weight=weight, out=out, lse=lse)
+    launch.check_tau_seed(tau, seed)
+    _check_vocabulary(logits, weight)
+    N, V = logits.shape
+    D = weight.shape[1]
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != (N, D):
+            raise ValueError(f"{name} must have shape {(N, D)}, got {tuple(t.shape)}")
+    fp64 = logits.dtype == torch.float64
+    lse_dtype = torch.float64 if fp64 else torch.float32
+    if tuple(lse.shape) != (N,) or not lse.is_contiguous() or lse.dtype != lse_dtype:
+        raise ValueError(
+            f"lse must be contiguous {lse_dtype} of shape {(N,)}, got {lse.dtype} "
+            f"{tuple(lse.shape)}"
+        )
+    grad_x = launch.result_buffer((N, V), logits.dtype, logits.device)
+    if not weight_grad:
+        grad_w = weight.new_empty((0,))
+    elif N == 0 or V == 0:
+        grad_w = torch.zeros_like(weight)
+    else:
+        grad_w = torch.empty_like(weight)
+    if N == 0 or V == 0:
+        return grad_x.to(logits.dtype), grad_w
+    gpu = launch.on_gpu(logits)
+    cfg = _tile_config(weight.dtype, D, gpu)
+    inv_hi, inv_lo = launch.inv_tau_parts(tau)
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    go_dot_out = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1)
+    block_n, block_v, block_d = cfg["logits"]
+    # row blocks vary fastest, so programs running together share the weight rows they read
+    grid = launch.check_grid((triton.cdiv(N, block_n), triton.cdiv(V, block_v)), "embedding bwd")
+    _embedding_bwd_logits_kernel[grid](
+        grad_out,
+        logits,
+        weight,
+        go_dot_out,
+        lse,
+        grad_x,
+        N,
+        V,
+        D,
+        seed,
+        inv_hi,
+        inv_lo,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_D=block_d,
+        FP64=fp64,
+        ACC_FP64=acc_dtype == torch.float64,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+        PTX_LOG=launch.ptx_log(logits),
+        num_warps=cfg["num_warps"][0],
+    )
+    # grad_weight = y^T @ grad_out a vocabulary chunk at a time: y written once to the
+    # workspace, the product by torch (cuBLAS on a GPU) in the weight's dtype, as eager's.
+    if weight_grad and D > 0:
+        chunk = _chunk_width(N, V, D, gpu)
+        p = launch.result_buffer((N, chunk), weight.dtype, logits.device)
+        go = grad_out.to(weight.dtype)
+        for col_start in range(0, V, chunk):
+            width = min(chunk, V - col_start)
+            _write_probs(
+                logits, weight, lse, p, p, col_start, width, seed, (inv_hi, inv_lo), cfg, False
+            )
+            torch.mm(
+                p[:, :width].to(weight.dtype).t(), go, out=grad_w[col_start : col_start + width]
+            )
+    return grad_x.to(logits.dtype), grad_w
