@@ -10,15 +10,10 @@ import torch
 from torch import Tensor
 
 from rlgaf_fast import reference
+from rlgaf_fast.ops.registry import training_loop_ops
 
-OP_NAMES = (
-    "gumbel_softmax",
-    "soft_embedding",
-    "gumbel_softmax_embedding",
-    "ppo_loss",
-    "value_loss",
-    "gae",
-)
+# the ops of the op table (rlgaf_fast.ops.registry) that the training loop takes from here
+OP_NAMES = training_loop_ops()
 
 
 def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) -> Tensor:
