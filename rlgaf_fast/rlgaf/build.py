@@ -1,11 +1,13 @@
 """The pieces :class:`RLGAFTrainer` is built from, one builder each, in the order the trainer
 calls them: the special tokens, a check of the inputs against the mode, the data samplers, the
-models, the optimisers and the logs. What accelerate contributes is in parallel.py.
+models, the optimisers (with the learning-rate and Gumbel temperature schedules) and the logs.
+What accelerate contributes is in parallel.py.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +56,7 @@ def check_inputs(
         raise ValueError("give prompts (or demonstrations, whose prompts are used)")
 
 
-def build_samplers(
+def data(
     config: RLGAFConfig,
     generator: nn.Module,
     demonstrations: Any,
@@ -95,7 +97,7 @@ def build_samplers(
 
 
 class Models(NamedTuple):
-    """What :func:`build_models` returns; ``None`` for what the mode does without."""
+    """What :func:`models` returns; ``None`` for what the mode does without."""
 
     policy: PolicyWithValue
     discriminator: DiscriminatorOnSequences | None
@@ -103,7 +105,7 @@ class Models(NamedTuple):
     ema: torch.optim.swa_utils.AveragedModel | None
 
 
-def build_models(
+def models(
     mode: Mode,
     config: RLGAFConfig,
     generator: nn.Module,
@@ -154,8 +156,22 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
+def tau_at(config: RLGAFConfig, step: int) -> float:
+    """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
+    ``tau_start`` at step 0 to ``tau_end`` at step ``total_steps``. As with learning-rate
+    schedules, the last update (step ``total_steps - 1``) uses the value one step short of
+    ``tau_end``."""
+    c = config
+    progress = min(1.0, step / max(1, c.total_steps))
+    if c.tau_schedule == "linear":
+        return c.tau_start + (c.tau_end - c.tau_start) * progress
+    if c.tau_schedule == "exponential":
+        return c.tau_start * (c.tau_end / c.tau_start) ** progress
+    return c.tau_start
+
+
 class Optimizers(NamedTuple):
-    """What :func:`build_optimizers` returns; the discriminator's are ``None`` without one."""
+    """What :func:`optimizers` returns; the discriminator's are ``None`` without one."""
 
     g_opt: torch.optim.Optimizer
     g_sched: torch.optim.lr_scheduler.LambdaLR
@@ -163,7 +179,7 @@ class Optimizers(NamedTuple):
     d_sched: torch.optim.lr_scheduler.LambdaLR | None
 
 
-def build_optimizers(
+def optimizers(
     config: RLGAFConfig, policy: nn.Module, discriminator: nn.Module | None
 ) -> Optimizers:
     """AdamW for the policy on ``lr_schedule``, and for the discriminator at a constant rate."""
@@ -188,19 +204,38 @@ def build_optimizers(
     return Optimizers(g_opt, g_sched, d_opt, d_sched)
 
 
-def open_logs(config: RLGAFConfig, is_main: bool) -> tuple[IO[str] | None, Any]:
-    """``(log.jsonl file, TensorBoard writer)`` under ``output_dir``, on the main process;
-    ``None`` for what is off (TensorBoard also when it is not installed)."""
-    if not (config.output_dir and is_main):
-        return None, None
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    log_writer = open(Path(config.output_dir) / "log.jsonl", "a", encoding="utf-8")
-    tensorboard = None
-    if config.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            pass
-        else:
-            tensorboard = SummaryWriter(str(Path(config.output_dir) / "tb"))
-    return log_writer, tensorboard
+class RunLog:
+    """``output_dir/log.jsonl`` and, when asked for and installed, TensorBoard under
+    ``output_dir/tb``; written by the main process only, nothing without ``output_dir``."""
+
+    def __init__(self, config: RLGAFConfig, is_main: bool) -> None:
+        self.jsonl: IO[str] | None = None
+        self.tensorboard: Any = None
+        if not (config.output_dir and is_main):
+            return
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(config.output_dir) / "log.jsonl", "a", encoding="utf-8")
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.tensorboard = SummaryWriter(str(Path(config.output_dir) / "tb"))
+
+    def write(self, logs: dict, step: int) -> None:
+        """One line of JSON, and every number but the step as a TensorBoard scalar."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(logs) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in logs.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        """Close the files."""
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

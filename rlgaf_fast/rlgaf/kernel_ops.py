@@ -1,5 +1,6 @@
 """The one place where ``use_fused_kernels`` chooses between rlgaf_fast's fused ops and their
 pure-PyTorch references. Everything else in the loop calls ``ops.<name>`` on what this returns.
+The plain tensor helpers the loop uses beside them (masked means) are here too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) ->
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     return all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).float()
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``x`` where ``mask`` is set (0 where it is set nowhere)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``x`` shifted and scaled to mean 0 and variance 1 where ``mask`` is set, 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:

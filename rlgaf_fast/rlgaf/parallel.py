@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rlgaf_fast.rlgaf.build import Models, Optimizers
 
@@ -95,3 +96,18 @@ def optimizer_step(
     elif max_grad_norm > 0:
         accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
     optimizer.step()
+
+
+def weight_for_other_update(weight: Tensor, wrapped: nn.Module, fsdp: bool) -> Tensor:
+    """``weight``, a parameter of the model that ``wrapped`` wraps, as read by another model's
+    update that needs no gradient for it (the generator's Gumbel update reading the
+    discriminator's embedding; the fused op skips forming a gradient for a detached weight).
+    Under FSDP a detached copy of the gathered weight outlives the resharding during backward;
+    DDP, in contrast, expects every parameter it wraps to get a gradient, so under DDP the
+    weight stays attached (a one-process CPU launch is DDP-wrapped too, so the wrapper decides,
+    not the process count)."""
+    if fsdp:
+        return weight.detach().clone()
+    if not isinstance(wrapped, DistributedDataParallel):
+        return weight.detach()
+    return weight

@@ -16,8 +16,8 @@ pieces the trainer is built from come from build.py, and its checkpoints from ch
 from __future__ import annotations
 
 import contextlib
-import json
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from rlgaf_fast.rlgaf import checkpoint
-from rlgaf_fast.rlgaf.build import (
-    build_models,
-    build_optimizers,
-    build_samplers,
-    check_inputs,
-    open_logs,
-    special_tokens,
-)
+from rlgaf_fast.rlgaf import build, checkpoint, parallel
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import (
     STREAM_DEMOS,
@@ -54,25 +45,13 @@ from rlgaf_fast.rlgaf.discriminator import (
     stack_batches,
     token_sequences,
 )
-from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
+from rlgaf_fast.rlgaf.kernel_ops import kernel_ops, masked_mean, masked_whiten
 from rlgaf_fast.rlgaf.models import PolicyWithValue
 from rlgaf_fast.rlgaf.modes import mode_spec
-from rlgaf_fast.rlgaf.parallel import make_accelerator, optimizer_step, prepare, unsharded
 from rlgaf_fast.rlgaf.rollout import generate, response_slice, sequence_inputs
 
 # reward_fn(batch) -> [B] float tensor: the sequence-level reward of the rlhf mode.
 RewardFn = Callable[[Batch], Tensor]
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,7 +92,7 @@ class RLGAFTrainer:
         self.mode = config.mode
         self.spec = mode_spec(config.mode)
         self.ops = kernel_ops(config.use_fused_kernels)
-        self.accelerator, self.fsdp = make_accelerator(accelerator)
+        self.accelerator, self.fsdp = parallel.make_accelerator(accelerator)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -125,21 +104,20 @@ class RLGAFTrainer:
         # any) follow config.seed. Batches and samples use their own per-step seeds.
         torch.manual_seed(config.seed)
 
-        self.eos_token_id, self.pad_token_id = special_tokens(
+        self.eos_token_id, self.pad_token_id = build.special_tokens(
             tokenizer, generator, eos_token_id, pad_token_id
         )
-        check_inputs(self.spec, config, discriminator, reward_fn, demonstrations, prompts)
-        self.demos, self.prompts = build_samplers(
-            config, generator, demonstrations, prompts, tokenizer, eos_token_id, self.pad_token_id
-        )
-        models = build_models(
+        build.check_inputs(self.spec, config, discriminator, reward_fn, demonstrations, prompts)
+        tokens = (tokenizer, self.eos_token_id, self.pad_token_id)
+        self.demos, self.prompts = build.data(config, generator, demonstrations, prompts, *tokens)
+        models = build.models(
             self.spec, config, generator, discriminator, reference_model, self.device
         )
-        optimizers = build_optimizers(config, models.policy, models.discriminator)
-        models, optimizers = prepare(self.accelerator, models, optimizers)
+        optimizers = build.optimizers(config, models.policy, models.discriminator)
+        models, optimizers = parallel.prepare(self.accelerator, models, optimizers)
         self.policy, self.discriminator, self.reference, self.ema = models
         self.g_opt, self.g_sched, self.d_opt, self.d_sched = optimizers
-        self.log_writer, self.tensorboard = open_logs(config, self.is_main)
+        self.run_log = build.RunLog(config, self.is_main)
 
     # ------------------------------------------------------------------ the loop
 
@@ -207,15 +185,8 @@ class RLGAFTrainer:
     def log(self, logs: dict) -> None:
         """Append ``logs`` to ``output_dir/log.jsonl`` and TensorBoard every ``log_every``
         steps (on the main process only)."""
-        if not self.is_main or self.step_count % self.config.log_every:
-            return
-        if self.log_writer is not None:
-            self.log_writer.write(json.dumps(logs) + "\n")
-            self.log_writer.flush()
-        if self.tensorboard is not None:
-            for key, value in logs.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, self.step_count)
+        if self.step_count % self.config.log_every == 0:
+            self.run_log.write(logs, self.step_count)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -230,10 +201,7 @@ class RLGAFTrainer:
 
     def close(self) -> None:
         """Close the log files."""
-        if self.log_writer is not None:
-            self.log_writer.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.run_log.close()
 
     # ------------------------------------------------------------------ generator updates
 
@@ -285,13 +253,7 @@ class RLGAFTrainer:
             if c.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
 
-        stats: dict[str, list[float]] = {
-            "g_loss": [],
-            "value_loss": [],
-            "entropy": [],
-            "clipfrac": [],
-            "approx_kl": [],
-        }
+        stats: dict[str, list[float]] = defaultdict(list)
         shuffle = torch_generator(self._seed(STREAM_SHUFFLE, sub=sub))
         updates = c.ppo_epochs * (c.batch_size // c.minibatch_size)
         for _ in range(c.ppo_epochs):
@@ -329,7 +291,7 @@ class RLGAFTrainer:
                 stats["clipfrac"].append(out.clipfrac.item())
                 stats["approx_kl"].append(out.approx_kl.item())
                 if mle is not None:
-                    stats.setdefault("mle_loss", []).append(mle)
+                    stats["mle_loss"].append(mle)
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         result.update(reward=score.mean().item(), kl=kl, tokens=int(mask.sum()))
         return result
@@ -366,8 +328,9 @@ class RLGAFTrainer:
                 baseline = decay * self.reward_baseline + (1 - decay) * baseline
             advantages = (seq_reward - baseline)[:, None].expand_as(old_logprobs) * mask
         logits, _ = self.policy(*sequence_inputs(batch))
-        # old_logprobs equal the current ones, so the ratio is 1 and the gradient of the PPO loss
-        # is exactly REINFORCE's -A * grad log p (no clipping can occur).
+        # old_logprobs equal the current ones (to rounding, when the fused loss computes the
+        # current ones), so the ratio is 1 and the gradient of the PPO loss is REINFORCE's
+        # -A * grad log p (no clipping can occur).
         out = ops.ppo_loss(
             response_slice(logits, batch.prompt_ids.shape[1]),
             batch.response_ids,
@@ -406,17 +369,9 @@ class RLGAFTrainer:
         prompt_len, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         logits, _ = self.policy(*sequence_inputs(batch))
         logits = response_slice(logits, prompt_len) / c.sample_temperature
-        # The generator's update needs no gradient for the discriminator's embedding (and the
-        # fused op skips forming one for a detached weight). Under FSDP a detached copy of the
-        # gathered weight outlives the resharding during backward; DDP, in contrast, expects
-        # every parameter of the discriminator to get a gradient (a one-process CPU launch is
-        # DDP-wrapped too, so the wrapper decides, not the process count).
         with self.unsharded(self.discriminator):
             weight = self.unwrapped_discriminator.get_input_embeddings().weight
-            if self.fsdp:
-                weight = weight.detach().clone()
-            elif not isinstance(self.discriminator, DistributedDataParallel):
-                weight = weight.detach()
+            weight = parallel.weight_for_other_update(weight, self.discriminator, self.fsdp)
         relaxed = [
             ops.gumbel_softmax_embedding(
                 logits[:, t].contiguous(), weight, self.tau(), c.straight_through, seed=seeds[t]
@@ -437,15 +392,7 @@ class RLGAFTrainer:
         if self.reference is not None and c.kl_coef > 0:
             # Exact KL(policy || reference) over the vocabulary, differentiable, summed over
             # each sequence's tokens as in PPO's reward: the same kl_coef, the same objective.
-            input_ids, attention_mask, position_ids = sequence_inputs(batch)
-            with torch.no_grad():
-                ref_logits = self.reference(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).logits
-            ref_logits = response_slice(ref_logits, prompt_len)
+            ref_logits = self._response_logits(self.reference, batch)
             logp = torch.log_softmax(logits.float(), -1)
             ref_logp = torch.log_softmax(ref_logits.float() / c.sample_temperature, -1)
             token_kl = (logp.exp() * (logp - ref_logp)).sum(-1) * batch.response_mask
@@ -511,7 +458,7 @@ class RLGAFTrainer:
     def unsharded(self, *modules: nn.Module | None) -> contextlib.AbstractContextManager:
         """Under FSDP, gathers the full weights of ``modules`` for reads outside their forward,
         such as generation; does nothing otherwise. Every process must enter it together."""
-        return unsharded(self.fsdp, *modules)
+        return parallel.unsharded(self.fsdp, *modules)
 
     @property
     def evaluation_model(self) -> nn.Module:
@@ -521,17 +468,9 @@ class RLGAFTrainer:
         return self.unwrapped_policy.model if self.ema is None else self.ema.module
 
     def tau(self, step: int | None = None) -> float:
-        """Gumbel-Softmax temperature at ``step``: constant, linear or exponential from
-        ``tau_start`` at step 0 to ``tau_end`` at step ``total_steps``. As with learning-rate
-        schedules, the last update (step ``total_steps - 1``) uses the value one step short of
-        ``tau_end``."""
-        c = self.config
-        progress = min(1.0, (self.step_count if step is None else step) / max(1, c.total_steps))
-        if c.tau_schedule == "linear":
-            return c.tau_start + (c.tau_end - c.tau_start) * progress
-        if c.tau_schedule == "exponential":
-            return c.tau_start * (c.tau_end / c.tau_start) ** progress
-        return c.tau_start
+        """Gumbel-Softmax temperature at ``step`` (default: the current one); see
+        :func:`~rlgaf_fast.rlgaf.build.tau_at`."""
+        return build.tau_at(self.config, self.step_count if step is None else step)
 
     def _check_finite(self, loss: Tensor, what: str) -> None:
         if not torch.isfinite(loss).all():
@@ -543,7 +482,7 @@ class RLGAFTrainer:
             )
 
     def _optimizer_step(self, loss: Tensor, module: nn.Module, optimizer: Any) -> None:
-        optimizer_step(
+        parallel.optimizer_step(
             self.accelerator, self.fsdp, loss, module, optimizer, self.config.max_grad_norm
         )
 
@@ -588,20 +527,25 @@ class RLGAFTrainer:
         self.discriminator.train()
         return reward_from_logit(logit, self.config.reward_type)
 
+    @torch.no_grad()
+    def _response_logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Logits ``[B, T, V]`` of ``model`` (a plain LM) at the response tokens (no grad)."""
+        input_ids, attention_mask, position_ids = sequence_inputs(batch)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).logits
+        return response_slice(logits, batch.prompt_ids.shape[1])
+
+    @torch.no_grad()
     def _response_logprobs(self, model: nn.Module, batch: Batch) -> Tensor:
         """Log-probabilities ``[B, T]`` of the response tokens under ``model`` (no grad)."""
-        input_ids, attention_mask, position_ids = sequence_inputs(batch)
-        with torch.no_grad():
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).logits
-            logits = response_slice(logits, batch.prompt_ids.shape[1])
-            return self.ops.token_logprobs(
-                logits, batch.response_ids, temperature=self.config.sample_temperature
-            )
+        logits = self._response_logits(model, batch)
+        return self.ops.token_logprobs(
+            logits, batch.response_ids, temperature=self.config.sample_temperature
+        )
 
     def gumbel_seeds(self, g: int) -> list[int]:
         """The seeds of the ``g``-th Gumbel update of this iteration: one per response token,

@@ -17,8 +17,9 @@ def inputs(dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_are_the_reference_ppo_losss_bit_for_bit(dtype, temperature):
-    # The trainer used to read log-probabilities off the PPO loss with zero advantages.
+def test_token_logprobs_are_the_reference_ppo_loss_logprobs_bit_for_bit(dtype, temperature):
+    # The PPO update's old log-probabilities come from here, its new ones from the loss: with
+    # the reference ops they must agree to the bit, so that the first ratio is exactly 1.
     logits, actions, mask = inputs(dtype)
     zeros = torch.zeros(actions.shape)
     old = reference.ppo_loss(logits, actions, zeros, zeros, mask, temperature=temperature)
