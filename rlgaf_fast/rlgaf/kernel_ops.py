@@ -24,6 +24,8 @@ def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) ->
 
     Computed as the reference PPO loss computes its log-probabilities (float64 logits stay
     float64 until the end), so that log-probabilities taken here and inside the loss agree.
+    Both op sets use this one function; giving the fused set ``rlgaf_fast.token_logprobs``
+    instead is a change in :func:`kernel_ops` alone.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -46,7 +48,7 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
     """A namespace with the six ops the loop uses: from ``rlgaf_fast`` (fused, backend "auto")
     when ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``; and
-    ``token_logprobs``, plain PyTorch either way (rlgaf_fast has no fused one)."""
+    ``token_logprobs``, plain PyTorch either way (see :func:`token_logprobs`)."""
     if not use_fused_kernels:
         ops = {name: getattr(reference, name) for name in OP_NAMES}
     else:
