@@ -145,6 +145,8 @@ def _ppo_loss_kernel(
             else:
                 g = p * a
             g = tl.where(start + cols == action, g + action_grad, g)
+            # a masked-out row (padding: -inf or NaN logits) has no gradient at all
+            g = tl.where(w == 0, 0.0, g)
             tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -151,8 +151,25 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask`` where a masked-out token adds exactly 0, even where ``x`` is NaN or inf (a
+    padding row's values are never read)."""
+    return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return _masked(x, mask).sum() / mask.sum().clamp(min=1)
+
+
+def logprobs_and_entropy(z: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+    """The log-probability of ``actions`` under ``softmax(z)`` and that softmax's entropy, per row
+    of ``z [..., V]``. A -inf logit is a token of probability 0: it adds 0 to the entropy and
+    nothing non-finite to the gradient; a row with no finite logit gives NaN (docs/design.md,
+    "Special values")."""
+    all_logprobs = torch.log_softmax(z, dim=-1)
+    logprobs = all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    finite = torch.where(all_logprobs == float("-inf"), 0.0, all_logprobs)
+    return logprobs, -(all_logprobs.exp() * finite).sum(-1)
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
@@ -180,7 +197,7 @@ def aggregate_loss(token_loss: Tensor, mask: Tensor, loss_agg: str = "token-mean
     """
     if loss_agg == "token-mean":
         return _masked_mean(token_loss, mask)
-    seq_sum = (token_loss * mask).reshape(-1, mask.shape[-1]).sum(-1)
+    seq_sum = _masked(token_loss, mask).reshape(-1, mask.shape[-1]).sum(-1)
     seq_count = mask.reshape(-1, mask.shape[-1]).sum(-1)
     if loss_agg == "seq-mean-token-mean":
         per_seq = seq_sum / seq_count.clamp(min=1)
@@ -234,10 +251,16 @@ def ppo_loss(
     term was the larger), approx_kl = mean(old_logprobs - logp), ratio_mean, kl.
     """
     dtype = _compute_dtype(logits.dtype)
-    all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    logprobs = all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
-    mask = torch.ones_like(logprobs) if mask is None else mask.to(dtype)
+    z = logits.to(dtype) / temperature
+    mask = (
+        torch.ones(z.shape[:-1], dtype=dtype, device=z.device) if mask is None else mask.to(dtype)
+    )
+    with torch.no_grad():
+        token_logprobs, token_entropy = logprobs_and_entropy(z, actions)
+    # The loss never reads a masked-out token's logits, so a padding row (all -inf, NaN) gives
+    # neither a NaN loss nor a NaN gradient.
+    z = torch.where(mask[..., None] != 0, z, torch.zeros((), dtype=dtype, device=z.device))
+    logprobs, entropy = logprobs_and_entropy(z, actions)
     advantages = advantages.to(dtype)
     ratio = torch.exp(logprobs - old_logprobs.to(dtype))
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -257,10 +280,10 @@ def ppo_loss(
     with torch.no_grad():
         return PPOLossOutput(
             loss=loss,
-            logprobs=logprobs.detach(),
-            entropy=entropy.detach(),
+            logprobs=token_logprobs,
+            entropy=token_entropy,
             clipfrac=_masked_mean((clipped > unclipped).to(dtype), mask),
-            approx_kl=_masked_mean(old_logprobs.to(dtype) - logprobs, mask),
+            approx_kl=_masked_mean(old_logprobs.to(dtype) - token_logprobs, mask),
             ratio_mean=_masked_mean(ratio, mask),
             kl=None if kl is None else _masked_mean(kl, mask),
         )

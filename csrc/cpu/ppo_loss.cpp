@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -292,15 +293,18 @@ void ppo_rows(const at::Tensor& logits, const int64_t* actions, const acc_t* old
       entropy[n] = h;
       if (grad == nullptr) continue;
       const acc_t w = token_weight[n];
-      const acc_t c_lp = w == 0 ? acc_t(0)
-                                : w * dloss_dlogp(logp, old_logprobs[n], advantages[n],
+      grad_t* g = grad + n * V;
+      if (w == 0) {  // a masked-out row (padding: -inf or NaN logits) has no gradient at all
+        std::fill(g, g + V, grad_t(0));
+        continue;
+      }
+      const acc_t c_lp = w * dloss_dlogp(logp, old_logprobs[n], advantages[n],
                                                   ref_logprobs ? ref_logprobs[n] : acc_t(0),
                                                   params);
       const acc_t c_h = -w * params.entropy_coef;
       const acc_t scale = params.inv_temp / sum_e;
       const acc_t alpha = (-c_lp - c_h * (h - log_sum)) * scale;
       const acc_t beta = -c_h * scale;
-      grad_t* g = grad + n * V;
       row_grad(x, scratch.data(), V, max_x, params.inv_temp, alpha, beta, g);
       // The action's element, recomputed from the scratch row (x[a] may be overwritten).
       t_a = t_a < lowest_t<acc_t>() ? lowest_t<acc_t>() : t_a;

@@ -150,7 +150,7 @@ def weighted_loss(
         tokens.ref_logprobs,
         options,
     )[0]
-    return (tokens.token_weight * token_loss).sum()
+    return reference._masked(token_loss, tokens.token_weight).sum()
 
 
 def token_weights(mask: Tensor, loss_agg: str) -> Tensor:
@@ -384,7 +384,7 @@ def output(
         count = mask_f.sum().clamp(min=1)
 
         def mean(x):
-            return (x.to(mask_f.dtype) * mask_f).sum() / count
+            return reference._masked(x.to(mask_f.dtype), mask_f).sum() / count
 
         return PPOLossOutput(
             loss=loss,

@@ -428,3 +428,88 @@ def test_ppo_loss_contract(backend, case):
         _assert_matches(
             grad.cpu()[smooth], ref_grad[smooth], g_atol, "gradient", rtol=atol + 2 * EPS[x.dtype]
         )
+
+
+# --- regressions: each example the search (or a user) found, as a plain test ----------------
+
+
+def _masked_vocabulary_batch(device: str):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 10, generator=gen)
+    logits[..., -3:] = float("-inf")  # the vocabulary's padding columns
+    actions = torch.randint(0, 7, (2, 3), generator=gen)
+    old = torch.randn(2, 3, generator=gen) - 2.0
+    adv = torch.randn(2, 3, generator=gen)
+    return [t.to(device) for t in (logits, actions, old, adv)]
+
+
+@pytest.mark.parametrize("backend", PPO_BACKENDS)
+def test_masked_vocabulary_is_finite_and_equal_on_every_backend(backend):
+    logits, actions, old, adv = _masked_vocabulary_batch(_device(backend))
+    x = logits.clone().requires_grad_()
+    out = rlgaf_fast.ppo_loss(x, actions, old, adv, entropy_coef=0.01, backend=backend)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.entropy).all()
+    assert torch.isfinite(grad).all() and (grad[..., -3:] == 0).all()
+    x64 = logits.cpu().double().requires_grad_()
+    ref = reference.ppo_loss(x64, actions.cpu(), old.cpu(), adv.cpu(), entropy_coef=0.01)
+    (ref_grad,) = torch.autograd.grad(ref.loss, x64)
+    torch.testing.assert_close(out.loss.cpu().double(), ref.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.cpu().double(), ref.entropy, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", PPO_BACKENDS)
+def test_impossible_action_has_logprob_minus_inf_and_no_gradient(backend):
+    logits, actions, old, adv = _masked_vocabulary_batch(_device(backend))
+    actions[0, 0] = 8  # a -inf column
+    x = logits.clone().requires_grad_()
+    out = rlgaf_fast.ppo_loss(x, actions, old, adv, backend=backend)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    assert out.logprobs[0, 0] == float("-inf")
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    # ratio 0: the token's clipped objective is constant, so its row gets no gradient
+    assert (grad[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", PPO_BACKENDS)
+def test_masked_out_dead_row_adds_nothing(backend):
+    logits, actions, old, adv = _masked_vocabulary_batch(_device(backend))
+    mask = torch.ones_like(old)
+    for bad in (float("-inf"), float("nan")):
+        x = logits.clone()
+        x[1, 2] = bad  # a padding position with no finite logit
+        mask[1, 2] = 0
+        x.requires_grad_()
+        out = rlgaf_fast.ppo_loss(x, actions, old, adv, mask, entropy_coef=0.01, backend=backend)
+        (grad,) = torch.autograd.grad(out.loss, x)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+        assert (grad[1, 2] == 0).all()
+        assert torch.isnan(out.logprobs[1, 2]) and torch.isnan(out.entropy[1, 2])
+        kept = rlgaf_fast.ppo_loss(
+            logits.clone(), actions, old, adv, mask, entropy_coef=0.01, backend=backend
+        )
+        torch.testing.assert_close(out.loss, kept.loss)
+
+
+@pytest.mark.parametrize("backend", PPO_BACKENDS)
+def test_unmasked_dead_row_is_nan(backend):
+    logits, actions, old, adv = _masked_vocabulary_batch(_device(backend))
+    logits[1, 2] = float("-inf")
+    out = rlgaf_fast.ppo_loss(logits, actions, old, adv, backend=backend)
+    assert torch.isnan(out.loss) and torch.isnan(out.logprobs[1, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gumbel_dead_row_is_nan_and_token_zero(backend):
+    device = _device(backend)
+    x = torch.randn(3, 10, device=device)
+    x[:, -3:] = float("-inf")
+    x[1] = float("-inf")
+    y = rlgaf_fast.gumbel_softmax(x, tau=0.5, seed=1, backend=backend)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    assert (y[[0, 2], -3:] == 0).all()
+    emb, tokens = rlgaf_fast.gumbel_softmax_embedding(
+        x, torch.randn(10, 4, device=device), tau=0.5, seed=1, backend=backend
+    )
+    assert torch.isnan(emb[1]).all() and tokens[1] == 0 and (tokens[[0, 2]] < 7).all()
