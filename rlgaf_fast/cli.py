@@ -187,11 +187,18 @@ def run_train(args: argparse.Namespace) -> int:
         if value is not None
     }
     _set_threads(args.threads)
-    trainer = build_from_config(spec, args.out, overrides)
     if args.resume:
-        trainer.load_checkpoint(args.resume)
+        overrides["resume_from"] = args.resume
+    trainer = build_from_config(spec, args.out, overrides)
     history = trainer.train()
-    if trainer.config.output_dir:
+    if trainer.stopped_by is not None:
+        if trainer.is_main:
+            saved = f"; saved step {trainer.step_count}" if trainer.config.output_dir else ""
+            print(
+                f"stopped by {trainer.stopped_by}{saved}; continue with --resume latest",
+                file=sys.stderr,
+            )
+    elif trainer.config.output_dir:
         path = trainer.save_checkpoint(Path(trainer.config.output_dir) / "final")
         if trainer.is_main:
             print(f"saved {path}")
@@ -219,7 +226,12 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument("--mode", choices=MODE_NAMES)
     p.add_argument("--steps", type=int, help="override trainer.total_steps")
     p.add_argument("--out", help="output directory (logs, checkpoints)")
-    p.add_argument("--resume", help="checkpoint directory to continue from")
+    p.add_argument(
+        "--resume",
+        metavar="DIR|latest",
+        help="checkpoint directory to continue from, or 'latest': the newest complete "
+        "checkpoint under --out (none yet: start from the beginning)",
+    )
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run_train)

@@ -1,6 +1,12 @@
 """Checkpoints of an :class:`RLGAFTrainer`: save one directory, load it back, and training
 continues exactly.
 
+A checkpoint is complete or absent: it is written into a hidden sibling directory
+(``.<name>.partial``), flushed to disk and renamed into place, so a process killed during a save
+(preemption, out of memory) leaves the previous checkpoints intact and no directory that looks
+like a checkpoint but is not one. :func:`latest_checkpoint` finds the newest complete one, and
+:class:`GracefulStop` turns SIGTERM and SIGINT into "finish this step, save, stop".
+
 A checkpoint directory holds the weights as safetensors (``generator``, ``discriminator`` and,
 with a weight average, ``generator_ema``), the optimisers' and schedulers' state as a
 tensors-only torch file (``optimizer.pt``, loaded with ``weights_only=True`` so that a crafted
@@ -15,6 +21,12 @@ written without FSDP; the optimiser state is keyed by parameter name.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,18 +39,42 @@ if TYPE_CHECKING:
 
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "log_every", "save_every", "tensorboard", "progress_bar"}
+    {
+        "output_dir",
+        "log_every",
+        "save_every",
+        "save_total_limit",
+        "resume_from",
+        "tensorboard",
+        "progress_bar",
+    }
 )
+STATE_FILE = "trainer_state.json"  # written last: a directory with it is a checkpoint
+_STEP_DIR = re.compile(r"checkpoint-(\d+)")
 
 
 def save_checkpoint(trainer: RLGAFTrainer, path: str | Path) -> Path:
-    """Write ``trainer``'s whole state to directory ``path`` (made if missing); returns it.
-    Every process must call it together."""
+    """Write ``trainer``'s whole state to directory ``path`` (replacing one of that name)
+    atomically: ``path`` appears complete or not at all; returns it. Every process must call
+    it together."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    t = trainer
+    if t.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a process killed while saving
+        partial.mkdir(parents=True)
+    t.accelerator.wait_for_everyone()
+    _write_checkpoint(t, partial)
+    t.accelerator.wait_for_everyone()
+    if t.is_main:
+        _publish(partial, path)
+    t.accelerator.wait_for_everyone()
+    return path
+
+
+def _write_checkpoint(t: RLGAFTrainer, path: Path) -> None:
     from safetensors.torch import save_model
 
-    path = Path(path)
-    t = trainer
-    t.accelerator.wait_for_everyone()
     state = {
         "g_opt": _optimizer_state(t.fsdp, t.policy, t.g_opt),
         "g_sched": t.g_sched.state_dict(),
@@ -48,8 +84,6 @@ def save_checkpoint(trainer: RLGAFTrainer, path: str | Path) -> Path:
             d_opt=_optimizer_state(t.fsdp, t.discriminator, t.d_opt),
             d_sched=t.d_sched.state_dict(),
         )
-    if t.is_main:
-        path.mkdir(parents=True, exist_ok=True)
     _save_weights(t, t.policy, t.unwrapped_policy, path / "generator.safetensors")
     if t.discriminator is not None:
         _save_weights(
@@ -64,13 +98,128 @@ def save_checkpoint(trainer: RLGAFTrainer, path: str | Path) -> Path:
             "reward_baseline": t.reward_baseline,
             "config": t.config.to_dict(),
         }
-        (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    t.accelerator.wait_for_everyone()
+        (path / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, path / f"rng-{t.rank}.pt")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Make the finished ``partial`` directory ``path``, replacing an older one of that name
+    (``final`` saved twice); a crash in between leaves the older one or none, never a mix."""
+    for file in partial.iterdir():  # on disk before the rename makes them visible
+        _fsync(file)
+    _fsync(partial)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(partial, path)
+    _fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the complete checkpoint at ``path``, or None if it is not one."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directly under ``output_dir`` (highest step; of equal
+    steps, ``final`` or the most recently written), or None."""
+    found = []
+    root = Path(output_dir)
+    for path in root.iterdir() if root.is_dir() else ():
+        step = None if path.name.startswith(".") else checkpoint_step(path)
+        if step is not None:
+            found.append((step, (path / STATE_FILE).stat().st_mtime, path))
+    return max(found)[2] if found else None
+
+
+def resolve_resume(resume_from: str, output_dir: str | None) -> Path | None:
+    """The checkpoint ``resume_from`` names: ``"latest"`` is the newest complete one under
+    ``output_dir`` (None when there is none yet: the run starts from the beginning)."""
+    if resume_from == "latest":
+        if output_dir is None:
+            raise ValueError('resume_from="latest" needs output_dir, where checkpoints are saved')
+        return latest_checkpoint(output_dir)
+    path = Path(resume_from)
+    if checkpoint_step(path) is None:
+        what = "does not exist" if not path.exists() else f"holds no {STATE_FILE}"
+        raise FileNotFoundError(
+            f"resume_from: {path} {what}; give a checkpoint directory or 'latest'"
+        )
     return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``checkpoint-<step>`` directories; returns those
+    deleted. ``final`` and other names are never deleted."""
+    steps = []
+    for path in Path(output_dir).iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            steps.append((int(match.group(1)), path))
+    doomed = [path for _, path in sorted(steps)[: max(len(steps) - keep, 0)]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+class GracefulStop:
+    """While active, SIGTERM (how clusters and spot machines stop a job) and SIGINT (Ctrl-C) set
+    a flag instead of killing the process, so the loop can finish its step, save and return.
+    A second SIGINT interrupts at once. Handlers are installed only in the main thread (Python
+    allows no other) and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(
+            f"rlgaf: {self.received} received: finishing this step, saving, then stopping "
+            "(Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def requested(self, accelerator: Any) -> bool:
+        """Whether any process received a stop signal (all processes agree, so that they stop
+        at the same step)."""
+        flag = self.received is not None
+        if accelerator.num_processes == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=accelerator.device)
+        return bool(accelerator.reduce(tensor, reduction="sum").item() > 0)
 
 
 def load_checkpoint(trainer: RLGAFTrainer, path: str | Path, stacklevel: int = 2) -> None:

@@ -7,6 +7,7 @@ unknown keys are an error rather than silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,11 @@ class RLGAFConfig:
     output_dir: str | None = None
     log_every: int = 1
     save_every: int = 0
+    # Keep only the newest this many checkpoint-<step> directories (0: keep all).
+    save_total_limit: int = 0
+    # Continue from this checkpoint directory, or "latest": the newest complete checkpoint under
+    # output_dir (none yet: start from the beginning), so a preempted job can rerun one command.
+    resume_from: str | None = None
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -161,6 +167,7 @@ class RLGAFConfig:
             "kl_coef",
             "warmup_steps",
             "save_every",
+            "save_total_limit",
             "entropy_coef",
             "mle_coef",
             "discriminator_weight_decay",
@@ -191,13 +198,11 @@ class RLGAFConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLGAFConfig:
-        """Build from a mapping; unknown keys raise ValueError listing them."""
+        """Build from a mapping; unknown keys raise ValueError naming each with the closest
+        field name."""
         if not isinstance(values, dict):
             raise TypeError(f"RLGAFConfig values must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RLGAFConfig keys: {unknown}; known: {sorted(known)}")
+        check_keys(values, [f.name for f in dataclasses.fields(cls)], "RLGAFConfig")
         return cls(**values)
 
     @classmethod
@@ -205,7 +210,11 @@ class RLGAFConfig:
         """Load from a YAML file (``yaml.safe_load``); the file may hold the fields at top level
         or under a ``trainer:`` key (the ``rlgaf-fast train`` config layout)."""
         values = load_yaml(path)
-        return cls.from_dict(values.get("trainer", values))
+        section = "trainer" if "trainer" in values else "RLGAFConfig"
+        values = values.get("trainer", values)
+        if isinstance(values, dict):  # from_dict names the file's key without the file
+            check_keys(values, [f.name for f in dataclasses.fields(cls)], section, source=path)
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,6 +230,27 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "int | None": (int, type(None)),
     "dict[str, Any]": (dict,),
 }
+
+
+def check_keys(
+    values: dict[str, Any], known: list[str], section: str, source: str | Path | None = None
+) -> None:
+    """Raise ValueError naming the keys of ``values`` that are not in ``known``, each with the
+    closest known name: a misspelt key would otherwise leave its default silently in place."""
+    unknown = [key for key in values if key not in known]
+    if not unknown:
+        return
+    where = f" in {source}" if source is not None else ""
+    close = {key: difflib.get_close_matches(str(key), known, n=1) for key in unknown}
+    if len(unknown) == 1:
+        (key,) = unknown
+        hint = (
+            f"did you mean {close[key][0]!r}?" if close[key] else "valid keys: " + ", ".join(known)
+        )
+        raise ValueError(f"unknown {section} key {key!r}{where}; {hint}")
+    named = [f"{k!r} (did you mean {close[k][0]!r}?)" if close[k] else repr(k) for k in unknown]
+    valid = "" if any(close.values()) else "; valid keys: " + ", ".join(known)
+    raise ValueError(f"unknown {section} keys{where}: {', '.join(named)}{valid}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -118,12 +118,19 @@ class RLGAFTrainer:
         self.policy, self.discriminator, self.reference, self.ema = models
         self.g_opt, self.g_sched, self.d_opt, self.d_sched = optimizers
         self.run_log = build.RunLog(config, self.is_main)
+        self.stopped_by: str | None = None  # the signal that ended the last train() early
+        if config.resume_from is not None:
+            path = checkpoint.resolve_resume(config.resume_from, config.output_dir)
+            if path is not None:
+                self.load_checkpoint(path)
 
     # ------------------------------------------------------------------ the loop
 
     def train(self, num_steps: int | None = None) -> list[dict]:
         """Run until ``config.total_steps`` (or ``num_steps`` more steps); log every step to
-        ``output_dir/log.jsonl`` (and TensorBoard), checkpoint every ``save_every`` steps."""
+        ``output_dir/log.jsonl`` (and TensorBoard), checkpoint every ``save_every`` steps.
+        SIGTERM or SIGINT ends the run after the current step, with a checkpoint when there is
+        an ``output_dir``; ``stopped_by`` then names the signal."""
         from tqdm.auto import tqdm
 
         c = self.config
@@ -136,16 +143,25 @@ class RLGAFTrainer:
             disable=not (c.progress_bar and self.is_main),
             dynamic_ncols=True,
         )
-        while self.step_count < end:
-            logs = self.step()
-            history.append(logs)
-            self.log(logs)
-            bar.update(1)
-            bar.set_postfix(
-                {k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward") if k in logs}
-            )
-            if c.save_every and self.step_count % c.save_every == 0 and c.output_dir:
-                self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
+        self.stopped_by = None
+        with checkpoint.GracefulStop() as stop:
+            while self.step_count < end:
+                logs = self.step()
+                history.append(logs)
+                self.log(logs)
+                bar.update(1)
+                bar.set_postfix(
+                    {k: f"{logs[k]:.3g}" for k in ("g_loss", "d_loss", "reward") if k in logs}
+                )
+                stopping = stop.requested(self.accelerator)
+                due = c.save_every and self.step_count % c.save_every == 0
+                if c.output_dir and (due or stopping):
+                    self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{self.step_count}")
+                    if c.save_total_limit and self.is_main:
+                        checkpoint.prune_checkpoints(c.output_dir, c.save_total_limit)
+                if stopping:
+                    self.stopped_by = stop.received or "a stop signal on another process"
+                    break
         bar.close()
         return history
 

@@ -1,8 +1,17 @@
 """Checkpoints (checkpoint.py): a resumed run continues exactly, in safe file formats."""
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from rlgaf_fast.rlgaf import checkpoint
 from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator
 
 from .conftest import VOCAB, make_trainer
@@ -105,3 +114,121 @@ def test_checkpoint_files_are_safe_formats(demos, tmp_path):
         "trainer_state.json",
     ]
     torch.load(path / "optimizer.pt", weights_only=True)  # tensors and plain values only
+
+
+# --- crash safety --------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker(out_dir: Path, steps: int, kill_at: int | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "tests.rlgaf.crash_worker", str(out_dir), str(steps)]
+    if kill_at is not None:
+        args.append(str(kill_at))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        f"{name}/{key}": value
+        for name in ("generator", "discriminator")
+        for key, value in load_file(str(path / f"{name}.safetensors")).items()
+    }
+
+
+def _logged_steps(out_dir: Path) -> int:
+    log = out_dir / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(demos, tmp_path, monkeypatch):
+    trainer = make_trainer("ppo", demos, output_dir=str(tmp_path), tensorboard=False)
+    trainer.save_checkpoint(tmp_path / "checkpoint-0")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_checkpoint", disk_full)
+    trainer.step_count = 1
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint(tmp_path / "checkpoint-1")
+    assert not (tmp_path / "checkpoint-1").exists()
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-0"
+
+
+def test_latest_checkpoint_and_save_total_limit(demos, tmp_path):
+    trainer = make_trainer(
+        "ppo",
+        demos,
+        total_steps=4,
+        output_dir=str(tmp_path),
+        save_every=1,
+        save_total_limit=2,
+        tensorboard=False,
+    )
+    trainer.train()
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    (tmp_path / ".checkpoint-5.partial").mkdir()  # a save that was cut short
+    (tmp_path / "checkpoint-9").mkdir()  # not a checkpoint: no trainer_state.json
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    resumed = make_trainer("ppo", demos, output_dir=str(tmp_path), resume_from="latest")
+    assert resumed.step_count == 4
+    fresh = make_trainer("ppo", demos, output_dir=str(tmp_path / "new"), resume_from="latest")
+    assert fresh.step_count == 0
+    with pytest.raises(FileNotFoundError, match="checkpoint-9 holds no trainer_state.json"):
+        make_trainer("ppo", demos, resume_from=str(tmp_path / "checkpoint-9"))
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_weights(tmp_path):
+    steps = 8
+    clean = _worker(tmp_path / "clean", steps)
+    assert clean.wait(timeout=600) == 0, clean.stderr.read()
+    expected = _weights(checkpoint.latest_checkpoint(tmp_path / "clean"))
+
+    out = tmp_path / "killed"
+    # One kill in the middle of a save, then kills at random moments of the training.
+    died = _worker(out, steps, kill_at=3)
+    assert died.wait(timeout=600) == -signal.SIGKILL
+    assert (out / ".checkpoint-3.partial").exists() and not (out / "checkpoint-3").exists()
+    assert checkpoint.checkpoint_step(checkpoint.latest_checkpoint(out)) == 2
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = _worker(out, steps)
+        deadline = time.monotonic() + 300
+        start = _logged_steps(out)
+        while _logged_steps(out) <= start and proc.poll() is None:
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait(timeout=60)
+    final = _worker(out, steps)
+    assert final.wait(timeout=600) == 0, final.stderr.read()
+    latest = checkpoint.latest_checkpoint(out)
+    assert checkpoint.checkpoint_step(latest) == steps
+    got = _weights(latest)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
+    proc = _worker(tmp_path, 10_000)
+    deadline = time.monotonic() + 300
+    while _logged_steps(tmp_path) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the worker made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err
+    logged = _logged_steps(tmp_path)
+    assert f"done at step {logged}, stopped by SIGTERM" in out
+    assert checkpoint.checkpoint_step(checkpoint.latest_checkpoint(tmp_path)) == logged < 10_000
