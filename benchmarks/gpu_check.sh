@@ -37,8 +37,8 @@ DEFAULT_BUDGET_S=460  # leave margin under the 8 minutes
 BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET_S}
 DEADLINE=$((SECONDS + BUDGET))
 
-# rlgaf_fast.kernels is the top-level kernels/ folder mapped by setup.py's package_dir; without
-# an install, a symlink gives the same import path (removed again at exit if made here).
+# rlgaf_fast.kernels is the committed symlink rlgaf_fast/kernels -> ../kernels; a copy of the
+# tree that dropped links gets it back here (removed again at exit if made here).
 MADE_LINK=0
 if [ ! -e rlgaf_fast/kernels ]; then
   ln -s ../kernels rlgaf_fast/kernels && MADE_LINK=1
