@@ -4,18 +4,29 @@ Subcommands register themselves in ``SUBCOMMANDS``: a name mapped to a function 
 parser to argparse's subparsers and sets ``func`` (called with the parsed arguments, returning
 an exit status). To add one (e.g. ``bench``), write ``add_bench_parser(subparsers)`` and add it
 to the dict.
+
+A mistake of the user's (a missing file, a malformed record, an unknown key, an invalid value)
+is raised as the library raises it (ValueError, FileNotFoundError, ... or UsageError for the
+command line itself) and ``main`` prints it as one line, ``rlgaf-fast CMD: error: ...``, with
+exit status 2; other exceptions keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlgaf_fast.rlgaf.modes import MODE_NAMES
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself (not in a file it names), reported in one line."""
+
 
 # ---------------------------------------------------------------------- rlgaf-fast train
 
@@ -60,6 +71,50 @@ TINY_PRESET: dict[str, Any] = {
 }
 
 
+# The keys build_from_config reads, so that a misspelt one is an error rather than a default.
+TRAIN_KEYS = (
+    "generator",
+    "discriminator",
+    "reward_model",
+    "tokenizer",
+    "data",
+    "pad_token_id",
+    "eos_token_id",
+    "trainer",
+)
+MODEL_KEYS = ("name_or_path", "config")
+DATA_KEYS = ("synthetic", "demonstrations", "prompts")
+SYNTHETIC_KEYS = ("num_examples", "vocab_size")  # the rest of synthetic_examples' come from spec
+
+
+def load_train_config(path: str) -> dict:
+    """The YAML mapping of ``rlgaf-fast train --config``, every section's keys checked."""
+    import dataclasses
+
+    from rlgaf_fast.rlgaf.config import RLGAFConfig, check_keys, load_yaml
+
+    if not Path(path).is_file():
+        problem = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"config file {path} {problem}; give --config a YAML file (or use --preset tiny)"
+        )
+    spec = load_yaml(path)
+    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    sections = {
+        "top-level": (spec, TRAIN_KEYS),
+        "generator": (spec.get("generator"), MODEL_KEYS),
+        "discriminator": (spec.get("discriminator"), MODEL_KEYS),
+        "reward_model": (spec.get("reward_model"), MODEL_KEYS),
+        "data": (data, DATA_KEYS),
+        "data.synthetic": (data.get("synthetic"), SYNTHETIC_KEYS),
+        "trainer": (spec.get("trainer"), [f.name for f in dataclasses.fields(RLGAFConfig)]),
+    }
+    for name, (values, known) in sections.items():
+        if isinstance(values, dict):  # a section of the wrong type is build_from_config's error
+            check_keys(values, list(known), name, source=path)
+    return spec
+
+
 def _build_model(spec: dict, kind: str, pad_token_id: int | None):
     """A transformers model from ``{"name_or_path": ...}`` or ``{"config": {"model_type": ...,
     ...}}`` (config-built, random init). kind: "causal_lm" or "classifier" (one logit)."""
@@ -83,7 +138,7 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
     """An ``RLGAFTrainer`` from a train config (the YAML's mapping): models, data, trainer;
     ``overrides`` (RLGAFConfig fields) replace the trainer section's values."""
     from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
-    from rlgaf_fast.rlgaf.data import synthetic_examples
+    from rlgaf_fast.rlgaf.data import check_examples_file, synthetic_examples
     from rlgaf_fast.rlgaf.modes import mode_spec
 
     trainer_values = spec.get("trainer") or {}
@@ -95,6 +150,12 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
     if output_dir is not None:
         trainer_values["output_dir"] = output_dir
     config = RLGAFConfig.from_dict(trainer_values)
+    data = spec.get("data") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"the config's data section must be a mapping, got {type(data).__name__}")
+    for name in ("demonstrations", "prompts"):
+        if isinstance(data.get(name), (str, Path)):  # checked here, before any model is built
+            check_examples_file(data[name], f"data.{name}")
     tokenizer = None
     if spec.get("tokenizer"):
         from transformers import AutoTokenizer
@@ -114,7 +175,6 @@ def build_from_config(spec: dict, output_dir: str | None = None, overrides: dict
         if "discriminator" not in spec:
             raise ValueError(f"mode {config.mode!r} needs a discriminator section in the config")
         discriminator = _build_model(spec["discriminator"], "classifier", pad_id)
-    data = spec.get("data", {})
     if "synthetic" in data:
         # Generated data needs an end token; the trainer must stop on the same one.
         eos_id = 1 if eos_id is None else eos_id
@@ -170,13 +230,11 @@ def _reward_model_fn(model):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from rlgaf_fast.rlgaf.config import load_yaml
-
     if args.config is None and args.preset is None:
-        raise SystemExit("rlgaf-fast train: give --config FILE.yaml or --preset tiny")
+        raise UsageError("give --config FILE.yaml or --preset tiny")
     spec = json.loads(json.dumps(TINY_PRESET)) if args.preset == "tiny" else {}
     if args.config is not None:
-        spec.update(load_yaml(args.config))
+        spec.update(load_train_config(args.config))
     overrides = {
         key: value
         for key, value in (
@@ -246,6 +304,7 @@ def run_oracle_command(args: argparse.Namespace) -> int:
     import yaml
 
     from rlgaf_fast.bench.oracle import PRESETS, check_discriminator, run_oracle
+    from rlgaf_fast.rlgaf.config import RLGAFConfig, check_keys
 
     _set_threads(args.threads)
     preset = PRESETS[args.preset]
@@ -254,15 +313,12 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
-    try:
-        check_discriminator(preset, args.mode)
-    except ValueError as error:
-        raise SystemExit(f"rlgaf-fast oracle: {error}") from None
+    check_discriminator(preset, args.mode)
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -270,6 +326,7 @@ def run_oracle_command(args: argparse.Namespace) -> int:
             except ValueError:
                 pass
         overrides[key] = parsed
+    check_keys(overrides, [f.name for f in dataclasses.fields(RLGAFConfig)], "--set")
     metrics = run_oracle(
         args.oracle,
         args.mode,
@@ -345,13 +402,66 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
 }
 
 
+DEBUG_EPILOG = (
+    "A mistake in the arguments or in the files they name is reported in one line, with exit "
+    "status 2; set RLGAF_FAST_DEBUG=1 to see the full traceback instead."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlgaf-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rlgaf-fast", description=__doc__.splitlines()[0], epilog=DEBUG_EPILOG
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in SUBCOMMANDS.values():
         register(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.epilog = subparser.epilog or DEBUG_EPILOG
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        if os.environ.get("RLGAF_FAST_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"rlgaf-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What the library raises for a bad argument, file or value. Other exceptions are bugs,
+    whose traceback is wanted."""
+    import pickle
+
+    import yaml
+
+    return (
+        UsageError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,  # json.JSONDecodeError too
+        KeyError,
+        TypeError,
+        yaml.YAMLError,
+        pickle.UnpicklingError,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
+        text = f"{where}: invalid YAML: {error.problem}"
+    elif isinstance(error, OSError) and error.filename is not None:
+        text = f"{error.filename}: {error.strerror}"  # the bare "[Errno 2] ..." form otherwise
+    elif isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])  # str() would quote it
+    else:
+        text = str(error)
+    return " ".join(text.split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -25,15 +25,19 @@ def add_bench_parser(subparsers: Any) -> None:
         dest="preset",
         action="store_const",
         const="quick",
-        help="small sizes, the CPU targets of the issues (default; aims at under "
-        "3 minutes on an idle 2-core CPU)",
+        help="small sizes with the CPU targets: fp32 fwd+bwd of gumbel_softmax "
+        "[512, 32000] >= 15x eager and >= 5x torch.compile, of ppo_loss [2048, 32000] "
+        ">= 8x eager and >= 3x torch.compile with extra memory <= its gradient + O(N); "
+        "gumbel_softmax_embedding's extra memory O(N*D), not O(N*V) (default; aims at "
+        "under 3 minutes on an idle 2-core CPU)",
     )
     size.add_argument(
         "--full",
         dest="preset",
         action="store_const",
         const="full",
-        help="the design notes' sizes (vocabularies 32000-151936, 1k-16k tokens)",
+        help="vocabularies 32000, 128256 and 151936 at 1k-16k tokens (up to 4k on a "
+        "CPU), fp32 and bf16",
     )
     size.add_argument(
         "--goals",

@@ -273,11 +273,29 @@ def oracle_data(
     )
 
 
+def check_warm_start(init: str | Path) -> None:
+    """Raise FileNotFoundError unless ``init`` holds a finished run: its generator and its
+    metrics.json, which a run writes last."""
+    init = Path(init)
+    make = (
+        f"make one with `rlgaf-fast oracle --oracle PARAMS.pkl --mode sft --out {init}`, "
+        "or start without a warm start to train one first"
+    )
+    if not init.is_dir():
+        raise FileNotFoundError(f"warm start directory {init} does not exist; {make}")
+    for name in ("metrics.json", "generator.safetensors"):
+        if not (init / name).is_file():
+            raise FileNotFoundError(
+                f"warm start {init} holds no finished run: {name} is missing; {make}"
+            )
+
+
 def load_warm_start(init: str | Path, preset: OraclePreset | None = None) -> tuple[nn.Module, dict]:
     """The generator an sft run saved in directory ``init``, and that run's metrics.json (with
     ``data_seed``, the seed of its demonstrations and test set)."""
     from safetensors.torch import load_model
 
+    check_warm_start(init)
     metrics = json.loads((Path(init) / "metrics.json").read_text())
     metrics.setdefault("data_seed", metrics["seed"])  # runs before data_seed drew with seed
     generator = build_oracle_generator(preset or PRESETS["full"])
@@ -456,6 +474,12 @@ def run_oracle(
     p = PRESETS[preset] if isinstance(preset, str) else preset
     spec = mode_spec(mode)
     check_discriminator(p, mode)  # before the warm start trains
+    if not Path(oracle_path).is_file():
+        raise FileNotFoundError(
+            f"oracle parameters {oracle_path} do not exist; give SeqGAN's target_params_py3.pkl"
+        )
+    if init is not None and spec.rollouts:
+        check_warm_start(init)  # a mistyped warm start leaves no empty out_dir behind
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ same batches as the uninterrupted run, and each process of a distributed run dra
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def load_examples(source: Any, tokenizer: Any = None, eos_token_id: int | None =
     import datasets
 
     if isinstance(source, (str, Path)):
+        check_examples_file(source)
         dataset = datasets.load_dataset("json", data_files=str(source), split="train")
     elif isinstance(source, list):
         dataset = datasets.Dataset.from_list(source)
@@ -68,8 +70,9 @@ def load_examples(source: Any, tokenizer: Any = None, eos_token_id: int | None =
             dataset = dataset.map(lambda row: {"response_ids": []})
         return dataset
     if "prompt" not in columns:
+        where = f"{source}: " if isinstance(source, (str, Path)) else ""
         raise ValueError(
-            f"examples need a prompt_ids or prompt column (and response_ids or "
+            f"{where}examples need a prompt_ids or prompt column (and response_ids or "
             f"response for demonstrations), got {sorted(columns)}"
         )
     if tokenizer is None:
@@ -87,6 +90,48 @@ def load_examples(source: Any, tokenizer: Any = None, eos_token_id: int | None =
         return {"prompt_ids": prompt, "response_ids": response}
 
     return dataset.map(tokenize)
+
+
+def check_examples_file(path: str | Path, what: str = "examples") -> None:
+    """Raise FileNotFoundError if ``path`` is not a file, or ValueError naming the line of the
+    first record that is not a JSON object, so that a bad file fails before any model is built
+    and with its line number (``datasets`` reports neither)."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"{what} file {path} {problem}; give a JSON Lines file, one object per line "
+            "with prompt_ids/response_ids (or prompt/response)"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return  # one JSON document, which datasets also reads
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # else: JSON Lines under a .json name
+                raise ValueError(
+                    f"{path}, line {error.lineno}: malformed JSON ({error.msg} at column "
+                    f"{error.colno})"
+                ) from error
+    records = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        records += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}, line {number}: malformed JSON Lines record ({error.msg} at column "
+                f"{error.colno}); each line must be one JSON object"
+            ) from error
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
+            )
+    if not records:
+        raise ValueError(f"{what} file {path} is empty; it needs one JSON object per line")
 
 
 @dataclass

@@ -18,6 +18,13 @@ def test_yaml_round_trip_top_level_and_trainer_section(tmp_path):
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(ValueError, match="learning_rate"):
         RLGAFConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="key 'kl_coeff'; did you mean 'kl_coef'"):
+        RLGAFConfig.from_dict({"kl_coeff": 1.0})
+    path = tmp_path / "cfg.yaml"
+    path.write_text("trainer:\n  kl_coeff: 0.1\n")
+    with pytest.raises(ValueError) as raised:
+        RLGAFConfig.from_yaml(path)
+    assert str(raised.value) == f"unknown trainer key 'kl_coeff' in {path}; did you mean 'kl_coef'?"
 
 
 @pytest.mark.parametrize(

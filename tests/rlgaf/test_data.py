@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,30 @@ def test_prompts_only_and_missing_columns(tmp_path):
         load_examples([{"text": "x"}])
     with pytest.raises(ValueError, match="tokenizer"):
         load_examples([{"prompt": "x", "response": "y"}])
+
+
+def test_bad_files_are_named_with_the_line(tmp_path):
+    good = json.dumps({"prompt_ids": [2], "response_ids": [3, 1]})
+    cases = (
+        ("missing.jsonl", None, "does not exist"),
+        ("empty.jsonl", "\n", "is empty"),
+        ("broken.jsonl", f"{good}\n{good}\n{good[:-1]}\n", "line 3: malformed JSON Lines"),
+        ("list.jsonl", f"{good}\n[1, 2]\n", "line 2: expected a JSON object, got list"),
+        ("broken.json", '[\n  {"prompt_ids": [2]},\n  {"prompt_ids": [3]]\n]', "line 3"),
+        ("lines.json", f"{good}\n{{]\n", "line 2: malformed JSON Lines"),
+    )
+    for name, text, match in cases:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        error = FileNotFoundError if text is None else ValueError
+        with pytest.raises(error, match=f"{re.escape(str(path))}.*{match}"):
+            load_examples(path)
+    # a JSON document and JSON Lines under a .json name both load
+    (tmp_path / "doc.json").write_text(json.dumps([json.loads(good)] * 2))
+    (tmp_path / "rows.json").write_text(f"{good}\n{good}\n")
+    for name in ("doc.json", "rows.json"):
+        assert load_examples(tmp_path / name)["prompt_ids"] == [[2], [2]]
 
 
 def test_sampler_pads_and_is_reproducible():
