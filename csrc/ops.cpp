@@ -41,6 +41,9 @@ TORCH_LIBRARY(rlgaf_fast_C, m) {
       "Tensor? ref_logprobs, Tensor token_weight, float ratio_low, float ratio_high, "
       "float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, float temperature, "
       "Tensor(a!) grad_logits) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_loss_fwd_vjp(Tensor logits, Tensor actions, Tensor grad_logprobs, "
+      "Tensor grad_entropy, float temperature, Tensor(a!) grad_logits) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

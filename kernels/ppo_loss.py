@@ -12,7 +12,15 @@ ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperatu
 -> (logprobs, entropy), and writes into grad_logits (the logits' shape and dtype; it may be the
 logits tensor itself) the gradient of sum_n token_weight[n] * loss_n with
 loss_n = pg_n + kl_coef * kl_n - entropy_coef * entropy_n (see rlgaf_fast.reference.ppo_loss;
-dual_clip <= 0 means none, kl_estimator 0 none, 1/2/3 for k1/k2/k3).
+dual_clip <= 0 means none, kl_estimator 0 none, 1/2/3 for k1/k2/k3; the ratio is
+exp(clamp(logp - old_logprobs, -20, 20)), with no gradient where the clamp bites).
+
+ppo_loss_fwd_vjp(logits, actions, grad_logprobs, grad_entropy, temperature, grad_logits)
+-> (logprobs, entropy), and writes d(sum_n grad_logprobs[n] * logp_n + grad_entropy[n] * H_n)
+/ d logits into grad_logits: the same two loops with the per-token coefficients given instead
+of derived from the loss, for losses whose d loss / d logp the kernel does not know (they are
+computed in torch from a first ppo_loss_fwd) and for the gradient of log-probabilities and
+entropies themselves. A row whose two coefficients are 0 gets a gradient of exactly 0.
 
 One program per row. The first loop over vocabulary blocks keeps, per lane, the running max m,
 sum of exp(s - m) and sum of exp(s - m) * (s - m) (s = x / T), merged across lanes at the end:
@@ -87,6 +95,7 @@ def _ppo_loss_kernel(
     DUAL_CLIP: tl.constexpr,
     ENTROPY_GRAD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    GIVEN_COEFFICIENTS: tl.constexpr,
     BLOCK: tl.constexpr,
     FP64: tl.constexpr,
 ):
@@ -101,13 +110,22 @@ def _ppo_loss_kernel(
     logp = tl.load(x_row + action, mask=valid, other=float("nan")).to(ACC) * inv_temp - m - log_sum
     tl.store(logprobs_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
-    if COMPUTE_GRAD:
+    if GIVEN_COEFFICIENTS:
+        # grad_logprobs and grad_entropy travel in the advantages and token_weight slots
+        c_lp = tl.load(adv_ptr + row)
+        c_h = tl.load(weight_ptr + row)
+        inactive = (c_lp == 0) & (c_h == 0)
+    elif COMPUTE_GRAD:
         ratio_low = tl.load(params_ptr + 1)
         ratio_high = tl.load(params_ptr + 2)
         entropy_coef = tl.load(params_ptr + 5)
         w = tl.load(weight_ptr + row)
         adv = tl.load(adv_ptr + row)
-        ratio = tl.exp(logp - tl.load(old_ptr + row))
+        # the log-ratio is clamped (as verl and OpenRLHF do) so that exp never overflows; the
+        # clamp passes no gradient outside its range, as torch.clamp
+        log_ratio = logp - tl.load(old_ptr + row)
+        in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0)
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
         unclipped = -adv * ratio
         clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
         # where the clipped term is strictly larger the ratio is outside the range: no gradient
@@ -116,7 +134,7 @@ def _ppo_loss_kernel(
             dual_clip = tl.load(params_ptr + 3)
             pg = tl.maximum(unclipped, clipped)
             d_ratio = tl.where((adv < 0) & (pg > -dual_clip * adv), 0.0, d_ratio)
-        d_logp = d_ratio * ratio
+        d_logp = tl.where(in_range, d_ratio * ratio, 0.0)
         if KL_ESTIMATOR != 0:
             kl_coef = tl.load(params_ptr + 4)
             diff = logp - tl.load(ref_ptr + row)
@@ -129,6 +147,8 @@ def _ppo_loss_kernel(
             d_logp += kl_coef * d_kl
         c_lp = tl.where(w == 0, 0.0, w * d_logp)
         c_h = -w * entropy_coef
+        inactive = w == 0
+    if COMPUTE_GRAD:
         a = (-c_lp - c_h * (entropy - log_sum)) * inv_temp
         b = -c_h * inv_temp
         action_grad = c_lp * inv_temp
@@ -146,7 +166,7 @@ def _ppo_loss_kernel(
                 g = p * a
             g = tl.where(start + cols == action, g + action_grad, g)
             # a masked-out row (padding: -inf or NaN logits) has no gradient at all
-            g = tl.where(w == 0, 0.0, g)
+            g = tl.where(inactive, 0.0, g)
             tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -191,6 +211,7 @@ def _launch(
     dual_clip,
     entropy_grad,
     config=None,
+    given_coefficients=False,
 ):
     """config: (BLOCK, num_warps) instead of the default, for tuning."""
     n, v = logits.shape
@@ -218,11 +239,21 @@ def _launch(
         DUAL_CLIP=dual_clip,
         ENTROPY_GRAD=entropy_grad,
         COMPUTE_GRAD=compute_grad,
+        GIVEN_COEFFICIENTS=given_coefficients,
         BLOCK=block,
         FP64=dtype == torch.float64,
         num_warps=num_warps,
     )
     return logprobs, entropy
+
+
+def _check_grad(logits: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    if (
+        grad_logits.shape != logits.shape
+        or grad_logits.dtype != logits.dtype
+        or (not grad_logits.is_contiguous())
+    ):
+        raise ValueError("ppo_loss kernel: grad_logits must be contiguous, shaped as logits")
 
 
 @on_tensor_device
@@ -257,12 +288,7 @@ def ppo_loss_fwd_grad(
     """As ppo_loss_fwd, and writes d(sum_n token_weight[n] * loss_n) / d logits into
     grad_logits (contiguous, the logits' shape and dtype; may be logits itself)."""
     _check(logits, actions)
-    if (
-        grad_logits.shape != logits.shape
-        or grad_logits.dtype != logits.dtype
-        or (not grad_logits.is_contiguous())
-    ):
-        raise ValueError("ppo_loss kernel: grad_logits must be contiguous, shaped as logits")
+    _check_grad(logits, grad_logits)
     if ref_logprobs is None:
         kl_estimator = 0
     params = _params(
@@ -282,4 +308,38 @@ def ppo_loss_fwd_grad(
         int(kl_estimator) if kl_coef != 0 else 0,
         dual_clip > 0,
         entropy_coef != 0,
+    )
+
+
+@on_tensor_device
+def ppo_loss_fwd_vjp(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    grad_logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ppo_loss_fwd, and writes d(sum_n grad_logprobs[n] * logp_n + grad_entropy[n] * H_n)
+    / d logits into grad_logits (contiguous, the logits' shape and dtype; may be logits itself).
+    grad_logprobs, grad_entropy: [N] contiguous in the compute dtype."""
+    _check(logits, actions)
+    _check_grad(logits, grad_logits)
+    params = _params(
+        (1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), _compute_dtype(logits), logits.device
+    )
+    dummy = grad_logprobs
+    return _launch(
+        logits,
+        actions,
+        dummy,
+        grad_logprobs,
+        None,
+        grad_entropy,
+        params,
+        grad_logits,
+        0,
+        False,
+        True,
+        given_coefficients=True,
     )

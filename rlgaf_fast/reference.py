@@ -147,14 +147,24 @@ class PPOLossOutput(NamedTuple):
     kl: Tensor | None = None
 
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
+POLICY_LOSSES = ("ppo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ROLLOUT_CORRECTIONS = ("truncate", "mask")
+# The log-ratio is clamped to +-LOG_RATIO_CLAMP before exponentiation, as verl and OpenRLHF do.
+LOG_RATIO_CLAMP = 20.0
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:
     """``x * mask`` where a masked-out token adds exactly 0, even where ``x`` is NaN or inf (a
     padding row's values are never read)."""
     return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _sequences(mask: Tensor) -> tuple[int, int]:
+    """[sequences, T] for a token shape [..., T] (also where it holds no token)."""
+    return math.prod(mask.shape[:-1]), mask.shape[-1]
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -175,8 +185,12 @@ def logprobs_and_entropy(z: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled action's log-probs
     (Schulman's k1, k2, k3): with d = logprobs - ref_logprobs, k1 = d, k2 = d^2 / 2,
-    k3 = exp(-d) + d - 1."""
+    k3 = exp(-d) + d - 1; "k3+" has k3's value and k2's gradient (unbiased value, the low
+    variance gradient of k2)."""
     d = logprobs - ref_logprobs
+    if estimator == "k3+":
+        k2 = 0.5 * d * d
+        return kl_estimate(logprobs, ref_logprobs, "k3").detach() + (k2 - k2.detach())
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -186,19 +200,34 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def aggregate_loss(token_loss: Tensor, mask: Tensor, loss_agg: str = "token-mean") -> Tensor:
+def aggregate_loss(
+    token_loss: Tensor,
+    mask: Tensor,
+    loss_agg: str = "token-mean",
+    *,
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+) -> Tensor:
     """Reduce ``token_loss [B, T]`` (or ``[N]``: one sequence) to a scalar over the tokens where
     ``mask`` is 1.
 
-    "token-mean": the mean over all unmasked tokens. "seq-mean-token-mean": each sequence's mean
-    over its tokens, then the mean over sequences. "seq-mean-token-sum": each sequence's sum,
-    then the mean over sequences. A sequence with no unmasked token does not count in the mean
-    over sequences; with no unmasked token at all the loss is 0.
+    "token-mean": the mean over all unmasked tokens (with ``num_items_in_batch`` n: their sum
+    divided by n, DAPO's normalisation by the global token count). "seq-mean-token-mean": each
+    sequence's mean over its tokens, then the mean over sequences. "seq-mean-token-sum": each
+    sequence's sum, then the mean over sequences. "seq-mean-token-sum-norm": the sum over all
+    unmasked tokens divided by B * loss_agg_norm (default T), a constant (Dr. GRPO). A sequence
+    with no unmasked token does not count in the means over sequences; with no unmasked token
+    at all the loss is 0.
     """
     if loss_agg == "token-mean":
+        if num_items_in_batch is not None:
+            return _masked(token_loss, mask).sum() / num_items_in_batch
         return _masked_mean(token_loss, mask)
-    seq_sum = _masked(token_loss, mask).reshape(-1, mask.shape[-1]).sum(-1)
-    seq_count = mask.reshape(-1, mask.shape[-1]).sum(-1)
+    seq_sum = _masked(token_loss, mask).reshape(_sequences(mask)).sum(-1)
+    seq_count = mask.reshape(_sequences(mask)).sum(-1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        norm = mask.shape[-1] if loss_agg_norm is None else loss_agg_norm
+        return seq_sum.sum() / (seq_sum.shape[0] * norm)
     if loss_agg == "seq-mean-token-mean":
         per_seq = seq_sum / seq_count.clamp(min=1)
     elif loss_agg == "seq-mean-token-sum":
@@ -207,6 +236,21 @@ def aggregate_loss(token_loss: Tensor, mask: Tensor, loss_agg: str = "token-mean
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
     has_tokens = (seq_count > 0).to(per_seq.dtype)
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def rollout_weight(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, correction: str, cap: float = 2.0
+) -> Tensor:
+    """The per-token factor (no gradient) that corrects for the rollout engine's policy
+    differing from the trainer's old policy, from rho = exp(old_logprobs - rollout_logprobs):
+    "truncate" min(rho, cap) (truncated importance sampling), "mask" 1 where rho <= cap and 0
+    elsewhere."""
+    rho = torch.exp(old_logprobs - rollout_logprobs).detach()
+    if correction == "truncate":
+        return torch.clamp(rho, max=cap)
+    if correction == "mask":
+        return (rho <= cap).to(rho.dtype)
+    raise ValueError(f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {correction!r}")
 
 
 def token_logprobs(logits: Tensor, actions: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -238,17 +282,29 @@ def ppo_loss(
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     loss_agg: str = "token-mean",
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+    policy_loss: str = "ppo",
+    importance_sampling_level: str = "token",
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
 ) -> PPOLossOutput:
     """PPO clipped policy loss from ``logits [..., V]`` and per-token tensors ``[...]``.
 
     Arithmetic in float32 (float64 for float64 logits). Per token:
     logp = log_softmax(logits / temperature)[action], entropy of that softmax,
-    ratio = exp(logp - old_logprobs),
+    ratio = exp(clamp(logp - old_logprobs, -20, 20)), or with importance_sampling_level
+    "sequence" (GSPO) the sequence's exp(clamp(mean over its unmasked tokens of
+    (logp - old_logprobs), -20, 20)) for every token of the sequence,
     pg = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps))),
-    with dual_clip c: pg = min(pg, -c * A) where A < 0,
+    with dual_clip c: pg = min(pg, -c * A) where A < 0; with policy_loss "cispo"
+    pg = -stopgrad(min(ratio, 1 + clip_eps_high)) * A * logp,
     loss_t = pg + kl_coef * kl_estimate(logp, ref_logprobs) - entropy_coef * entropy,
-    reduced by :func:`aggregate_loss`. Metrics (token means over the mask): clipfrac (the clipped
-    term was the larger), approx_kl = mean(old_logprobs - logp), ratio_mean, kl.
+    times :func:`rollout_weight` with rollout_logprobs, reduced by :func:`aggregate_loss`.
+    Metrics (token means over the mask): clipfrac (the clipped term was the larger; for cispo
+    the ratio was above 1 + clip_eps_high), approx_kl = mean(old_logprobs - logp), ratio_mean,
+    kl.
     """
     dtype = _compute_dtype(logits.dtype)
     z = logits.to(dtype) / temperature
@@ -262,27 +318,48 @@ def ppo_loss(
     z = torch.where(mask[..., None] != 0, z, torch.zeros((), dtype=dtype, device=z.device))
     logprobs, entropy = logprobs_and_entropy(z, actions)
     advantages = advantages.to(dtype)
-    ratio = torch.exp(logprobs - old_logprobs.to(dtype))
+    log_ratio = logprobs - old_logprobs.to(dtype)
+    if importance_sampling_level == "sequence":
+        seqs = mask.reshape(_sequences(mask))
+        seq_sum = _masked(log_ratio.reshape(seqs.shape), seqs).sum(-1, keepdim=True)
+        seq_mean = seq_sum / seqs.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = seq_mean.expand(seqs.shape).reshape(mask.shape)
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        token_loss = torch.where(
-            advantages < 0, torch.minimum(token_loss, -dual_clip * advantages), token_loss
-        )
+    if policy_loss == "cispo":
+        token_loss = -torch.clamp(ratio, max=1 + eps_high).detach() * advantages * logprobs
+        clipped_tokens = ratio > 1 + eps_high
+    else:
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
+        token_loss = torch.maximum(unclipped, clipped)
+        clipped_tokens = clipped > unclipped
+        if dual_clip is not None:
+            token_loss = torch.where(
+                advantages < 0, torch.minimum(token_loss, -dual_clip * advantages), token_loss
+            )
     kl = None
     if ref_logprobs is not None:
         kl = kl_estimate(logprobs, ref_logprobs.to(dtype), kl_estimator)
         token_loss = token_loss + kl_coef * kl
     token_loss = token_loss - entropy_coef * entropy
-    loss = aggregate_loss(token_loss, mask, loss_agg)
+    if rollout_logprobs is not None:
+        token_loss = token_loss * rollout_weight(
+            old_logprobs.to(dtype), rollout_logprobs.to(dtype), rollout_correction, rollout_cap
+        )
+    loss = aggregate_loss(
+        token_loss,
+        mask,
+        loss_agg,
+        loss_agg_norm=loss_agg_norm,
+        num_items_in_batch=num_items_in_batch,
+    )
     with torch.no_grad():
         return PPOLossOutput(
             loss=loss,
             logprobs=token_logprobs,
             entropy=token_entropy,
-            clipfrac=_masked_mean((clipped > unclipped).to(dtype), mask),
+            clipfrac=_masked_mean(clipped_tokens.to(dtype), mask),
             approx_kl=_masked_mean(old_logprobs.to(dtype) - token_logprobs, mask),
             ratio_mean=_masked_mean(ratio, mask),
             kl=None if kl is None else _masked_mean(kl, mask),

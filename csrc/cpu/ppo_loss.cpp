@@ -13,6 +13,8 @@
 //   grad_v = (c_lp (delta_av - p_v) - c_H p_v (log p_v + H)) / T
 //          = exp(t_v) * (alpha + beta * t_v) + delta_av * c_lp / T,
 //   alpha = (-c_lp - c_H (H - log_sum)) / (T sum_e),  beta = -c_H / (T sum_e).
+// ppo_loss_fwd_vjp takes c_lp and c_H per token instead (the gradient of any function of the
+// log-probabilities and entropies, its coefficients computed in torch).
 // A row takes three sweeps: the maximum (from memory), the exponentials into a per-thread
 // scratch row with the two sums, and the gradient; the last two read the row from cache.
 #include <ATen/ATen.h>
@@ -247,7 +249,11 @@ struct LossParams {
 template <typename acc_t>
 acc_t dloss_dlogp(acc_t logp, acc_t old_logp, acc_t adv, acc_t ref_logp,
                   const LossParams<acc_t>& p) {
-  const acc_t ratio = std::exp(logp - old_logp);
+  // The log-ratio is clamped (as verl and OpenRLHF do) so that exp never overflows; like
+  // torch.clamp, the clamp passes no gradient outside its range.
+  const acc_t log_ratio = logp - old_logp;
+  const bool in_range = log_ratio >= acc_t(-20) && log_ratio <= acc_t(20);
+  const acc_t ratio = std::exp(std::min(std::max(log_ratio, acc_t(-20)), acc_t(20)));
   const acc_t unclipped = -adv * ratio;
   const acc_t clipped_ratio = std::min(std::max(ratio, p.ratio_low), p.ratio_high);
   const acc_t clipped = -adv * clipped_ratio;
@@ -255,7 +261,7 @@ acc_t dloss_dlogp(acc_t logp, acc_t old_logp, acc_t adv, acc_t ref_logp,
   acc_t d_ratio = clipped > unclipped ? acc_t(0) : -adv;
   const acc_t pg = std::max(unclipped, clipped);
   if (p.dual_clip > 0 && adv < 0 && pg > -p.dual_clip * adv) d_ratio = 0;
-  acc_t d = d_ratio * ratio;
+  acc_t d = in_range ? d_ratio * ratio : acc_t(0);
   if (p.kl_estimator != 0 && p.kl_coef != 0) {
     const acc_t diff = logp - ref_logp;
     const acc_t d_kl = p.kl_estimator == 1 ? acc_t(1)
@@ -266,10 +272,11 @@ acc_t dloss_dlogp(acc_t logp, acc_t old_logp, acc_t adv, acc_t ref_logp,
   return d;
 }
 
-template <typename scalar_t, typename grad_t, typename acc_t>
-void ppo_rows(const at::Tensor& logits, const int64_t* actions, const acc_t* old_logprobs,
-              const acc_t* advantages, const acc_t* ref_logprobs, const acc_t* token_weight,
-              const LossParams<acc_t>& params, grad_t* grad, acc_t* logprobs, acc_t* entropy) {
+// coefficients(n, logp, h, c_lp, c_h) sets the row's coefficients and returns false for a row
+// that gets no gradient at all.
+template <typename scalar_t, typename grad_t, typename acc_t, typename Coefficients>
+void ppo_rows(const at::Tensor& logits, const int64_t* actions, acc_t inv_temp,
+              const Coefficients& coefficients, grad_t* grad, acc_t* logprobs, acc_t* entropy) {
   const int64_t N = logits.size(0), V = logits.size(1);
   const scalar_t* x_all = logits.data_ptr<scalar_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -281,34 +288,30 @@ void ppo_rows(const at::Tensor& logits, const int64_t* actions, const acc_t* old
       const acc_t max_x = row_max<scalar_t, acc_t>(x, V);
       acc_t sum_e, sum_et;
       if (grad != nullptr) {
-        row_exp<true>(x, V, max_x, params.inv_temp, scratch.data(), sum_e, sum_et);
+        row_exp<true>(x, V, max_x, inv_temp, scratch.data(), sum_e, sum_et);
       } else {
-        row_exp<false>(x, V, max_x, params.inv_temp, scratch.data(), sum_e, sum_et);
+        row_exp<false>(x, V, max_x, inv_temp, scratch.data(), sum_e, sum_et);
       }
       const acc_t log_sum = std::log(sum_e);
       const acc_t h = log_sum - sum_et / sum_e;
-      acc_t t_a = (static_cast<acc_t>(x[a]) - max_x) * params.inv_temp;
+      acc_t t_a = (static_cast<acc_t>(x[a]) - max_x) * inv_temp;
       const acc_t logp = t_a - log_sum;
       logprobs[n] = logp;
       entropy[n] = h;
       if (grad == nullptr) continue;
-      const acc_t w = token_weight[n];
       grad_t* g = grad + n * V;
-      if (w == 0) {  // a masked-out row (padding: -inf or NaN logits) has no gradient at all
+      acc_t c_lp, c_h;
+      if (!coefficients(n, logp, h, c_lp, c_h)) {
         std::fill(g, g + V, grad_t(0));
         continue;
       }
-      const acc_t c_lp = w * dloss_dlogp(logp, old_logprobs[n], advantages[n],
-                                                  ref_logprobs ? ref_logprobs[n] : acc_t(0),
-                                                  params);
-      const acc_t c_h = -w * params.entropy_coef;
-      const acc_t scale = params.inv_temp / sum_e;
+      const acc_t scale = inv_temp / sum_e;
       const acc_t alpha = (-c_lp - c_h * (h - log_sum)) * scale;
       const acc_t beta = -c_h * scale;
-      row_grad(x, scratch.data(), V, max_x, params.inv_temp, alpha, beta, g);
+      row_grad(x, scratch.data(), V, max_x, inv_temp, alpha, beta, g);
       // The action's element, recomputed from the scratch row (x[a] may be overwritten).
       t_a = t_a < lowest_t<acc_t>() ? lowest_t<acc_t>() : t_a;
-      g[a] = static_cast<grad_t>(scratch[a] * (alpha + beta * t_a) + c_lp * params.inv_temp);
+      g[a] = static_cast<grad_t>(scratch[a] * (alpha + beta * t_a) + c_lp * inv_temp);
     }
   });
 }
@@ -376,10 +379,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(const at::Tensor& logits,
   dispatch_logits(logits, [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    LossParams<acc_t> params{};
-    params.inv_temp = acc_t(1.0 / temperature);
-    ppo_rows<scalar_t, scalar_t, acc_t>(logits, actions.data_ptr<int64_t>(), nullptr, nullptr,
-                                        nullptr, nullptr, params, nullptr,
+    auto none = [](int64_t, acc_t, acc_t, acc_t&, acc_t&) { return false; };
+    ppo_rows<scalar_t, scalar_t, acc_t>(logits, actions.data_ptr<int64_t>(),
+                                        acc_t(1.0 / temperature), none, nullptr,
                                         logprobs.data_ptr<acc_t>(), entropy.data_ptr<acc_t>());
   });
   return {logprobs, entropy};
@@ -423,11 +425,60 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_grad(
     params.entropy_coef = acc_t(entropy_coef);
     params.inv_temp = acc_t(1.0 / temperature);
     params.kl_estimator = has_ref ? kl_estimator : 0;
-    ppo_rows<scalar_t, scalar_t, acc_t>(
-        logits, actions.data_ptr<int64_t>(), old_logprobs.data_ptr<acc_t>(),
-        advantages.data_ptr<acc_t>(), has_ref ? ref_logprobs->data_ptr<acc_t>() : nullptr,
-        token_weight.data_ptr<acc_t>(), params, grad_logits.data_ptr<scalar_t>(),
+    const acc_t* old = old_logprobs.data_ptr<acc_t>();
+    const acc_t* adv = advantages.data_ptr<acc_t>();
+    const acc_t* ref = has_ref ? ref_logprobs->data_ptr<acc_t>() : nullptr;
+    const acc_t* w = token_weight.data_ptr<acc_t>();
+    // a masked-out row (padding: -inf or NaN logits) has no gradient at all
+    auto loss = [&](int64_t n, acc_t logp, acc_t, acc_t& c_lp, acc_t& c_h) {
+      if (w[n] == 0) return false;
+      c_lp = w[n] * dloss_dlogp(logp, old[n], adv[n], ref ? ref[n] : acc_t(0), params);
+      c_h = -w[n] * params.entropy_coef;
+      return true;
+    };
+    ppo_rows<scalar_t, scalar_t, acc_t>(logits, actions.data_ptr<int64_t>(), params.inv_temp,
+                                        loss, grad_logits.data_ptr<scalar_t>(),
         logprobs.data_ptr<acc_t>(), entropy.data_ptr<acc_t>());
+  });
+  return {logprobs, entropy};
+}
+
+
+// As ppo_loss_fwd, and writes d(sum_n grad_logprobs[n] * logp_n + grad_entropy[n] * H_n)
+// / d logits into grad_logits ([N, V], the logits' dtype; it may be the logits tensor itself).
+// A row whose two coefficients are 0 gets a gradient of exactly 0.
+std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_vjp(const at::Tensor& logits,
+                                                    const at::Tensor& actions,
+                                                    const at::Tensor& grad_logprobs,
+                                                    const at::Tensor& grad_entropy,
+                                                    double temperature,
+                                                    const at::Tensor& grad_logits) {
+  check_rows(logits, actions);
+  TORCH_CHECK(temperature > 0, "ppo_loss kernel: temperature must be > 0");
+  const at::ScalarType dtype = compute_dtype(logits);
+  check_token(grad_logprobs, logits, dtype, "grad_logprobs");
+  check_token(grad_entropy, logits, dtype, "grad_entropy");
+  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
+                  grad_logits.sizes() == logits.sizes() &&
+                  grad_logits.scalar_type() == logits.scalar_type(),
+              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+  const auto options = logits.options().dtype(dtype);
+  at::Tensor logprobs = at::empty({logits.size(0)}, options);
+  at::Tensor entropy = at::empty({logits.size(0)}, options);
+  dispatch_logits(logits, [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const acc_t* g_lp = grad_logprobs.data_ptr<acc_t>();
+    const acc_t* g_h = grad_entropy.data_ptr<acc_t>();
+    auto given = [&](int64_t n, acc_t, acc_t, acc_t& c_lp, acc_t& c_h) {
+      c_lp = g_lp[n];
+      c_h = g_h[n];
+      return !(c_lp == 0 && c_h == 0);
+    };
+    ppo_rows<scalar_t, scalar_t, acc_t>(logits, actions.data_ptr<int64_t>(),
+                                        acc_t(1.0 / temperature), given,
+                                        grad_logits.data_ptr<scalar_t>(),
+                                        logprobs.data_ptr<acc_t>(), entropy.data_ptr<acc_t>());
   });
   return {logprobs, entropy};
 }
@@ -440,4 +491,5 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_grad(
 TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
   m.impl("ppo_loss_fwd", &rlgaf_fast::cpu::ppo_loss_fwd);
   m.impl("ppo_loss_fwd_grad", &rlgaf_fast::cpu::ppo_loss_fwd_grad);
+  m.impl("ppo_loss_fwd_vjp", &rlgaf_fast::cpu::ppo_loss_fwd_vjp);
 }

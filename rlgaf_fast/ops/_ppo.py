@@ -13,6 +13,15 @@ saved gradient itself, later ones a copy). Hence two limits of the fused backend
 errors: no second derivative (create_graph=True), and no further backward once the handed-out
 gradient has been changed in place (e.g. accumulated into .grad by a second backward of a
 retained graph). The torch backend is rlgaf_fast.reference itself, without them.
+
+The kernels derive d loss / d logp themselves for the clipped PPO objective with token-level
+ratios (PPOOptions.kernel_gradient). Every other policy loss (CISPO, GSPO's sequence-level
+ratio) is written once, below, in O(N) torch: a first kernel call gives the log-probabilities
+and entropies, autograd through token_terms gives the coefficients d loss / d logp_n and
+d loss / d H_n, and the kernel's ppo_loss_fwd_vjp writes the gradient: one more read of the
+logits, no new kernel per variant. Factors of a token's loss that carry no gradient (the
+aggregation, DAPO's global token count, Dr. GRPO's constant, the rollout correction) are
+folded into the token weights.
 """
 
 from __future__ import annotations
@@ -29,9 +38,27 @@ from torch._subclasses.fake_tensor import is_fake
 
 from rlgaf_fast import reference
 from rlgaf_fast.ops._checks import check_floating, check_tensor
-from rlgaf_fast.reference import KL_ESTIMATORS, LOSS_AGGS, PPOLossOutput
+from rlgaf_fast.reference import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    LOG_RATIO_CLAMP,
+    LOSS_AGGS,
+    POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
+    PPOLossOutput,
+)
 
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+# the kernels only use the estimator's gradient: k3+ has k2's
+_KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "k3+": 2}
+_KERNEL_OPTIONS = (
+    "ratio_low",
+    "ratio_high",
+    "dual_clip",
+    "kl_coef",
+    "kl_estimator",
+    "entropy_coef",
+    "temperature",
+)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +76,9 @@ class PPOOptions:
     argument in each op's signature, and no index moves.
 
     ratio_low, ratio_high: the ratio clip range. dual_clip: the dual-clip constant, 0 for none.
-    kl_estimator: "k1", "k2" or "k3". temperature: the logits are divided by it.
+    kl_estimator: "k1", "k2", "k3" or "k3+". temperature: the logits are divided by it.
+    policy_loss: "ppo" or "cispo". importance_sampling_level: "token" or "sequence" (GSPO).
+    The aggregation and the rollout correction reach the op as the token weights.
     """
 
     ratio_low: float = 0.8
@@ -59,6 +88,18 @@ class PPOOptions:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     temperature: float = 1.0
+    policy_loss: str = "ppo"
+    importance_sampling_level: str = "token"
+
+    @property
+    def kernel_gradient(self) -> bool:
+        """Whether the kernels derive d loss / d logp themselves (ppo_loss_fwd_grad)."""
+        return self.policy_loss == "ppo" and self.importance_sampling_level == "token"
+
+    @property
+    def couples_tokens(self) -> bool:
+        """Whether a token's gradient depends on other tokens' log-probabilities."""
+        return self.importance_sampling_level == "sequence"
 
     def op_arguments(self) -> dict[str, float | str]:
         """The options as the custom ops' keyword arguments."""
@@ -71,7 +112,8 @@ class PPOOptions:
 
     def kernel_arguments(self) -> dict[str, float | int]:
         """The options as the kernels' ppo_loss_fwd_grad takes them: kl_estimator as its code."""
-        return {**self.op_arguments(), "kl_estimator": _KL_CODES[self.kl_estimator]}
+        arguments = {name: getattr(self, name) for name in _KERNEL_OPTIONS}
+        return {**arguments, "kl_estimator": _KL_CODES[self.kl_estimator]}
 
 
 class OpArguments:
@@ -96,68 +138,105 @@ class OpArguments:
 
 class TokenInputs(NamedTuple):
     """The fused paths' flat per-token tensors [N] (actions int64, the others in the compute
-    dtype), as the kernels take them."""
+    dtype), as the kernels take them; sequence_mask, for sequence-level ratios only, is the
+    mask as [sequences, T]."""
 
     actions: Tensor
     old_logprobs: Tensor
     advantages: Tensor
     ref_logprobs: Tensor | None
     token_weight: Tensor
+    sequence_mask: Tensor | None = None
 
     def rows(self, start: int, end: int) -> TokenInputs:
-        return TokenInputs(*(None if t is None else t[start:end] for t in self))
+        """Tokens start..end; without sequence_mask (a slice may cut a sequence)."""
+        return TokenInputs(*(None if t is None else t[start:end] for t in self[:-1]))
+
+    def kernel_arguments(self) -> dict[str, Tensor | None]:
+        """The tensors as ppo_loss_fwd_grad takes them."""
+        return {name: getattr(self, name) for name in self._fields[:-1]}
 
 
 # --- per-token terms and aggregation weights (O(N) torch) -------------------------------------
 
 
+def ratio_of(logprobs: Tensor, tokens: TokenInputs, options: PPOOptions) -> Tensor:
+    """exp of the clamped log-ratio per token: the token's own, or its sequence's masked mean."""
+    log_ratio = logprobs - tokens.old_logprobs
+    if options.importance_sampling_level == "sequence":
+        seqs = tokens.sequence_mask
+        if seqs is None:
+            raise ValueError("a sequence-level ratio needs the tokens' sequence_mask")
+        seq_sum = reference._masked(log_ratio.reshape(seqs.shape), seqs).sum(-1, keepdim=True)
+        seq_mean = seq_sum / seqs.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = seq_mean.expand(seqs.shape).reshape(-1)
+    return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
 def token_terms(
-    logprobs: Tensor,
-    entropy: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    ref_logprobs: Tensor | None,
-    options: PPOOptions,
+    logprobs: Tensor, entropy: Tensor, tokens: TokenInputs, options: PPOOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(loss_n, ratio, clipped indicator, kl_n or None) per token."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, options.ratio_low, options.ratio_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    if options.dual_clip > 0:
-        token_loss = torch.where(
-            advantages < 0,
-            torch.minimum(token_loss, -options.dual_clip * advantages),
-            token_loss,
-        )
+    advantages = tokens.advantages
+    ratio = ratio_of(logprobs, tokens, options)
+    if options.policy_loss == "cispo":
+        token_loss = -torch.clamp(ratio, max=options.ratio_high).detach() * advantages * logprobs
+        clipped_tokens = ratio > options.ratio_high
+    else:
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, options.ratio_low, options.ratio_high)
+        token_loss = torch.maximum(unclipped, clipped)
+        clipped_tokens = clipped > unclipped
+        if options.dual_clip > 0:
+            token_loss = torch.where(
+                advantages < 0,
+                torch.minimum(token_loss, -options.dual_clip * advantages),
+                token_loss,
+            )
     kl = None
-    if ref_logprobs is not None:
-        kl = reference.kl_estimate(logprobs, ref_logprobs, options.kl_estimator)
+    if tokens.ref_logprobs is not None:
+        kl = reference.kl_estimate(logprobs, tokens.ref_logprobs, options.kl_estimator)
         token_loss = token_loss + options.kl_coef * kl
     token_loss = token_loss - options.entropy_coef * entropy
-    return token_loss, ratio, clipped > unclipped, kl
+    return token_loss, ratio, clipped_tokens, kl
 
 
 def weighted_loss(
     logprobs: Tensor, entropy: Tensor, tokens: TokenInputs, options: PPOOptions
 ) -> Tensor:
     """sum_n token_weight[n] * loss_n: the aggregated loss."""
-    token_loss = token_terms(
-        logprobs,
-        entropy,
-        tokens.old_logprobs,
-        tokens.advantages,
-        tokens.ref_logprobs,
-        options,
-    )[0]
+    token_loss = token_terms(logprobs, entropy, tokens, options)[0]
     return reference._masked(token_loss, tokens.token_weight).sum()
 
 
-def token_weights(mask: Tensor, loss_agg: str) -> Tensor:
+def loss_coefficients(
+    logprobs: Tensor, entropy: Tensor, tokens: TokenInputs, options: PPOOptions
+) -> tuple[Tensor, Tensor]:
+    """(d loss / d logp_n, d loss / d H_n) [N] of the weighted loss, by autograd on O(N) terms
+    (torch.func: inside a custom op's implementation the autograd of tensors is off)."""
+
+    def loss(lp: Tensor, ent: Tensor) -> Tensor:
+        return weighted_loss(lp, ent, tokens, options)
+
+    value, vjp = torch.func.vjp(loss, logprobs.detach(), entropy.detach())
+    return tuple(g.contiguous() for g in vjp(torch.ones_like(value)))
+
+
+def token_weights(
+    mask: Tensor,
+    loss_agg: str,
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+) -> Tensor:
     """w = d loss / d loss_n for the aggregation (same shape as mask, [..., T])."""
     if loss_agg == "token-mean":
+        if num_items_in_batch is not None:
+            return mask / num_items_in_batch
         return mask / mask.sum().clamp(min=1)
-    seqs = mask.reshape(-1, mask.shape[-1])
+    seqs = mask.reshape(reference._sequences(mask))
+    if loss_agg == "seq-mean-token-sum-norm":
+        norm = mask.shape[-1] if loss_agg_norm is None else loss_agg_norm
+        return mask / (seqs.shape[0] * norm)
     count = seqs.sum(-1, keepdim=True)
     n_seqs = (count > 0).sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
@@ -228,20 +307,55 @@ def handed_out(ctx, grads: list[Tensor | None], scale: Tensor) -> list[Tensor | 
 
 
 def fused_rows(
-    kernels, logits: Tensor, tokens: TokenInputs, options: PPOOptions, grad: Tensor | None
+    kernels,
+    logits: Tensor,
+    tokens: TokenInputs,
+    options: PPOOptions,
+    grad: Tensor | None,
+    coefficients: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The kernel call: (logprobs, entropy) of logits [N, V], the gradient into grad if given."""
+    """The kernel call: (logprobs, entropy) of logits [N, V], the gradient into grad if given.
+    coefficients: (d loss / d logp, d loss / d H) of these rows, computed beforehand where they
+    depend on tokens outside them (PPOOptions.couples_tokens)."""
     if grad is None:
         return kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)
-    return kernels.ppo_loss_fwd_grad(
-        logits, **tokens._asdict(), **options.kernel_arguments(), grad_logits=grad
+    if options.kernel_gradient:
+        return kernels.ppo_loss_fwd_grad(
+            logits, **tokens.kernel_arguments(), **options.kernel_arguments(), grad_logits=grad
+        )
+    if coefficients is None:
+        logprobs, entropy = kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)
+        coefficients = loss_coefficients(logprobs, entropy, tokens, options)
+    return kernels.ppo_loss_fwd_vjp(
+        logits, tokens.actions, *coefficients, options.temperature, grad
     )
 
 
 # --- validation -------------------------------------------------------------------------------
 
 
+def _finite(value, name, low=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return float(value)
+
+
+def _positive(value, name):
+    value = _finite(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value:g}")
+    return value
+
+
+def _one_of(value, name, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 def check_options(
+    *,
     clip_eps,
     clip_eps_high,
     dual_clip,
@@ -251,34 +365,55 @@ def check_options(
     temperature: float,
     loss_agg,
     ref_logprobs,
+    loss_agg_norm=None,
+    num_items_in_batch=None,
+    policy_loss="ppo",
+    importance_sampling_level="token",
+    rollout_logprobs=None,
+    rollout_correction=None,
+    rollout_cap=2.0,
 ) -> PPOOptions:
-    """The public functions' scalar options, checked (temperature already is), as PPOOptions."""
-
-    def finite(value, name, low=None):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if low is not None and value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-        return float(value)
-
-    clip_eps = finite(clip_eps, "clip_eps", 0.0)
-    eps_high = clip_eps if clip_eps_high is None else finite(clip_eps_high, "clip_eps_high", 0.0)
+    """The public functions' scalar options, checked (temperature already is), as PPOOptions.
+    The aggregation and rollout options are only checked: they reach the op as token weights."""
+    clip_eps = _finite(clip_eps, "clip_eps", 0.0)
+    eps_high = clip_eps if clip_eps_high is None else _finite(clip_eps_high, "clip_eps_high", 0.0)
+    _one_of(policy_loss, "policy_loss", POLICY_LOSSES)
+    _one_of(importance_sampling_level, "importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
     if dual_clip is not None:
-        dual_clip = finite(dual_clip, "dual_clip")
+        dual_clip = _finite(dual_clip, "dual_clip")
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    finite(kl_coef, "kl_coef")
-    finite(entropy_coef, "entropy_coef")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+        if policy_loss != "ppo":
+            raise ValueError(f"dual_clip applies to policy_loss='ppo' only, got {policy_loss!r}")
+    _finite(kl_coef, "kl_coef")
+    _finite(entropy_coef, "entropy_coef")
+    _one_of(kl_estimator, "kl_estimator", KL_ESTIMATORS)
+    _one_of(loss_agg, "loss_agg", LOSS_AGGS)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs)")
+    if loss_agg_norm is not None:
+        _positive(loss_agg_norm, "loss_agg_norm")
+        if loss_agg != "seq-mean-token-sum-norm":
+            raise ValueError(
+                f"loss_agg_norm applies to loss_agg='seq-mean-token-sum-norm' only, got "
+                f"loss_agg={loss_agg!r}"
+            )
+    if num_items_in_batch is not None:
+        _positive(num_items_in_batch, "num_items_in_batch")
+        if loss_agg != "token-mean":
+            raise ValueError(
+                f"num_items_in_batch applies to loss_agg='token-mean' only, got "
+                f"loss_agg={loss_agg!r}"
+            )
+    if (rollout_logprobs is None) != (rollout_correction is None):
+        raise ValueError(
+            "rollout_logprobs and rollout_correction go together: give both or neither, got "
+            f"rollout_logprobs {'None' if rollout_logprobs is None else 'given'} and "
+            f"rollout_correction={rollout_correction!r}"
+        )
+    if rollout_correction is not None:
+        _one_of(rollout_correction, "rollout_correction", ROLLOUT_CORRECTIONS)
+    _positive(rollout_cap, "rollout_cap")
     return PPOOptions(
         ratio_low=1.0 - clip_eps,
         ratio_high=1.0 + eps_high,
@@ -287,10 +422,14 @@ def check_options(
         kl_estimator=kl_estimator,
         entropy_coef=float(entropy_coef),
         temperature=temperature,
+        policy_loss=policy_loss,
+        importance_sampling_level=importance_sampling_level,
     )
 
 
-def check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, device, V):
+def check_tokens(
+    actions, old_logprobs, advantages, mask, ref_logprobs, shape, device, V, rollout_logprobs=None
+):
     """Checks the per-token tensors against the token shape; value checks run in eager mode
     only (under torch.compile they would be data-dependent branches)."""
     check_tensor(actions, "actions")
@@ -299,6 +438,8 @@ def check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, d
     named = [("actions", actions), ("old_logprobs", old_logprobs), ("advantages", advantages)]
     if ref_logprobs is not None:
         named.append(("ref_logprobs", ref_logprobs))
+    if rollout_logprobs is not None:
+        named.append(("rollout_logprobs", rollout_logprobs))
     if mask is not None:
         named.append(("mask", check_tensor(mask, "mask")))
     for name, t in named:
@@ -320,6 +461,8 @@ def check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, d
     ]
     if ref_logprobs is not None:
         checks.append((~torch.isfinite(ref_logprobs).all(), "ref_logprobs must be finite"))
+    if rollout_logprobs is not None:
+        checks.append((~torch.isfinite(rollout_logprobs).all(), "rollout_logprobs must be finite"))
     if mask is not None and mask.dtype != torch.bool:
         checks.append((((mask != 0) & (mask != 1)).any(), "mask must hold only 0 and 1 (or bool)"))
     failed = torch.stack([c for c, _ in checks]).tolist()  # one device sync for all checks
@@ -336,28 +479,44 @@ def token_inputs(
     mask: Tensor | None,
     shape: torch.Size,
     source: Tensor,
-    loss_agg: str,
     actions: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     ref_logprobs: Tensor | None,
+    options: PPOOptions,
+    *,
+    loss_agg: str,
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
 ) -> tuple[Tensor, TokenInputs]:
     """The fused paths' flat mask and per-token inputs, in the compute dtype of ``source`` (the
-    logits or hidden states), with the aggregation weights."""
+    logits or hidden states), with the aggregation weights times the rollout correction."""
     dtype = compute_dtype(source.dtype)
     mask_c = (
         torch.ones(shape, dtype=dtype, device=source.device)
         if mask is None
         else (mask.detach().to(dtype))
     )
-    weight = token_weights(mask_c, loss_agg).reshape(-1).contiguous()
+    weight = token_weights(mask_c, loss_agg, loss_agg_norm, num_items_in_batch).reshape(-1)
+    old_f = flat(old_logprobs, dtype)
+    if rollout_logprobs is not None:
+        weight = weight * reference.rollout_weight(
+            old_f, flat(rollout_logprobs, dtype), rollout_correction, rollout_cap
+        )
     ref_f = None if ref_logprobs is None else flat(ref_logprobs, dtype)
+    sequence_mask = None
+    if options.couples_tokens:
+        sequence_mask = mask_c.reshape(reference._sequences(mask_c))
     tokens = TokenInputs(
         actions=actions.detach().reshape(-1).long().contiguous(),
-        old_logprobs=flat(old_logprobs, dtype),
+        old_logprobs=old_f,
         advantages=flat(advantages, dtype),
         ref_logprobs=ref_f,
-        token_weight=weight,
+        token_weight=weight.contiguous(),
+        sequence_mask=sequence_mask,
     )
     return mask_c.reshape(-1), tokens
 
@@ -373,14 +532,7 @@ def output(
 ) -> PPOLossOutput:
     """The result with its metrics (masked token means) from the detached per-token values."""
     with torch.no_grad():
-        _, ratio, clipped, kl = token_terms(
-            logprobs,
-            entropy,
-            tokens.old_logprobs,
-            tokens.advantages,
-            tokens.ref_logprobs,
-            options,
-        )
+        _, ratio, clipped, kl = token_terms(logprobs, entropy, tokens, options)
         count = mask_f.sum().clamp(min=1)
 
         def mean(x):

@@ -22,6 +22,7 @@ from rlgaf_fast.ops._ppo import (
     compute_dtype,
     fused_rows,
     handed_out,
+    loss_coefficients,
     output,
     refuse_double_backward,
     saved_gradients,
@@ -86,17 +87,22 @@ def _fused_linear_impl(
     kl_estimator: str,
     entropy_coef: float,
     temperature: float,
+    policy_loss: str,
+    importance_sampling_level: str,
     chunk_size: int,
     grad_hidden_needed: bool,
     grad_weight_needed: bool,
     grad_bias_needed: bool,
     backend: str,
+    sequence_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logprobs, entropy, grad_hidden, grad_weight, grad_bias) for hidden [N, H],
     weight [V, H], bias [V] or None; a gradient not needed comes back empty. The options
     between token_weight and chunk_size are PPOOptions' fields (PPOOptions.op_arguments)."""
     kernels = kernel_module(_OP, backend)
-    tokens = TokenInputs(actions, old_logprobs, advantages, ref_logprobs, token_weight)
+    tokens = TokenInputs(
+        actions, old_logprobs, advantages, ref_logprobs, token_weight, sequence_mask
+    )
     options = PPOOptions.from_op_arguments(locals())
     n, V = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden.dtype)
@@ -109,18 +115,36 @@ def _fused_linear_impl(
     grad_bias = weight.new_zeros((V,), dtype=dtype) if grad_bias_needed else None
     # one buffer for every chunk's logits (fresh memory costs page faults on each chunk)
     buffer = hidden.new_empty((min(chunk_size, n), V))
+
+    def chunk_logits(start: int, end: int) -> Tensor:
+        """The chunk's logits in hidden's dtype, as an LM head computes them."""
+        logits = buffer[: end - start]
+        if bias is None:
+            return torch.mm(hidden[start:end], weight.t(), out=logits)
+        return torch.addmm(bias, hidden[start:end], weight.t(), out=logits)
+
+    coefficients = None
+    if compute_grad and options.couples_tokens:
+        # a token's gradient needs its whole sequence's log-probabilities: a first pass over the
+        # chunks gives them all, then the coefficients of every token are known
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logprobs[start:end], entropy[start:end] = fused_rows(
+                kernels, chunk_logits(start, end), tokens.rows(start, end), options, None
+            )
+        coefficients = loss_coefficients(logprobs, entropy, tokens, options)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h = hidden[start:end]
-        # the chunk's logits in hidden's dtype, as an LM head computes them
-        logits = buffer[: end - start]
-        if bias is None:
-            torch.mm(h, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, h, weight.t(), out=logits)
+        logits = chunk_logits(start, end)
         # the gradient overwrites the chunk's logits
         lp, ent = fused_rows(
-            kernels, logits, tokens.rows(start, end), options, logits if compute_grad else None
+            kernels,
+            logits,
+            tokens.rows(start, end),
+            options,
+            logits if compute_grad else None,
+            None if coefficients is None else tuple(c[start:end] for c in coefficients),
         )
         logprobs[start:end], entropy[start:end] = lp, ent
         if not compute_grad:
@@ -221,6 +245,13 @@ def fused_linear_ppo_loss(
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     loss_agg: str = "token-mean",
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+    policy_loss: str = "ppo",
+    importance_sampling_level: str = "token",
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
     backend: str = "auto",
 ) -> PPOLossOutput:
     """:func:`ppo_loss` of ``logits = hidden @ weight.T + bias`` without materialising them.
@@ -241,8 +272,10 @@ def fused_linear_ppo_loss(
             on GPU).
         backend: "auto", "torch" (reference.ppo_loss on the full logits: the readable truth,
             materialises them), "cpp" or "triton" (the per-chunk kernel).
-        The other arguments and the result are those of :func:`ppo_loss`; gradients flow to
-        hidden, weight and bias.
+        The other arguments and the result are those of :func:`ppo_loss`, its policy-loss
+        variants included (with importance_sampling_level="sequence" the logits are formed
+        twice: a first pass gives every token's log-probability, which a sequence's ratio
+        needs before any gradient); gradients flow to hidden, weight and bias.
     """
     check_floating(hidden, "hidden", OPS[_OP].dtypes)
     check_floating(weight, "weight", OPS[_OP].dtypes)
@@ -271,19 +304,39 @@ def fused_linear_ppo_loss(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     temperature = check_positive(temperature, "temperature")
+    weighting = {
+        "loss_agg": loss_agg,
+        "loss_agg_norm": loss_agg_norm,
+        "num_items_in_batch": num_items_in_batch,
+        "rollout_logprobs": rollout_logprobs,
+        "rollout_correction": rollout_correction,
+        "rollout_cap": rollout_cap,
+    }
     options = check_options(
-        clip_eps,
-        clip_eps_high,
-        dual_clip,
-        kl_coef,
-        kl_estimator,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        ref_logprobs,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        ref_logprobs=ref_logprobs,
+        policy_loss=policy_loss,
+        importance_sampling_level=importance_sampling_level,
+        **weighting,
     )
     shape = hidden.shape[:-1]
-    check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, hidden.device, V)
+    check_tokens(
+        actions,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs,
+        shape,
+        hidden.device,
+        V,
+        rollout_logprobs,
+    )
     name = resolve_backend(backend, hidden, _OP)
     if name == "torch":
         logits = torch.nn.functional.linear(hidden, weight, bias)
@@ -301,10 +354,12 @@ def fused_linear_ppo_loss(
             kl_estimator=kl_estimator,
             entropy_coef=entropy_coef,
             temperature=temperature,
-            loss_agg=loss_agg,
+            policy_loss=policy_loss,
+            importance_sampling_level=importance_sampling_level,
+            **weighting,
         )
     mask_f, tokens = token_inputs(
-        mask, shape, hidden, loss_agg, actions, old_logprobs, advantages, ref_logprobs
+        mask, shape, hidden, actions, old_logprobs, advantages, ref_logprobs, options, **weighting
     )
     grad_on = torch.is_grad_enabled()
     loss, logprobs, entropy, *_ = _fused_linear_op(

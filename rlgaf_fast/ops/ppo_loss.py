@@ -51,13 +51,18 @@ def _ppo_loss_impl(
     kl_estimator: str,
     entropy_coef: float,
     temperature: float,
+    policy_loss: str,
+    importance_sampling_level: str,
     compute_grad: bool,
     backend: str,
+    sequence_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, logprobs, entropy, grad_logits) for 2-D logits and [N] compute-dtype tensors;
     grad_logits is d loss / d logits, or empty without compute_grad. The options between
     token_weight and compute_grad are PPOOptions' fields (PPOOptions.op_arguments)."""
-    tokens = TokenInputs(actions, old_logprobs, advantages, ref_logprobs, token_weight)
+    tokens = TokenInputs(
+        actions, old_logprobs, advantages, ref_logprobs, token_weight, sequence_mask
+    )
     options = PPOOptions.from_op_arguments(locals())
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     logprobs, entropy = fused_rows(
@@ -155,6 +160,13 @@ def ppo_loss(
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     loss_agg: str = "token-mean",
+    loss_agg_norm: float | None = None,
+    num_items_in_batch: float | None = None,
+    policy_loss: str = "ppo",
+    importance_sampling_level: str = "token",
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float = 2.0,
     inplace_grad: bool = False,
     backend: str = "auto",
 ) -> PPOLossOutput:
@@ -162,7 +174,7 @@ def ppo_loss(
 
     Per token, with A the advantage:
         logp  = log_softmax(logits / temperature)[action], entropy H of that softmax
-        ratio = exp(logp - old_logprobs)
+        ratio = exp(clamp(logp - old_logprobs, -20, 20))
         pg    = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
         with dual_clip = c > 1: pg = min(pg, -c * A) where A < 0
         loss_t = pg + kl_coef * kl - entropy_coef * H,
@@ -188,7 +200,25 @@ def ppo_loss(
         kl_coef, kl_estimator: weight and estimator ("k1", "k2", "k3") of the KL term.
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
         temperature: > 0; the logits are divided by it.
-        loss_agg: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum".
+        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
+            "seq-mean-token-sum-norm" (the masked sum over B * loss_agg_norm, Dr. GRPO).
+        loss_agg_norm: > 0, the constant of "seq-mean-token-sum-norm"; default T.
+        num_items_in_batch: > 0, with "token-mean": the masked sum is divided by it instead of
+            the local token count (DAPO's normalisation by the global count across ranks and
+            micro-batches).
+        policy_loss: "ppo" (the clipped objective above) or "cispo":
+            pg = -stopgrad(min(ratio, 1 + clip_eps_high)) * A * logp.
+        importance_sampling_level: "token", or "sequence" (GSPO): each token of a sequence uses
+            its ratio exp(clamp(masked mean of logp - old_logprobs, -20, 20)), through which
+            the gradient reaches every token of the sequence (the last dimension).
+        rollout_logprobs, rollout_correction, rollout_cap: the rollout engine's log-probs of the
+            actions (the token shape) and the correction of its mismatch with old_logprobs,
+            rho = exp(old_logprobs - rollout_logprobs): "truncate" multiplies each token's loss
+            by min(rho, rollout_cap) (TIS), "mask" gives the tokens with rho > rollout_cap
+            weight 0; the normalisation stays the mask's. Given together or not at all.
+        kl_estimator "k3+": k3's value with k2's gradient.
+        The variants the kernels do not derive themselves (cispo, "sequence") read the logits
+        once more on the fused backends.
         inplace_grad: with a fused backend and a gradient to compute, write d loss / d logits
             over the logits' storage in the forward pass, which DESTROYS the logits: saves the
             memory of a second ``[N, V]`` buffer. logits must be contiguous; eager mode only.
@@ -210,19 +240,39 @@ def ppo_loss(
             f"{list(logits.shape)}"
         )
     temperature = check_positive(temperature, "temperature")
+    weighting = {
+        "loss_agg": loss_agg,
+        "loss_agg_norm": loss_agg_norm,
+        "num_items_in_batch": num_items_in_batch,
+        "rollout_logprobs": rollout_logprobs,
+        "rollout_correction": rollout_correction,
+        "rollout_cap": rollout_cap,
+    }
     options = check_options(
-        clip_eps,
-        clip_eps_high,
-        dual_clip,
-        kl_coef,
-        kl_estimator,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        ref_logprobs,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        ref_logprobs=ref_logprobs,
+        policy_loss=policy_loss,
+        importance_sampling_level=importance_sampling_level,
+        **weighting,
     )
     shape, V = logits.shape[:-1], logits.shape[-1]
-    check_tokens(actions, old_logprobs, advantages, mask, ref_logprobs, shape, logits.device, V)
+    check_tokens(
+        actions,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs,
+        shape,
+        logits.device,
+        V,
+        rollout_logprobs,
+    )
     name = resolve_backend(backend, logits, "ppo_loss")
     if name == "torch":
         return reference.ppo_loss(
@@ -239,10 +289,12 @@ def ppo_loss(
             kl_estimator=kl_estimator,
             entropy_coef=entropy_coef,
             temperature=temperature,
-            loss_agg=loss_agg,
+            policy_loss=policy_loss,
+            importance_sampling_level=importance_sampling_level,
+            **weighting,
         )
     mask_f, tokens = token_inputs(
-        mask, shape, logits, loss_agg, actions, old_logprobs, advantages, ref_logprobs
+        mask, shape, logits, actions, old_logprobs, advantages, ref_logprobs, options, **weighting
     )
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_grad and compute_grad:
