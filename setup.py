@@ -86,6 +86,7 @@ setup(
         "rlgaf_fast.rlgaf",
         "rlgaf_fast.kernels",
         "rlgaf_fast.bench",
+        "rlgaf_fast.integrations",
     ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
