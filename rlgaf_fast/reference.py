@@ -266,6 +266,34 @@ def token_logprobs(logits: Tensor, actions: Tensor, *, temperature: float = 1.0)
     return all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).float()
 
 
+IGNORE_INDEX = -100
+
+
+def fused_linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log_probs, entropy) per token of ``labels [...]`` under ``logits / temperature`` with
+    ``logits = softcap * tanh(y * logit_scale / softcap)`` (no softcap: ``y * logit_scale``),
+    ``y = hidden @ weight.T + bias`` in hidden's dtype (as an LM head computes it), the rest in
+    float32 (float64 for float64). A label of IGNORE_INDEX (-100) gives 0 and 0, no gradient.
+    """
+    dtype = _compute_dtype(hidden.dtype)
+    z = torch.nn.functional.linear(hidden, weight, bias).to(dtype) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ignored = labels == IGNORE_INDEX
+    log_probs, entropy = logprobs_and_entropy(z / temperature, torch.where(ignored, 0, labels))
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    return torch.where(ignored, zero, log_probs), torch.where(ignored, zero, entropy)
+
+
 def ppo_loss(
     logits: Tensor,
     actions: Tensor,
