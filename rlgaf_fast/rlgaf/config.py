@@ -18,6 +18,9 @@ MODES = MODE_NAMES  # the table in modes.py says what each needs
 REWARD_TYPES = ("log_d", "neg_log_1m_d", "logit")
 TAU_SCHEDULES = ("constant", "linear", "exponential")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# grpo mode's policy losses; grpo.py maps each onto ppo_loss's options.
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo", "cispo")
+DISCRIMINATOR_LOSSES = ("bce", "bradley_terry")
 
 
 @dataclass
@@ -27,7 +30,9 @@ class RLGAFConfig:
     mode: ``sft`` (MLE on the demonstrations), ``ppo`` (discriminator reward, value head, GAE,
     clipped PPO), ``reinforce`` (discriminator reward, baseline, no critic), ``gumbel``
     (Gumbel-Softmax relaxation, discriminator gradient flows into the generator), ``rlhf``
-    (PPO against a fixed reward function or reward model); see modes.py for what each needs.
+    (PPO against a fixed reward function or reward model), ``grpo`` (discriminator reward,
+    group-relative advantages over ``group_size`` completions per prompt, no critic); see
+    modes.py for what each needs.
     """
 
     mode: str = "ppo"
@@ -72,6 +77,11 @@ class RLGAFConfig:
     d_steps: int = 1
     g_steps: int = 1
     reward_type: str = "log_d"
+    # "bce": demonstrations labelled real, generations fake. "bradley_terry": each generation is
+    # paired with a demonstration of its prompt, loss -log sigmoid(s_demo - s_gen); it learns a
+    # ranking, so the score is defined up to a constant (which advantages and baselines remove).
+    # Every prompt must then have a demonstration.
+    discriminator_loss: str = "bce"
 
     # KL penalty to the frozen reference model, summed over each sequence's tokens: k1 per
     # token in the PPO and REINFORCE rewards, the exact KL over the vocabulary in Gumbel mode.
@@ -92,6 +102,19 @@ class RLGAFConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+
+    # GRPO: the batch is batch_size // group_size prompts, each answered group_size times, so a
+    # step costs what the other modes' steps cost. Advantage: the sequence reward minus its
+    # group's mean, divided by the group's (unbiased) std when scale_rewards. loss_type picks
+    # the policy loss (GRPO_LOSS_TYPES); clip_eps_high is the upper ratio clip of dapo and the
+    # weight cap of cispo. kl_in_reward: the KL penalty enters the reward as in ppo (k1 summed
+    # over the tokens) instead of the loss (k3 per token, kl_coef). ppo_epochs and
+    # minibatch_size apply as in ppo.
+    group_size: int = 4
+    scale_rewards: bool = True
+    loss_type: str = "grpo"
+    clip_eps_high: float = 0.28
+    kl_in_reward: bool = False
 
     # REINFORCE: moving-average baseline of the sequence reward (0 = batch mean only).
     baseline_decay: float = 0.0
@@ -139,6 +162,8 @@ class RLGAFConfig:
             "reward_type": REWARD_TYPES,
             "tau_schedule": TAU_SCHEDULES,
             "lr_schedule": LR_SCHEDULES,
+            "loss_type": GRPO_LOSS_TYPES,
+            "discriminator_loss": DISCRIMINATOR_LOSSES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -156,6 +181,8 @@ class RLGAFConfig:
             "discriminator_lr",
             "clip_eps",
             "value_clip",
+            "group_size",
+            "clip_eps_high",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -195,6 +222,16 @@ class RLGAFConfig:
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})"
             )
+        if self.mode == "grpo":
+            # One completion per prompt leaves nothing to compare it with (and no group std).
+            if self.group_size < 2:
+                raise ValueError(f"group_size must be >= 2 in grpo mode, got {self.group_size!r}")
+            if self.batch_size % self.group_size:
+                raise ValueError(
+                    f"group_size ({self.group_size}) must divide batch_size ({self.batch_size}): "
+                    f"a grpo batch is batch_size // group_size prompts, each answered group_size "
+                    f"times"
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLGAFConfig:

@@ -41,6 +41,13 @@ def _gumbel_update(trainer: RLGAFTrainer, g: int) -> tuple[dict, Batch | None]:
     return trainer.gumbel_step(batch, seeds, sub=g), batch
 
 
+def _grpo_update(trainer: RLGAFTrainer, g: int) -> tuple[dict, Batch | None]:
+    # Imported here: this table stays free of torch for the config and the command line.
+    from rlgaf_fast.rlgaf.grpo import grpo_update
+
+    return grpo_update(trainer, g)
+
+
 @dataclass(frozen=True)
 class Mode:
     """What one mode needs.
@@ -121,6 +128,18 @@ MODE_TABLE: dict[str, Mode] = {
             demonstrations=False,
             rollouts=True,
             update=_ppo_update,
+        ),
+        # Discriminator reward, group-relative advantages over several completions per
+        # prompt instead of a critic (GRPO and its variants: config.loss_type).
+        Mode(
+            "grpo",
+            discriminator=True,
+            reward_fn=False,
+            value_head=False,
+            reference=True,
+            demonstrations=True,
+            rollouts=True,
+            update=_grpo_update,
         ),
     )
 }

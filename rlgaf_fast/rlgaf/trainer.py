@@ -3,8 +3,9 @@
 One iteration (``step``), as in docs/design.md ("Training loop"):
   1. roll out responses to prompts from the generator;
   2. the discriminator scores them; the score is the reward, plus a KL penalty to a frozen
-     reference; the generator is updated by PPO (value head, GAE), REINFORCE (baseline), or, in
-     the Gumbel mode, by the discriminator's gradient through soft one-hot tokens;
+     reference; the generator is updated by PPO (value head, GAE), REINFORCE (baseline), GRPO
+     (group-relative advantages, grpo.py), or, in the Gumbel mode, by the discriminator's
+     gradient through soft one-hot tokens;
   3. the discriminator is updated on demonstrations versus the fresh generations.
 ``sft`` (MLE on the demonstrations) and ``rlhf`` (PPO against a fixed reward function) are the
 baselines. What each mode needs, and which update it runs, is the table in modes.py; the
@@ -502,11 +503,16 @@ class RLGAFTrainer:
             self.accelerator, self.fsdp, loss, module, optimizer, self.config.max_grad_norm
         )
 
-    def rollout(self, sub: int = 0, gumbel_seeds: list[int] | None = None) -> Batch:
-        """Responses of the current generator to a fresh batch of prompts."""
+    def rollout(
+        self, sub: int = 0, gumbel_seeds: list[int] | None = None, group_size: int = 1
+    ) -> Batch:
+        """Responses of the current generator to a fresh batch of prompts: ``batch_size //
+        group_size`` prompts, each answered ``group_size`` times in consecutive rows."""
         c = self.config
-        prompts = self.prompts.batch(c.batch_size, self._seed(STREAM_PROMPTS, sub=sub))
-        prompts = prompts.to(self.device)
+        prompts = self.prompts.batch(
+            c.batch_size // group_size, self._seed(STREAM_PROMPTS, sub=sub)
+        ).to(self.device)
+        prompts = Batch(*(t.repeat_interleave(group_size, 0) for t in vars(prompts).values()))
         sampler = torch_generator(self._seed(STREAM_SAMPLING, sub=sub), self.device)
         token_sampler = None
         if gumbel_seeds is not None:
