@@ -79,6 +79,14 @@ def data(
         prompt_sampler = ExampleSampler(
             load_examples(prompts, tokenizer, eos_token_id), pad_token_id, *lengths
         )
+    if config.discriminator_loss == "bradley_terry" and demos is not None and prompts is not None:
+        missing = demos.missing_prompts(prompt_sampler)
+        if missing:
+            raise ValueError(
+                f"discriminator_loss 'bradley_terry' pairs each generation with a demonstration "
+                f"of its prompt, but {missing} of the {len(prompt_sampler)} prompts have none; "
+                f"use discriminator_loss 'bce' or prompts that the demonstrations answer"
+            )
     positions = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
     samplers = {"demonstrations": demos}
     if prompts is not None:  # else the prompts are the demonstrations', checked once

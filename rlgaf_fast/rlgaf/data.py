@@ -210,6 +210,27 @@ class ExampleSampler:
             index = torch.randint(len(self), (batch_size,), generator=generator)
         return self.take(index.tolist())
 
+    def for_prompts(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Batch:
+        """The demonstrations of the prompts ``[B, P]`` (int64, left-padded, mask 1 on real
+        tokens), row for row: for each, the first example whose (truncated) prompt has the same
+        tokens. ValueError if a prompt has none."""
+        if not hasattr(self, "_index_of_prompt"):
+            self._index_of_prompt: dict[tuple[int, ...], int] = {}
+            for i, p in enumerate(self.prompts):
+                self._index_of_prompt.setdefault(tuple(p), i)
+        index = []
+        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
+            key = tuple(t for t, m in zip(ids, mask, strict=True) if m)
+            if key not in self._index_of_prompt:
+                raise ValueError(f"no demonstration has the prompt {list(key)}")
+            index.append(self._index_of_prompt[key])
+        return self.take(index)
+
+    def missing_prompts(self, prompts: ExampleSampler) -> int:
+        """How many of ``prompts``' prompts have no demonstration here."""
+        known = set(map(tuple, self.prompts))
+        return sum(tuple(p) not in known for p in prompts.prompts)
+
     def take(self, index: list[int]) -> Batch:
         prompt_ids, prompt_mask = pad_left([self.prompts[i] for i in index], self.pad_id)
         response_ids, response_mask = pad_right(

@@ -300,6 +300,26 @@ def stack_batches(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[T
     return torch.cat([a[0], b[0]], 0), torch.cat([a[1], b[1]], 0)
 
 
+def discriminator_loss(real_logit: Tensor, fake_logit: Tensor, objective: str) -> Tensor:
+    """The discriminator's loss (float scalar) from its logits on demonstrations ``[B_real]``
+    and generations ``[B_fake]``. ``bce``: binary cross-entropy, demonstrations labelled 1 and
+    generations 0, averaged over all B_real + B_fake sequences. ``bradley_terry``: row i of each
+    is a pair for the same prompt (B_real == B_fake), loss -log sigmoid(s_demo - s_gen) averaged
+    over the pairs."""
+    if objective == "bce":
+        logit = torch.cat([real_logit, fake_logit])
+        labels = torch.cat([torch.ones_like(real_logit), torch.zeros_like(fake_logit)])
+        return F.binary_cross_entropy_with_logits(logit, labels)
+    if objective == "bradley_terry":
+        if real_logit.shape != fake_logit.shape:
+            raise ValueError(
+                f"bradley_terry pairs demonstrations with generations row for row; got "
+                f"{list(real_logit.shape)} and {list(fake_logit.shape)} scores"
+            )
+        return -F.logsigmoid(real_logit - fake_logit).mean()
+    raise ValueError(f"discriminator_loss must be bce or bradley_terry, got {objective!r}")
+
+
 def reward_from_logit(logit: Tensor, reward_type: str) -> Tensor:
     """Generator reward from the discriminator's real logit l (D = sigmoid(l)):
     ``log_d`` = log D, ``neg_log_1m_d`` = -log(1 - D), ``logit`` = l."""

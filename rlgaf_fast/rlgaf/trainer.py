@@ -41,6 +41,7 @@ from rlgaf_fast.rlgaf.data import (
     torch_generator,
 )
 from rlgaf_fast.rlgaf.discriminator import (
+    discriminator_loss,
     reward_from_logit,
     sequences_for_discriminator,
     stack_batches,
@@ -435,28 +436,33 @@ class RLGAFTrainer:
     # ------------------------------------------------------------------ discriminator update
 
     def discriminator_step(self, fake: Batch, sub: int = 0, real: Batch | None = None) -> dict:
-        """Binary cross-entropy: demonstrations are real (1), generations fake (0). ``real``
-        defaults to a fresh batch of demonstrations as large as ``fake``."""
-        if real is None:
+        """Demonstrations against generations, by ``config.discriminator_loss`` (see
+        :func:`~rlgaf_fast.rlgaf.discriminator.discriminator_loss`). ``real`` defaults to a
+        fresh batch of demonstrations as large as ``fake`` for bce, and to the demonstrations of
+        ``fake``'s prompts, row for row, for bradley_terry (a given ``real`` must be so)."""
+        pairs = self.config.discriminator_loss == "bradley_terry"
+        if real is None and pairs:
+            real = self.demos.for_prompts(fake.prompt_ids.cpu(), fake.prompt_mask.cpu())
+        elif real is None:
             real = self.demos.batch(
                 fake.response_ids.shape[0], self._seed(STREAM_DEMOS, sub=sub + 1)
             )
         real, fake = real.to(self.device), fake.to(self.device)
         ids, mask = stack_batches(token_sequences(real), token_sequences(fake))
-        labels = torch.cat(
-            [torch.ones(real.response_ids.shape[0]), torch.zeros(fake.response_ids.shape[0])]
-        ).to(self.device)
         logit = self.discriminator(ids, mask)
-        loss = F.binary_cross_entropy_with_logits(logit, labels)
+        n_real = real.response_ids.shape[0]
+        loss = discriminator_loss(logit[:n_real], logit[n_real:], self.config.discriminator_loss)
         self._check_finite(loss, "discriminator loss")
         self._optimizer_step(loss, self.discriminator, self.d_opt)
         self.d_sched.step()
-        n_real = real.response_ids.shape[0]
-        return {
+        logs = {
             "d_loss": loss.item(),
             "d_acc_real": (logit[:n_real] > 0).float().mean().item(),
             "d_acc_fake": (logit[n_real:] < 0).float().mean().item(),
         }
+        if pairs:  # a ranking has no threshold at 0: its accuracy is the pairs it orders
+            logs["d_acc_pairs"] = (logit[:n_real] > logit[n_real:]).float().mean().item()
+        return logs
 
     # ------------------------------------------------------------------ helpers
 
