@@ -5,7 +5,7 @@ from rlgaf_fast.rlgaf.modes import MODE_NAMES, MODE_TABLE, mode_spec
 
 
 def test_the_config_accepts_exactly_the_tables_modes():
-    assert MODES == MODE_NAMES == ("sft", "ppo", "reinforce", "gumbel", "rlhf")
+    assert MODES == MODE_NAMES == ("sft", "ppo", "reinforce", "gumbel", "rlhf", "grpo")
 
 
 @pytest.mark.parametrize("name", MODE_NAMES)

@@ -36,6 +36,17 @@ EXPECTED_KEYS = {
         "d_acc_fake",
     },
     "rlhf": {"g_loss", "value_loss", "reward", "kl", "entropy", "clipfrac"},
+    "grpo": {
+        "g_loss",
+        "reward",
+        "reward_group_std",
+        "kl",
+        "entropy",
+        "clipfrac",
+        "d_loss",
+        "d_acc_real",
+        "d_acc_fake",
+    },
 }
 
 
@@ -43,7 +54,7 @@ def params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("mode", ["sft", "ppo", "reinforce", "gumbel", "rlhf"])
+@pytest.mark.parametrize("mode", ["sft", "ppo", "reinforce", "gumbel", "rlhf", "grpo"])
 def test_every_mode_trains_and_logs(mode, demos, tmp_path):
     trainer = make_trainer(mode, demos, output_dir=str(tmp_path), tensorboard=False)
     before = params(trainer.unwrapped_policy.model)
