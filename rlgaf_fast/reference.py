@@ -339,12 +339,18 @@ def ppo_loss(
     mask = (
         torch.ones(z.shape[:-1], dtype=dtype, device=z.device) if mask is None else mask.to(dtype)
     )
-    with torch.no_grad():
-        token_logprobs, token_entropy = logprobs_and_entropy(z, actions)
     # The loss never reads a masked-out token's logits, so a padding row (all -inf, NaN) gives
-    # neither a NaN loss nor a NaN gradient.
-    z = torch.where(mask[..., None] != 0, z, torch.zeros((), dtype=dtype, device=z.device))
-    logprobs, entropy = logprobs_and_entropy(z, actions)
+    # neither a NaN loss nor a NaN gradient; the reported per-token values are those of the
+    # logits as given.
+    live = mask != 0
+    masked_out = not bool(live.all())
+    z_read = torch.where(live[..., None], z, z.new_zeros(())) if masked_out else z
+    logprobs, entropy = logprobs_and_entropy(z_read, actions)
+    with torch.no_grad():
+        token_logprobs, token_entropy = logprobs.detach().clone(), entropy.detach().clone()
+        if masked_out:
+            out = logprobs_and_entropy(z[~live], actions[~live])
+            token_logprobs[~live], token_entropy[~live] = out
     advantages = advantages.to(dtype)
     log_ratio = logprobs - old_logprobs.to(dtype)
     if importance_sampling_level == "sequence":
