@@ -247,6 +247,20 @@ ADVERSARIAL_DEFAULTS: dict[str, dict] = {
         generator_ema=0.99,
     ),
     "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4, kl_coef=0.02),
+    # ppo's settings less the critic's: 8 groups of 8 completions per batch.
+    "grpo": dict(
+        batch_size=64,
+        minibatch_size=32,
+        ppo_epochs=2,
+        group_size=8,
+        generator_lr=2e-4,
+        discriminator_lr=1e-3,
+        kl_coef=0.01,
+        reward_type="log_d",
+        d_steps=2,
+        generator_ema=0.99,
+        mle_coef=0.05,
+    ),
 }
 
 
