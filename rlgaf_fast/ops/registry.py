@@ -70,7 +70,7 @@ OPS: dict[str, OpSpec] = {
     "soft_embedding": OpSpec(_ALL, training_loop=True),
     "ppo_loss": OpSpec(_NO_CUDA, "ppo_loss", training_loop=True),
     "fused_linear_ppo_loss": OpSpec(_NO_CUDA, "ppo_loss"),
-    "token_logprobs": OpSpec(_NO_CUDA, "ppo_loss"),
+    "token_logprobs": OpSpec(_NO_CUDA, "ppo_loss", training_loop=True),
     "fused_linear_logprobs": OpSpec(_NO_CUDA, "ppo_loss"),
     "value_loss": OpSpec((), training_loop=True),
     "gae": OpSpec((), training_loop=True),

@@ -17,21 +17,6 @@ from rlgaf_fast.ops.registry import training_loop_ops
 OP_NAMES = training_loop_ops()
 
 
-def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log_softmax(logits / temperature)`` at ``actions``: float32 ``[...]`` from logits
-    ``[..., V]`` and token ids ``[...]``, differentiable (callers that need no gradient call it
-    under ``no_grad``).
-
-    Computed as the reference PPO loss computes its log-probabilities (float64 logits stay
-    float64 until the end), so that log-probabilities taken here and inside the loss agree.
-    Both op sets use this one function; giving the fused set ``rlgaf_fast.token_logprobs``
-    instead is a change in :func:`kernel_ops` alone.
-    """
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    all_logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    return all_logprobs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1).float()
-
-
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """The mean of ``x`` where ``mask`` is set (0 where it is set nowhere)."""
     mask = mask.to(x.dtype)
@@ -46,16 +31,17 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def kernel_ops(use_fused_kernels: bool) -> SimpleNamespace:
-    """A namespace with the six ops the loop uses: from ``rlgaf_fast`` (fused, backend "auto")
-    when ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``; and
-    ``token_logprobs``, plain PyTorch either way (see :func:`token_logprobs`)."""
+    """A namespace with the ops the loop uses: from ``rlgaf_fast`` (fused, backend "auto") when
+    ``use_fused_kernels`` is true, else from ``rlgaf_fast.reference``. Each set's
+    ``token_logprobs`` computes exactly the log-probabilities its ``ppo_loss`` computes, so the
+    first ratio of a PPO update is 1 to the bit."""
     if not use_fused_kernels:
         ops = {name: getattr(reference, name) for name in OP_NAMES}
     else:
         import rlgaf_fast
 
         ops = {name: getattr(rlgaf_fast, name, None) or _missing(name) for name in OP_NAMES}
-    return SimpleNamespace(**ops, token_logprobs=token_logprobs)
+    return SimpleNamespace(**ops)
 
 
 def _missing(name: str):

@@ -3,7 +3,7 @@ import torch
 
 import rlgaf_fast
 from rlgaf_fast import reference
-from rlgaf_fast.rlgaf.kernel_ops import kernel_ops, token_logprobs
+from rlgaf_fast.rlgaf.kernel_ops import kernel_ops
 from tests.conftest import fused_backends
 
 
@@ -23,29 +23,29 @@ def test_token_logprobs_are_the_reference_ppo_loss_logprobs_bit_for_bit(dtype, t
     logits, actions, mask = inputs(dtype)
     zeros = torch.zeros(actions.shape)
     old = reference.ppo_loss(logits, actions, zeros, zeros, mask, temperature=temperature)
-    got = token_logprobs(logits, actions, temperature)
+    got = kernel_ops(False).token_logprobs(logits, actions, temperature=temperature)
     assert got.dtype == torch.float32
     assert torch.equal(got, old.logprobs.float())
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-def test_token_logprobs_match_the_fused_ppo_loss(backend):
+def test_fused_token_logprobs_are_the_fused_ppo_loss_logprobs_bit_for_bit(backend):
     logits, actions, mask = inputs()
     zeros = torch.zeros(actions.shape)
     with rlgaf_fast.use_backend(backend):
         fused = rlgaf_fast.ppo_loss(logits, actions, zeros, zeros, mask, temperature=0.7)
-    got = token_logprobs(logits, actions, 0.7)
-    torch.testing.assert_close(got[mask], fused.logprobs.float()[mask], rtol=1e-5, atol=1e-5)
+        got = kernel_ops(True).token_logprobs(logits, actions, temperature=0.7)
+    assert torch.equal(got, fused.logprobs.float())
 
 
 def test_token_logprobs_are_differentiable():
     logits, actions, _ = inputs()
     logits.requires_grad_(True)
-    token_logprobs(logits, actions, 0.5).sum().backward()
+    kernel_ops(False).token_logprobs(logits, actions, temperature=0.5).sum().backward()
     expected = (torch.nn.functional.one_hot(actions, 11) - torch.softmax(logits / 0.5, -1)) / 0.5
     torch.testing.assert_close(logits.grad, expected)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_both_op_sets_offer_token_logprobs(fused):
-    assert kernel_ops(fused).token_logprobs is token_logprobs
+def test_each_op_set_takes_token_logprobs_from_its_own_side():
+    assert kernel_ops(False).token_logprobs is reference.token_logprobs
+    assert kernel_ops(True).token_logprobs is rlgaf_fast.token_logprobs
