@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
-from rlgaf_fast.rlgaf.data import STREAM_SHUFFLE, Batch, torch_generator
+from rlgaf_fast.rlgaf.data import Batch
 from rlgaf_fast.rlgaf.kernel_ops import masked_mean
 from rlgaf_fast.rlgaf.rollout import response_slice, sequence_inputs
 
@@ -103,37 +103,33 @@ def grpo_step(trainer: RLGAFTrainer, batch: Batch, sub: int = 0) -> dict:
         kl_options = {"kl_coef": c.kl_coef, "kl_estimator": "k3"}
     options = loss_options(c)
     stats: dict[str, list[float]] = defaultdict(list)
-    shuffle = torch_generator(trainer._seed(STREAM_SHUFFLE, sub=sub))
     updates = c.ppo_epochs * (c.batch_size // c.minibatch_size)
-    for _ in range(c.ppo_epochs):
-        order = torch.randperm(c.batch_size, generator=shuffle).to(trainer.device)
-        for start in range(0, c.batch_size, c.minibatch_size):
-            mb = order[start : start + c.minibatch_size]
-            mb_logits, _ = trainer.policy(*(x[mb] for x in inputs))
-            out = ops.ppo_loss(
-                response_slice(mb_logits, prompt_len),
-                actions[mb],
-                old_logprobs[mb],
-                advantages[mb],
-                mask[mb],
-                clip_eps=c.clip_eps,
-                ref_logprobs=None if ref_logprobs is None else ref_logprobs[mb],
-                entropy_coef=c.entropy_coef,
-                temperature=c.sample_temperature,
-                **kl_options,
-                **options,
-            )
-            loss, mle = trainer._with_mle(
-                out.loss, c.minibatch_size, sub=sub * updates + len(stats["g_loss"])
-            )
-            trainer._check_finite(loss, "GRPO loss")
-            trainer._optimizer_step(loss, trainer.policy, trainer.g_opt)
-            stats["g_loss"].append(out.loss.item())
-            stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
-            stats["clipfrac"].append(out.clipfrac.item())
-            stats["approx_kl"].append(out.approx_kl.item())
-            if mle is not None:
-                stats["mle_loss"].append(mle)
+    for mb in trainer.minibatches(sub):
+        mb_logits, _ = trainer.policy(*(x[mb] for x in inputs))
+        out = ops.ppo_loss(
+            response_slice(mb_logits, prompt_len),
+            actions[mb],
+            old_logprobs[mb],
+            advantages[mb],
+            mask[mb],
+            clip_eps=c.clip_eps,
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[mb],
+            entropy_coef=c.entropy_coef,
+            temperature=c.sample_temperature,
+            **kl_options,
+            **options,
+        )
+        loss, mle = trainer._with_mle(
+            out.loss, c.minibatch_size, sub=sub * updates + len(stats["g_loss"])
+        )
+        trainer._check_finite(loss, "GRPO loss")
+        trainer._optimizer_step(loss, trainer.policy, trainer.g_opt)
+        stats["g_loss"].append(out.loss.item())
+        stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
+        stats["clipfrac"].append(out.clipfrac.item())
+        stats["approx_kl"].append(out.approx_kl.item())
+        if mle is not None:
+            stats["mle_loss"].append(mle)
     result = {k: sum(v) / len(v) for k, v in stats.items()}
     std = score.view(-1, c.group_size).std(-1).mean().item()
     result.update(reward=score.mean().item(), reward_group_std=std, kl=kl, tokens=int(mask.sum()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,47 +272,53 @@ class RLGAFTrainer:
                 advantages = masked_whiten(advantages, mask)
 
         stats: dict[str, list[float]] = defaultdict(list)
-        shuffle = torch_generator(self._seed(STREAM_SHUFFLE, sub=sub))
         updates = c.ppo_epochs * (c.batch_size // c.minibatch_size)
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(c.batch_size, generator=shuffle).to(self.device)
-            for start in range(0, c.batch_size, c.minibatch_size):
-                mb = order[start : start + c.minibatch_size]
-                mb_logits, mb_values = self.policy(*(x[mb] for x in inputs))
-                out = ops.ppo_loss(
-                    response_slice(mb_logits, prompt_len),
-                    actions[mb],
-                    old_logprobs[mb],
-                    advantages[mb],
-                    mask[mb],
-                    clip_eps=c.clip_eps,
-                    entropy_coef=c.entropy_coef,
-                    temperature=c.sample_temperature,
-                )
-                v_loss = ops.value_loss(
-                    response_slice(mb_values, prompt_len),
-                    old_values[mb],
-                    returns[mb],
-                    mask[mb].float(),
-                    clip=c.value_clip,
-                )
-                loss, mle = self._with_mle(
-                    out.loss + c.vf_coef * v_loss,
-                    c.minibatch_size,
-                    sub=sub * updates + len(stats["g_loss"]),
-                )
-                self._check_finite(loss, "PPO loss")
-                self._optimizer_step(loss, self.policy, self.g_opt)
-                stats["g_loss"].append(out.loss.item())
-                stats["value_loss"].append(v_loss.item())
-                stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
-                stats["clipfrac"].append(out.clipfrac.item())
-                stats["approx_kl"].append(out.approx_kl.item())
-                if mle is not None:
-                    stats["mle_loss"].append(mle)
+        for mb in self.minibatches(sub):
+            mb_logits, mb_values = self.policy(*(x[mb] for x in inputs))
+            out = ops.ppo_loss(
+                response_slice(mb_logits, prompt_len),
+                actions[mb],
+                old_logprobs[mb],
+                advantages[mb],
+                mask[mb],
+                clip_eps=c.clip_eps,
+                entropy_coef=c.entropy_coef,
+                temperature=c.sample_temperature,
+            )
+            v_loss = ops.value_loss(
+                response_slice(mb_values, prompt_len),
+                old_values[mb],
+                returns[mb],
+                mask[mb].float(),
+                clip=c.value_clip,
+            )
+            loss, mle = self._with_mle(
+                out.loss + c.vf_coef * v_loss,
+                c.minibatch_size,
+                sub=sub * updates + len(stats["g_loss"]),
+            )
+            self._check_finite(loss, "PPO loss")
+            self._optimizer_step(loss, self.policy, self.g_opt)
+            stats["g_loss"].append(out.loss.item())
+            stats["value_loss"].append(v_loss.item())
+            stats["entropy"].append(masked_mean(out.entropy, mask[mb]).item())
+            stats["clipfrac"].append(out.clipfrac.item())
+            stats["approx_kl"].append(out.approx_kl.item())
+            if mle is not None:
+                stats["mle_loss"].append(mle)
         result = {k: sum(v) / len(v) for k, v in stats.items()}
         result.update(reward=score.mean().item(), kl=kl, tokens=int(mask.sum()))
         return result
+
+    def minibatches(self, sub: int = 0) -> Iterator[Tensor]:
+        """The row indices of each update of a PPO-style step: ``ppo_epochs`` passes over the
+        batch in a fresh shuffled order, ``minibatch_size`` rows at a time."""
+        c = self.config
+        shuffle = torch_generator(self._seed(STREAM_SHUFFLE, sub=sub))
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size, generator=shuffle).to(self.device)
+            for start in range(0, c.batch_size, c.minibatch_size):
+                yield order[start : start + c.minibatch_size]
 
     def _token_rewards(self, batch: Batch, logprobs: Tensor, score: Tensor) -> tuple[Tensor, float]:
         """Per-token rewards ``[B, T]``: -kl_coef * (logp - ref_logp) at every token, plus the
