@@ -67,3 +67,37 @@ def resolve_seed(seed: int | None) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     return seed
+
+
+def check_lm_head(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    dtypes: tuple[torch.dtype, ...],
+    min_hidden_dim: int = 2,
+) -> int:
+    """Checks hidden states ``[..., H]`` against an LM head ``weight [V, H]`` and ``bias [V]``
+    (same dtype and device); returns V."""
+    check_floating(hidden, "hidden", dtypes)
+    check_floating(weight, "weight", dtypes)
+    if hidden.dim() < min_hidden_dim:
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {list(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(
+            f"weight must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
+            f"{weight.dtype}, {weight.device}"
+        )
+    V = weight.shape[0]
+    if bias is not None:
+        check_floating(bias, "bias", dtypes)
+        if bias.shape != (V,) or bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(
+                f"bias must be [V] = [{V}] with weight's dtype and device, got "
+                f"{list(bias.shape)} {bias.dtype} {bias.device}"
+            )
+    return V

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from rlgaf_fast import reference
 from rlgaf_fast._backend import kernel_module, resolve_backend
-from rlgaf_fast.ops._checks import check_floating, check_positive, check_tensor
+from rlgaf_fast.ops._checks import check_lm_head, check_positive, check_tensor
 from rlgaf_fast.ops._ppo import compute_dtype, refuse_double_backward
 from rlgaf_fast.ops.fused_linear_ppo_loss import _accumulate_product, _default_chunk
 from rlgaf_fast.ops.registry import OPS
@@ -252,29 +252,7 @@ def fused_linear_logprobs(
         :class:`LogProbsOutput` of tensors of the labels' shape, differentiable with respect to
         hidden, weight and bias.
     """
-    dtypes = OPS[_OP].dtypes
-    check_floating(hidden, "hidden", dtypes)
-    check_floating(weight, "weight", dtypes)
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {list(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {list(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(
-            f"weight must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
-            f"{weight.dtype}, {weight.device}"
-        )
-    V = weight.shape[0]
-    if bias is not None:
-        check_floating(bias, "bias", dtypes)
-        if bias.shape != (V,) or bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
-                f"bias must be [V] = [{V}] with weight's dtype and device, got "
-                f"{list(bias.shape)} {bias.dtype} {bias.device}"
-            )
+    V = check_lm_head(hidden, weight, bias, OPS[_OP].dtypes, min_hidden_dim=1)
     check_tensor(labels, "labels")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from rlgaf_fast import reference
 from rlgaf_fast._backend import kernel_module, resolve_backend
-from rlgaf_fast.ops._checks import check_floating, check_positive
+from rlgaf_fast.ops._checks import check_lm_head, check_positive
 from rlgaf_fast.ops._ppo import (
     OpArguments,
     PPOOptions,
@@ -277,28 +277,7 @@ def fused_linear_ppo_loss(
         twice: a first pass gives every token's log-probability, which a sequence's ratio
         needs before any gradient); gradients flow to hidden, weight and bias.
     """
-    check_floating(hidden, "hidden", OPS[_OP].dtypes)
-    check_floating(weight, "weight", OPS[_OP].dtypes)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {list(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {list(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(
-            f"weight must have hidden's dtype and device ({hidden.dtype}, "
-            f"{hidden.device}), got {weight.dtype}, {weight.device}"
-        )
-    V = weight.shape[0]
-    if bias is not None:
-        check_floating(bias, "bias", OPS[_OP].dtypes)
-        if bias.shape != (V,) or bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
-                f"bias must be [V] = [{V}] with weight's dtype and device, got "
-                f"{list(bias.shape)} {bias.dtype} {bias.device}"
-            )
+    V = check_lm_head(hidden, weight, bias, OPS[_OP].dtypes, min_hidden_dim=2)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
