@@ -20,10 +20,8 @@ from rlgaf_fast.bench.oracle import (
 )
 
 # SeqGAN's oracle parameters are not part of the repository: RLGAF_SEQGAN_ORACLE names the
-# file, else the shared data folder beside the checkout is tried.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ORACLE = REPO_ROOT.parent / "shared" / "data" / "seqgan" / "target_params_py3.pkl"
-ORACLE = Path(os.environ.get("RLGAF_SEQGAN_ORACLE") or DEFAULT_ORACLE)
+# file (CI sets it where the data is at hand).
+ORACLE = Path(os.environ.get("RLGAF_SEQGAN_ORACLE", "target_params_py3.pkl"))
 needs_oracle = pytest.mark.skipif(
     not ORACLE.is_file(),
     reason="needs SeqGAN's oracle parameters: set RLGAF_SEQGAN_ORACLE to target_params_py3.pkl",
