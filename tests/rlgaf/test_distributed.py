@@ -14,7 +14,7 @@ import pytest
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # "gumbel-lm": a generator with tied embeddings against an LMDiscriminator with bigram counts
 # (whose embedding matrix is computed from the LM's).
-MODES = ("ppo", "reinforce", "gumbel", "sft", "gumbel-lm")
+MODES = ("ppo", "reinforce", "gumbel", "grpo", "sft", "gumbel-lm")
 
 
 def free_port() -> int:
