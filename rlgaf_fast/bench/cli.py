@@ -17,7 +17,7 @@ def add_bench_parser(subparsers: Any) -> None:
         help="benchmark the fused ops against eager PyTorch and torch.compile",
         description="Time every op x backend (and eager, torch.compile) forward and "
         "forward+backward; check each against the reference first; write results.json, "
-        "results.md and PNG plots under --out (default benchmarks/results/<device>/).",
+        "results.md and PNG plots under --out (default bench-results/<device>/<preset>/).",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument(

@@ -67,10 +67,10 @@ def _cpu_model() -> str:
 
 
 def default_out_dir(device: torch.device, preset: str) -> Path:
-    """benchmarks/results/<device>/ for quick and full; a subfolder named after the preset for
-    the others (goals, tiny), so that they do not overwrite the main results."""
-    base = REPO_ROOT / "benchmarks" / "results" / device_slug(device)
-    return base if preset in ("quick", "full") else base / preset
+    """bench-results/<device>/<preset>/ under the current directory. Committed results under
+    benchmarks/results/ change only when ``--out`` names them, so a run never dirties a
+    checkout."""
+    return Path("bench-results") / device_slug(device) / preset
 
 
 def _device_name(device: torch.device) -> str:

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             f"rlgaf-fast bench --train: skipped, the training loop is not importable here ({error})"
         )
         return 0
-    from rlgaf_fast.bench.suite import REPO_ROOT, device_slug, environment
+    from rlgaf_fast.bench.suite import device_slug, environment
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = dict(SHAPES["cuda" if device.type == "cuda" else "cpu"])
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         "goal": "GPU (about 1B parameters, V=128256, bf16, one H100): fused >= 1.5x tokens/s "
         "and <= 60% of the unfused peak memory",
     }
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / device_slug(device)
+    out = Path(args.out) if args.out else Path("bench-results") / device_slug(device) / "train"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
