@@ -304,12 +304,23 @@ def run_oracle_command(args: argparse.Namespace) -> int:
     import yaml
 
     from rlgaf_fast.bench.oracle import PRESETS, check_discriminator, run_oracle
+    from rlgaf_fast.bench.rule_task import RuleTask
     from rlgaf_fast.rlgaf.config import RLGAFConfig, check_keys
 
     _set_threads(args.threads)
-    preset = PRESETS[args.preset]
+    if args.task == "rule":
+        if args.oracle:
+            raise UsageError("--oracle is for --task seqgan; --task rule needs no file")
+        task = RuleTask()
+        preset = task.presets[args.preset]
+    else:
+        if not args.oracle:
+            raise UsageError("--task seqgan needs --oracle (SeqGAN's target_params_py3.pkl)")
+        task = args.oracle
+        preset = PRESETS[args.preset]
     if args.discriminator:
-        no_features = {"d_fit_steps": 0} if args.discriminator == "cnn" else {}
+        has_features = args.discriminator.startswith("lm")
+        no_features = {} if has_features else {"d_fit_steps": 0}
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
@@ -328,7 +339,7 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         overrides[key] = parsed
     check_keys(overrides, [f.name for f in dataclasses.fields(RLGAFConfig)], "--set")
     metrics = run_oracle(
-        args.oracle,
+        task,
         args.mode,
         args.out,
         preset=preset,
@@ -347,11 +358,19 @@ def run_oracle_command(args: argparse.Namespace) -> int:
 def add_oracle_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "oracle",
-        help="the SeqGAN synthetic benchmark",
-        description="Train one mode against the SeqGAN oracle; writes "
-        "OUT/metrics.json, OUT/samples.txt and OUT/curves.png.",
+        help="the SeqGAN synthetic benchmark and the rule task",
+        description="Train one mode against the SeqGAN oracle (--task seqgan) or on the "
+        "bracket-language rule task (--task rule); writes OUT/metrics.json, OUT/samples.txt "
+        "and OUT/curves.png.",
     )
-    p.add_argument("--oracle", required=True, help="target_params_py3.pkl")
+    p.add_argument(
+        "--task",
+        default="seqgan",
+        choices=["seqgan", "rule"],
+        help="seqgan (default): SeqGAN's oracle LSTM, needs --oracle; rule: demonstrations "
+        "from a known bracket-language generator (docs/rule-task.md), needs no file",
+    )
+    p.add_argument("--oracle", help="target_params_py3.pkl (--task seqgan)")
     p.add_argument("--mode", required=True, choices=MODE_NAMES)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="smoke", choices=["smoke", "full"])
@@ -360,12 +379,13 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
     p.add_argument(
         "--discriminator",
-        choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn"],
+        choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer"],
         help="lm (default): a small head over a frozen feature model (the warm "
         "start, fit --d-fit-steps further); "
         "lm-context: the head reads the LM's hidden state too; "
         "lm-tuned: that model trained too; lm-bigram: bigram counts of half the "
-        "demonstrations as one more feature; cnn: SeqGAN's CNN",
+        "demonstrations as one more feature; cnn: SeqGAN's CNN; transformer: a small "
+        "Llama classifier trained from scratch (the rule task's default)",
     )
     p.add_argument(
         "--d-fit-steps",

@@ -6,7 +6,11 @@ generator's samples; lower is better) and NLL_test (how likely the generator fin
 oracle samples; it rises when the generator drops modes). The oracle's weights are SeqGAN's
 ``target_params_py3.pkl`` (``rlgaf-fast oracle --oracle PATH``).
 
-``run_oracle`` trains one mode and writes metrics.json, samples.txt and curves.png.
+``run_oracle`` trains one mode and writes metrics.json, samples.txt and curves.png. It runs any
+task object with the oracle's interface: ``sample(num, seed)``, ``log_likelihood(tokens)``,
+``nll(tokens)``, ``score(samples)`` (the task's metrics of generated samples), ``reward(tokens)``
+(the ideal judge), ``vocab_size``, ``seq_len``, ``name`` and optionally ``presets``; the rule
+task of ``rlgaf_fast.bench.rule_task`` is the other one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ from torch import Tensor, nn
 
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import Batch, torch_generator
-from rlgaf_fast.rlgaf.discriminator import CNNDiscriminator, LMDiscriminator
+from rlgaf_fast.rlgaf.discriminator import (
+    CNNDiscriminator,
+    LMDiscriminator,
+    build_transformer_discriminator,
+)
 from rlgaf_fast.rlgaf.models import build_causal_lm
 from rlgaf_fast.rlgaf.modes import mode_spec
 from rlgaf_fast.rlgaf.rollout import generate, sample_categorical
@@ -87,6 +95,8 @@ class OracleLSTM(nn.Module):
     """The oracle LSTM of SeqGAN, exactly as its README writes it (gates i, f, o, c~; h = c = 0
     and the start token's embedding as the first input)."""
 
+    name, vocab_size, seq_len = "seqgan", VOCAB_SIZE, SEQ_LEN
+
     def __init__(self, params: list[np.ndarray]) -> None:
         super().__init__()
         t = [torch.from_numpy(np.array(p)) for p in params]
@@ -127,6 +137,14 @@ class OracleLSTM(nn.Module):
         """NLL_oracle: mean negative log-likelihood per token over all of ``tokens [N, T]``."""
         total = sum(-self.log_likelihood(chunk).sum().item() for chunk in tokens.split(batch_size))
         return total / tokens.numel()
+
+    def score(self, samples: Tensor) -> dict[str, float]:
+        """Metrics of generated ``samples [N, 20]``: NLL_oracle."""
+        return {"nll_oracle": self.nll(samples)}
+
+    def reward(self, tokens: Tensor) -> Tensor:
+        """The ideal judge: the mean log-likelihood per token of each row, float32 ``[B]``."""
+        return self.log_likelihood(tokens).mean(-1)
 
     @torch.no_grad()
     def sample(self, num: int, seed: int, batch_size: int = 500) -> Tensor:
@@ -175,7 +193,7 @@ class OraclePreset:
     # with the head; "lm-bigram": the same with
     # bigram counts of half the demonstrations as a third feature, the other half its real
     # examples; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is at chance
-    # on unseen sequences (README).
+    # on unseen sequences (README); "transformer": a small Llama classifier from scratch.
     discriminator: str = "lm"
     # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' feature model takes
     # on the demonstrations past the warm start (0 for the CNN, which has none). The
@@ -183,9 +201,11 @@ class OraclePreset:
     # samples, and the sharper the generator the loop settles on (README, "Proof").
     d_fit_steps: int = 500
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
+    # temperatures of the MLE warm start's sweep (sft runs)
+    sweep_temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
 
 
-DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn")
+DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer")
 
 PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
@@ -264,14 +284,16 @@ ADVERSARIAL_DEFAULTS: dict[str, dict] = {
 }
 
 
-def build_oracle_generator(preset: OraclePreset) -> nn.Module:
-    """The preset's generator, randomly initialised: a Llama with tied embeddings."""
+def build_oracle_generator(preset: OraclePreset, task: Any = None) -> nn.Module:
+    """The preset's generator for ``task`` (default: the SeqGAN oracle's vocabulary and
+    length), randomly initialised: a Llama with tied embeddings."""
+    vocab_size, seq_len = (VOCAB_SIZE, SEQ_LEN) if task is None else (task.vocab_size, task.seq_len)
     return build_causal_lm(
-        VOCAB_SIZE,
+        vocab_size,
         hidden_size=preset.gen_hidden,
         num_layers=preset.gen_layers,
         num_heads=4,
-        max_positions=SEQ_LEN + 1,
+        max_positions=seq_len + 1,
         tie_embeddings=True,
     )
 
@@ -304,15 +326,23 @@ def check_warm_start(init: str | Path) -> None:
             )
 
 
-def load_warm_start(init: str | Path, preset: OraclePreset | None = None) -> tuple[nn.Module, dict]:
-    """The generator an sft run saved in directory ``init``, and that run's metrics.json (with
-    ``data_seed``, the seed of its demonstrations and test set)."""
+def load_warm_start(
+    init: str | Path, preset: OraclePreset | None = None, task: Any = None
+) -> tuple[nn.Module, dict]:
+    """The generator an sft run saved in directory ``init`` for ``task`` (default: the SeqGAN
+    oracle), and that run's metrics.json (with ``data_seed``, the seed of its demonstrations and
+    test set)."""
     from safetensors.torch import load_model
 
     check_warm_start(init)
     metrics = json.loads((Path(init) / "metrics.json").read_text())
     metrics.setdefault("data_seed", metrics["seed"])  # runs before data_seed drew with seed
-    generator = build_oracle_generator(preset or PRESETS["full"])
+    if metrics.get("task", "seqgan") != getattr(task, "name", "seqgan"):
+        raise ValueError(
+            f"warm start {init} was trained on task {metrics.get('task', 'seqgan')!r}, "
+            f"not {getattr(task, 'name', 'seqgan')!r}"
+        )
+    generator = build_oracle_generator(preset or PRESETS["full"], task)
     load_model(generator, str(Path(init) / "generator.safetensors"))
     return generator, metrics
 
@@ -330,10 +360,16 @@ def oracle_examples(tokens: Tensor) -> list[dict]:
 
 @torch.no_grad()
 def sample_generator(
-    model: nn.Module, num: int, seed: int, temperature: float = 1.0, batch_size: int = 500
+    model: nn.Module,
+    num: int,
+    seed: int,
+    temperature: float = 1.0,
+    batch_size: int = 500,
+    seq_len: int = SEQ_LEN,
 ) -> Tensor:
-    """``num`` sequences of 20 tokens from the generator after the start token, ``[num, 20]``
-    int64 on the CPU (drawn on the model's device, so a seed's samples differ by device)."""
+    """``num`` sequences of ``seq_len`` tokens from the generator after the start token,
+    ``[num, seq_len]`` int64 on the CPU (drawn on the model's device, so a seed's samples differ
+    by device)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -346,7 +382,7 @@ def sample_generator(
             model,
             prompt,
             torch.ones_like(prompt),
-            SEQ_LEN,
+            seq_len,
             temperature=temperature,
             generator=generator,
         )
@@ -392,15 +428,17 @@ def copied_fraction(tokens: Tensor, demos: Tensor) -> float:
 
 def evaluate(
     model: nn.Module,
-    oracle: OracleLSTM,
+    task: Any,
     test: Tensor,
     num: int,
     seed: int,
     temperature: float = 1.0,
 ) -> tuple[dict, Tensor]:
-    samples = sample_generator(model, num, seed, temperature)
+    """The task's metrics of ``num`` samples (``task.score``), NLL_test on ``test [N, T]`` and
+    the distinct fraction, and the samples ``[num, T]``."""
+    samples = sample_generator(model, num, seed, temperature, seq_len=task.seq_len)
     metrics = {
-        "nll_oracle": oracle.nll(samples),
+        **task.score(samples),
         "nll_test": generator_nll(model, test, temperature),
         "distinct": distinct_fraction(samples),
     }
@@ -418,9 +456,9 @@ def check_discriminator(p: OraclePreset, mode: str) -> None:
         )
     if p.d_fit_steps < 0:
         raise ValueError(f"d_fit_steps must be >= 0, got {p.d_fit_steps}")
-    if p.d_fit_steps and p.discriminator == "cnn":
+    if p.d_fit_steps and not p.discriminator.startswith("lm"):
         raise ValueError(
-            f"d_fit_steps needs an lm discriminator (the cnn has no feature model "
+            f"d_fit_steps needs an lm discriminator (the {p.discriminator} has no feature model "
             f"to fit): set it to 0, got {p.d_fit_steps}"
         )
 
@@ -433,7 +471,7 @@ def fit_features(
     output_dir: str | Path | None = None,
     use_fused_kernels: bool = False,
 ) -> nn.Module:
-    """A copy of ``generator`` trained ``steps`` more MLE steps on ``demos`` ``[N, 20]`` (batches
+    """A copy of ``generator`` trained ``steps`` more MLE steps on ``demos`` ``[N, T]`` (batches
     of 64, AdamW at 1e-3): the feature model of run_oracle's LM discriminators (d_fit_steps)."""
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
@@ -450,7 +488,7 @@ def fit_features(
             weight_decay=0.01,
             seed=seed,
             use_fused_kernels=use_fused_kernels,
-            max_new_tokens=SEQ_LEN,
+            max_new_tokens=demos.shape[1],
             output_dir=None if output_dir is None else str(output_dir),
             progress_bar=True,
             tensorboard=False,
@@ -462,7 +500,7 @@ def fit_features(
 
 
 def run_oracle(
-    oracle_path: str | Path,
+    oracle_path: str | Path | Any,
     mode: str,
     out_dir: str | Path,
     *,
@@ -472,10 +510,12 @@ def run_oracle(
     use_fused_kernels: bool = False,
     overrides: dict | None = None,
 ) -> dict:
-    """Train ``mode`` on the SeqGAN oracle and write out_dir/{metrics.json, samples.txt,
-    curves.png, generator.safetensors}.
+    """Train ``mode`` on the SeqGAN oracle, or on another task object (``oracle_path`` a
+    ``rule_task.RuleTask``, say), and write out_dir/{metrics.json, samples.txt, curves.png,
+    generator.safetensors}. A preset named by a string comes from the task's ``presets``
+    (the SeqGAN oracle's: PRESETS).
 
-    ``sft`` trains the MLE warm start (and reports the temperature sweep 0.8 .. 1.2); the other
+    ``sft`` trains the MLE warm start (and reports the preset's temperature sweep); the other
     modes start from ``init`` (an sft run's directory) or, without it, train their own warm
     start first. The demonstrations and the test set are drawn with the warm start's seed
     (``init``'s metrics.json), so that the discriminator's "real" sequences are the ones the
@@ -485,10 +525,11 @@ def run_oracle(
 
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
-    p = PRESETS[preset] if isinstance(preset, str) else preset
+    task = None if isinstance(oracle_path, (str, Path)) else oracle_path
+    p = getattr(task, "presets", PRESETS)[preset] if isinstance(preset, str) else preset
     spec = mode_spec(mode)
     check_discriminator(p, mode)  # before the warm start trains
-    if not Path(oracle_path).is_file():
+    if task is None and not Path(oracle_path).is_file():
         raise FileNotFoundError(
             f"oracle parameters {oracle_path} do not exist; give SeqGAN's target_params_py3.pkl"
         )
@@ -499,14 +540,15 @@ def run_oracle(
     started = time.perf_counter()
     torch.manual_seed(seed)
     if init is not None and spec.rollouts:
-        generator, warm = load_warm_start(init, p)
+        generator, warm = load_warm_start(init, p, task)
     else:
-        generator, warm = build_oracle_generator(p), None
+        generator, warm = build_oracle_generator(p, task), None
     data_seed = seed if warm is None else warm["data_seed"]
-    oracle = OracleLSTM.from_file(oracle_path)
+    oracle = OracleLSTM.from_file(oracle_path) if task is None else task
     demos, test = oracle_data(oracle, data_seed, p.num_demos, p.num_test)
     history: list[dict] = []
     metrics: dict[str, Any] = {
+        "task": oracle.name,
         "mode": mode,
         "seed": seed,
         "data_seed": data_seed,
@@ -520,17 +562,17 @@ def run_oracle(
             model, oracle, test[: p.num_eval], p.num_eval, seed=3000 + trainer.step_count
         )
         if trainer.discriminator is not None:
-            # Does the discriminator's judgement track the oracle's? Rank correlation of its
-            # logit with the oracle log-likelihood of the generated samples.
+            # Does the discriminator's judgement track the task's ideal judge (the oracle's
+            # log-likelihood, the rule's validity)? Rank correlation on the generated samples.
             logit = trainer.score(oracle_batch(samples).to(trainer.device)).cpu()
-            result["d_oracle_spearman"] = spearman(logit, oracle.log_likelihood(samples).sum(-1))
+            result["d_oracle_spearman"] = spearman(logit, oracle.reward(samples))
         history.append({"phase": phase, "step": trainer.step_count, **result})
         return result
 
     base = dict(
         seed=seed,
         use_fused_kernels=use_fused_kernels,
-        max_new_tokens=SEQ_LEN,
+        max_new_tokens=oracle.seq_len,
         progress_bar=True,
         tensorboard=False,
     )
@@ -581,8 +623,7 @@ def run_oracle(
         metrics["config"] = config.to_dict()
 
         def oracle_reward(batch: Batch) -> Tensor:
-            # The ideal judge: the oracle's mean log-likelihood per token of the response.
-            return oracle.log_likelihood(batch.response_ids).mean(-1)
+            return oracle.reward(batch.response_ids.cpu()).to(batch.response_ids.device)
 
         discriminator, real_demos = None, demos
         if spec.discriminator:
@@ -593,7 +634,11 @@ def run_oracle(
                 table, real_demos = demos.chunk(2)
                 bigram_sequences = torch.cat([torch.full_like(table[:, :1], START_TOKEN), table], 1)
             if p.discriminator == "cnn":
-                discriminator = CNNDiscriminator(VOCAB_SIZE)
+                discriminator = CNNDiscriminator(oracle.vocab_size)
+            elif p.discriminator == "transformer":
+                discriminator = build_transformer_discriminator(
+                    oracle.vocab_size, max_positions=oracle.seq_len + 1
+                )
             else:
                 features = fit_features(
                     generator,
@@ -628,7 +673,9 @@ def run_oracle(
         if discriminator is not None:
             # Pretrain the discriminator against the warm start, as SeqGAN does: minibatches
             # from the demonstrations and from a pool of 10,000 generated negatives.
-            negatives = sample_generator(generator, p.num_demos, seed=7000 + seed)
+            negatives = sample_generator(
+                generator, p.num_demos, seed=7000 + seed, seq_len=oracle.seq_len
+            )
             draw = torch_generator(8000 + seed)
             for _ in range(p.d_pretrain_steps):
                 real = real_demos[torch.randint(len(real_demos), (64,), generator=draw)]
@@ -648,7 +695,7 @@ def run_oracle(
                 "temperature": t,
                 **evaluate(generator, oracle, test, p.num_sweep, seed=6000, temperature=t)[0],
             }
-            for t in (0.8, 0.9, 1.0, 1.1, 1.2)
+            for t in p.sweep_temperatures
         ]
     metrics["history"] = history
     metrics["time_s"] = time.perf_counter() - started
@@ -662,27 +709,29 @@ def run_oracle(
 
 
 def plot_curves(metrics: dict, path: Path) -> None:
-    """NLL_oracle and NLL_test against training step, one panel each, phases in colour."""
+    """The task's first metric (NLL_oracle, or the rule's validity) and NLL_test against
+    training step, one panel each, phases in colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = [next(iter(metrics["final"])), "nll_test"]
     phases = dict.fromkeys(h["phase"] for h in metrics["history"])
     offset = 0
     for phase in phases:
         rows = [h for h in metrics["history"] if h["phase"] == phase]
         steps = [offset + h["step"] for h in rows]
-        for ax, key in zip(axes, ("nll_oracle", "nll_test"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             ax.plot(steps, [h[key] for h in rows], marker="o", label=phase)
         offset = steps[-1] if steps else offset
-    for ax, key in zip(axes, ("NLL_oracle", "NLL_test"), strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_title(key.replace("nll", "NLL"))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"SeqGAN oracle: {metrics['mode']}")
+    fig.suptitle(f"{metrics.get('task', 'seqgan')} task: {metrics['mode']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
