@@ -12,6 +12,8 @@ cores, so it serves only as the correctness reference, on a few rows.
 ``cpp``, ``triton``, ``cuda``: rlgaf_fast's fused backends, those that have a kernel of the op
 (rlgaf_fast.ops.registry). The fused linear loss adds
 ``matmuls`` (only the matrix products that any implementation must do: the floor for its time).
+The cases of ``--peers`` (per-token log-probs, the GRPO loss) are made, run and checked in
+rlgaf_fast.bench.peers, beside other libraries' providers.
 
 Checks. Each provider's output (and in fwd+bwd its gradients) is compared with the reference
 on the same inputs; for the row-wise ops on large problems only the first ``CHECK_ROWS`` rows,
@@ -66,7 +68,7 @@ class Case:
 
     @property
     def dim_name(self) -> str:
-        return "H" if self.op == "fused_linear_ppo_loss" else "D"
+        return "H" if self.op.startswith("fused_linear") else "D"
 
     @property
     def backward(self) -> bool:
@@ -111,6 +113,10 @@ def _old_logprobs(logits: Tensor, actions: Tensor, generator: torch.Generator) -
 
 def make_problem(case: Case, device: torch.device) -> Problem:
     """Random inputs for ``case`` on ``device``, the same for every provider."""
+    from rlgaf_fast.bench import peers
+
+    if peers.handles(case):
+        return peers.make_problem(case, device)
     generator = torch.Generator(device=device).manual_seed(SEED)
     dtype = DTYPES[case.dtype]
     grad = case.backward
@@ -201,11 +207,16 @@ def _public(name: str) -> Callable:
 
 
 def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
-    """Every provider of ``case``: eager, compile, then each fused backend."""
+    """Every provider of ``case``: eager, compile, then each fused backend (and for the peer
+    cases the floor and the other libraries)."""
+    from rlgaf_fast.bench import peers
+
     hard = case.variant == "hard"
     top_k = _top_k(case)
     found: dict[str, Provider] = {}
     fused_backends = [b for b in fused_backends if has_kernel(case.op, b)]
+    if peers.handles(case):
+        return peers.providers(case, fused_backends)
     if case.op == "gumbel_softmax":
         found["eager"] = lambda p: (F.gumbel_softmax(p.tensors["logits"], TAU, hard),)
         compiled = _compile("gumbel_softmax", F.gumbel_softmax)
@@ -404,9 +415,13 @@ def _sanity(outputs: tuple[Tensor, ...], problem: Problem, case: Case) -> Check:
 def check(case: Case, problem: Problem, name: str, outputs: tuple[Tensor, ...]) -> Check:
     """Compare the ``outputs`` of one ``step`` of provider ``name`` (and the gradients it left
     on the problem's inputs) with the reference; clears the gradients."""
+    from rlgaf_fast.bench import peers
+
     if name == "matmuls":
         problem.clear_grads()
         return Check(None, None, "floor: the matrix products only, nothing to compare")
+    if peers.handles(case):
+        return peers.check(case, problem, name, outputs)
     if name in ("eager", "compile") and case.op in ("gumbel_softmax", "gumbel_softmax_embedding"):
         result = _sanity(outputs, problem, case)
         problem.clear_grads()
@@ -456,7 +471,8 @@ def work(case: Case) -> dict[str, float]:
     logits and the [V, D] weight and write the [N, D] output forward, and backward read them
     again with the output gradient and write both input gradients; the top-k embedding reads the
     probabilities and gathers k rows; the fused linear loss reads the hidden states and the LM
-    head, and backward writes their gradients. FLOPs are those of the matrix products.
+    head, and backward writes their gradients (so do fused_linear_logprobs and the GRPO loss).
+    FLOPs are those of the matrix products.
     """
     element = torch.finfo(DTYPES[case.dtype]).bits // 8
     n, v, d, backward = case.n, case.v, case.d, case.backward
@@ -468,7 +484,7 @@ def work(case: Case) -> dict[str, float]:
     if top_k is not None:
         return {"bytes": float((n * v + n * top_k * d + n * d) * element), "flops": 0.0}
     flops = float(2 * n * v * d * (3 if backward else 1))
-    if case.op == "fused_linear_ppo_loss":
+    if case.op.startswith("fused_linear"):
         return {"bytes": float((1 + 2 * backward) * (n * d + v * d) * element), "flops": flops}
     forward = n * v + v * d + n * d
     return {

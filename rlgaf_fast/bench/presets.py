@@ -4,7 +4,8 @@ tiny: seconds, for the pytest wrappers and dry runs. quick: a 2-core CPU machine
 3 minutes: the CPU targets of Gumbel-Softmax and the PPO losses, and small sweeps over V and N
 for the plots. full: the sizes of docs/design.md ("Benchmark protocol": vocabularies 32000,
 128256, 151936; 1k to 16k tokens; fp32 and bf16), cut to what fits the device's memory. goals:
-only the GPU targets (gpu_check.sh).
+only the GPU targets (gpu_check.sh). peers: rlgaf_fast beside TRL, Liger-Kernel and Cut
+Cross-Entropy (rlgaf_fast.bench.peers).
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ OPS = (
     "gumbel_softmax_embedding",
     "ppo_loss",
     "fused_linear_ppo_loss",
+    "fused_linear_logprobs",
 )
 FUSED = "fused"  # a goal's provider: every fused backend present in the run
 BASELINES = ("eager", "compile", "matmuls")
+# Other libraries' providers of the --peers cases (rlgaf_fast.bench.peers)
+TRL, LIGER, CCE = "trl", "liger", "cce (log-probs only)"
+PEERS = (TRL, LIGER, CCE)
+GRPO = "grpo,beta=0.04"  # the variant of fused_linear_ppo_loss that --peers compares with Liger
 
 
 @dataclass(frozen=True)
@@ -327,6 +333,51 @@ def goals_only(device: str) -> tuple[list[Case], list[Goal]]:
     return cases, goals
 
 
+PEER_SHAPES = {"cpu": ((4096, 1024, 32000), "float32"), "cuda": ((8192, 4096, 128256), "bfloat16")}
+
+
+def peers(
+    device: str, shape: tuple[int, int, int] | None = None, dtype: str | None = None
+) -> tuple[list[Case], list[Goal]]:
+    """The two peer cases, fwd+bwd from hidden states: per-token log-probs and entropy, and the
+    GRPO loss; at ``shape`` (N, H, V) and ``dtype``, by default N=4096, H=1024, V=32000 fp32
+    on a CPU and N=8192, H=4096, V=128256 bf16 on a GPU. The CPU targets compare rlgaf_fast with
+    the other providers of the log-probs case, at any size."""
+    default_shape, default_dtype = PEER_SHAPES[device]
+    n, h, v = shape or default_shape
+    dtype = dtype or default_dtype
+    logprobs = Case(
+        "fused_linear_logprobs",
+        "fwd+bwd",
+        n,
+        v,
+        h,
+        dtype,
+        goal="faster than every peer, eager and compile; peak <= the leanest peer's",
+    )
+    grpo = Case("fused_linear_ppo_loss", "fwd+bwd", n, v, h, dtype, GRPO)
+    size = f"N={n}, H={h}, V={v} {dtype}"
+    goals = [
+        Goal(
+            logprobs.key,
+            FUSED,
+            "time_ratio_vs_fastest_other",
+            at_most=1.0,
+            device="cpu",
+            text=f"fused_linear_logprobs {size} fwd+bwd: faster than every peer, eager and compile",
+        ),
+        Goal(
+            logprobs.key,
+            FUSED,
+            "mem_ratio_vs_leanest_peer",
+            at_most=1.0,
+            device="cpu",
+            text="... at no more peak memory than the leanest peer",
+        ),
+    ]
+    return [logprobs, grpo], goals
+
+
 def _unique(cases: list[Case]) -> list[Case]:
     seen: dict[tuple, Case] = {}
     for case in cases:
@@ -336,9 +387,20 @@ def _unique(cases: list[Case]) -> list[Case]:
     return list(seen.values())
 
 
-def select(preset: str, device: str, ops: list[str] | None) -> tuple[list[Case], list[Goal]]:
-    """The cases and goals of ``preset`` on ``device`` ("cpu" or "cuda"), restricted to ``ops``."""
-    if preset == "tiny":
+def select(
+    preset: str,
+    device: str,
+    ops: list[str] | None,
+    shape: tuple[int, int, int] | None = None,
+    dtype: str | None = None,
+) -> tuple[list[Case], list[Goal]]:
+    """The cases and goals of ``preset`` on ``device`` ("cpu" or "cuda"), restricted to ``ops``;
+    ``shape`` (N, H, V) and ``dtype`` for the peers preset only."""
+    if (shape or dtype) and preset != "peers":
+        raise ValueError(f"shape and dtype are options of the peers preset, not of {preset!r}")
+    if preset == "peers":
+        cases, goals = peers(device, shape, dtype)
+    elif preset == "tiny":
         cases, goals = tiny()
     elif preset == "quick":
         cases, goals = quick()
@@ -347,7 +409,7 @@ def select(preset: str, device: str, ops: list[str] | None) -> tuple[list[Case],
     elif preset == "goals":
         cases, goals = goals_only(device)
     else:
-        raise ValueError(f"preset must be tiny, quick, full or goals, got {preset!r}")
+        raise ValueError(f"preset must be tiny, quick, full, goals or peers, got {preset!r}")
     if ops:
         unknown = set(ops) - set(OPS)
         if unknown:

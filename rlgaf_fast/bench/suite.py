@@ -25,8 +25,9 @@ import torch
 
 from rlgaf_fast.bench import cases as cases_module
 from rlgaf_fast.bench import measure, report
+from rlgaf_fast.bench import peers as peer_cases
 from rlgaf_fast.bench.cases import Case
-from rlgaf_fast.bench.presets import BASELINES, FUSED, Goal, select
+from rlgaf_fast.bench.presets import BASELINES, FUSED, PEERS, Goal, select
 
 # The source checkout this package runs from (an editable install); installed into
 # site-packages, the current directory instead, so that results and the commit are the user's.
@@ -40,6 +41,7 @@ TIMING = {
     "quick": {"min_repeats": 3, "max_repeats": 10, "budget_s": 1.0},
     "full": {"min_repeats": 5, "max_repeats": 50, "budget_s": 3.0},
     "goals": {"min_repeats": 5, "max_repeats": 30, "budget_s": 2.0},
+    "peers": {"min_repeats": 3, "max_repeats": 20, "budget_s": 5.0},
 }
 # Rough peak bytes per N * V float32 element, to skip what cannot fit instead of crashing.
 MEMORY_FACTOR = {"eager": 10, "compile": 4, "matmuls": 2}
@@ -232,7 +234,8 @@ def run_provider(
     try:
         problem.clear_grads()
         started = time.perf_counter()
-        if name == "compile":  # compiles: neither its memory nor its outputs are the op's
+        # compiles: neither its memory nor its outputs are the op's
+        if name == "compile" or name in peer_cases.COMPILES_ON_FIRST_CALL:
             run()
             measure.synchronize(device)
             problem.clear_grads()
@@ -245,6 +248,8 @@ def run_provider(
         t = measure.time_call(run, device, setup=problem.clear_grads, **timing)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=len(t.times_ms))
         problem.clear_grads()
+    except peer_cases.Unavailable as error:
+        row.update(status="unavailable", error=str(error))
     except Exception as error:  # noqa: BLE001 - any failure is recorded and the run goes on
         row.update(status="error", error=f"{type(error).__name__}: {error}"[:500])
         row["median_ms"] = row["p20_ms"] = row["p80_ms"] = row["peak_bytes"] = None
@@ -290,6 +295,7 @@ def derive(rows: list[dict], ceiling: dict) -> None:
             row["fraction_of_ceiling"] = floors[bound] / seconds
         else:
             row["achieved_per_s"] = row["fraction_of_ceiling"] = None
+    peer_cases.derive(rows)
 
 
 def _ceiling_for(ceiling: dict, kind: str, dtype: str) -> float:
@@ -308,7 +314,7 @@ def evaluate_goals(goals: list[Goal], rows: list[dict]) -> list[dict]:
             if r["case"] == goal.case_key
             and (
                 r["provider"] == goal.provider
-                or (goal.provider == FUSED and r["provider"] not in BASELINES)
+                or (goal.provider == FUSED and r["provider"] not in (*BASELINES, *PEERS))
             )
         ]
         if not matching:
@@ -346,8 +352,13 @@ def run_suite(
     progress: bool = True,
     time_limit_s: float | None = None,
     compile_baseline: bool = True,
+    shape: tuple[int, int, int] | None = None,
+    dtype: str | None = None,
+    note: str | None = None,
 ) -> dict:
-    """Run a preset (tiny, quick, full, goals) and write JSON, Markdown and PNG plots.
+    """Run a preset (tiny, quick, full, goals, peers) and write JSON, Markdown and PNG plots;
+    ``shape`` (N, H, V) and ``dtype`` set the peers preset's size; ``note`` is recorded with
+    the results (e.g. what else ran on the machine).
 
     The providers of a case run one after the other, so that their ratios compare runs made
     close in time (on a shared machine the load drifts). With ``time_limit_s`` the fused and
@@ -359,7 +370,7 @@ def run_suite(
     import rlgaf_fast
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    selected, goals = select(preset, dev.type, ops)
+    selected, goals = select(preset, dev.type, ops, shape, dtype)
     out = Path(out_dir) if out_dir else default_out_dir(dev, preset)
     out.mkdir(parents=True, exist_ok=True)
     fused = [
@@ -376,6 +387,8 @@ def run_suite(
         "rows": [],
         "goals": [],
     }
+    if note:
+        doc["note"] = note
     order = {case.key: i for i, case in enumerate(selected)}
     jobs = [
         (case, name)
