@@ -164,8 +164,9 @@ class RuleTask:
         for t in range(self.seq_len):
             token = tokens[:, t]
             in_vocab = (token >= 0) & (token < self.vocab_size)
+            token = token.clamp(0, self.vocab_size - 1)  # its row is -inf from here on anyway
             log_probs = self._step_log_probs(state, t)
-            picked = log_probs.gather(1, token.clamp(0, self.vocab_size - 1)[:, None]).squeeze(1)
+            picked = log_probs.gather(1, token[:, None]).squeeze(1)
             picked = torch.where(in_vocab & state["alive"], picked, -math.inf)
             self._advance(state, token, picked)
             out[:, t] = picked

@@ -38,7 +38,7 @@ def test_validity_on_hand_made_sequences():
         [OPEN_A, FILL, FILL, FILL, FILL, FILL],  # left open
         [CLOSE_A, OPEN_A, FILL, FILL, FILL, FILL],  # closed before opened
         [0, FILL, FILL, FILL, FILL, FILL],  # the start token
-        [FILL, FILL, FILL, FILL, FILL, task.vocab_size],  # out of the vocabulary
+        [FILL, FILL, task.vocab_size + 3, FILL, FILL, FILL],  # out of the vocabulary
     ]
     assert task.validity(torch.tensor(valid)).tolist() == [True] * 3
     assert task.validity(torch.tensor(invalid)).tolist() == [False] * 5
