@@ -315,7 +315,10 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = task.presets[args.preset]
     else:
         if not args.oracle:
-            raise UsageError("--task seqgan needs --oracle (SeqGAN's target_params_py3.pkl)")
+            raise UsageError(
+                "--task seqgan needs --oracle: seqgan (downloaded once) or a path to SeqGAN's "
+                "target_params_py3.pkl"
+            )
         task = args.oracle
         preset = PRESETS[args.preset]
     if args.discriminator:
@@ -370,7 +373,12 @@ def add_oracle_parser(subparsers: Any) -> None:
         help="seqgan (default): SeqGAN's oracle LSTM, needs --oracle; rule: demonstrations "
         "from a known bracket-language generator (docs/rule-task.md), needs no file",
     )
-    p.add_argument("--oracle", help="target_params_py3.pkl (--task seqgan)")
+    p.add_argument(
+        "--oracle",
+        help="--task seqgan: 'seqgan' for SeqGAN's published parameters, downloaded once "
+        "into $RLGAF_FAST_CACHE (default ~/.cache/rlgaf_fast) and checked, or "
+        "$RLGAF_SEQGAN_ORACLE where set; else a path to target_params_py3.pkl",
+    )
     p.add_argument("--mode", required=True, choices=MODE_NAMES)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="smoke", choices=["smoke", "full"])

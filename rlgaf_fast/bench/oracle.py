@@ -4,7 +4,7 @@ Its 10,000 samples (20 tokens, vocabulary 5000) are the demonstrations; a genera
 config-built transformers LM) is judged by NLL_oracle (how likely the oracle finds the
 generator's samples; lower is better) and NLL_test (how likely the generator finds held-out
 oracle samples; it rises when the generator drops modes). The oracle's weights are SeqGAN's
-``target_params_py3.pkl`` (``rlgaf-fast oracle --oracle PATH``).
+``target_params_py3.pkl`` (``rlgaf-fast oracle --oracle seqgan`` downloads it; a path works too).
 
 ``run_oracle`` trains one mode and writes metrics.json, samples.txt and curves.png. It runs any
 task object with the oracle's interface: ``sample(num, seed)``, ``log_likelihood(tokens)``,
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlgaf_fast.bench.seqgan_data import seqgan_oracle_path
 from rlgaf_fast.rlgaf.config import RLGAFConfig
 from rlgaf_fast.rlgaf.data import Batch, torch_generator
 from rlgaf_fast.rlgaf.discriminator import (
@@ -519,7 +520,9 @@ def run_oracle(
     modes start from ``init`` (an sft run's directory) or, without it, train their own warm
     start first. The demonstrations and the test set are drawn with the warm start's seed
     (``init``'s metrics.json), so that the discriminator's "real" sequences are the ones the
-    warm start was trained on; ``seed`` sets everything else. Returns the metrics dictionary.
+    warm start was trained on; ``seed`` sets everything else. ``oracle_path`` is SeqGAN's
+    target_params_py3.pkl or "seqgan" (``seqgan_data.seqgan_oracle_path``). Returns the metrics
+    dictionary.
     """
     from safetensors.torch import save_model
 
@@ -529,10 +532,8 @@ def run_oracle(
     p = getattr(task, "presets", PRESETS)[preset] if isinstance(preset, str) else preset
     spec = mode_spec(mode)
     check_discriminator(p, mode)  # before the warm start trains
-    if task is None and not Path(oracle_path).is_file():
-        raise FileNotFoundError(
-            f"oracle parameters {oracle_path} do not exist; give SeqGAN's target_params_py3.pkl"
-        )
+    if task is None:
+        oracle_path = seqgan_oracle_path(oracle_path)  # "seqgan": downloaded once, then cached
     if init is not None and spec.rollouts:
         check_warm_start(init)  # a mistyped warm start leaves no empty out_dir behind
     out_dir = Path(out_dir)

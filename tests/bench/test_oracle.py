@@ -2,7 +2,6 @@ import json
 import math
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +16,6 @@ from rlgaf_fast.bench.oracle import (
     load_oracle_params,
     run_oracle,
     spearman,
-)
-
-# SeqGAN's oracle parameters are not part of the repository: RLGAF_SEQGAN_ORACLE names the
-# file (CI sets it where the data is at hand).
-ORACLE = Path(os.environ.get("RLGAF_SEQGAN_ORACLE", "target_params_py3.pkl"))
-needs_oracle = pytest.mark.skipif(
-    not ORACLE.is_file(),
-    reason="needs SeqGAN's oracle parameters: set RLGAF_SEQGAN_ORACLE to target_params_py3.pkl",
 )
 
 
@@ -94,9 +85,8 @@ def numpy_oracle_log_likelihood(params, tokens):
     return out
 
 
-@needs_oracle
-def test_oracle_matches_its_readme():
-    params = load_oracle_params(ORACLE)
+def test_oracle_matches_its_readme(seqgan_oracle):
+    params = load_oracle_params(seqgan_oracle)
     oracle = OracleLSTM(params)
     tokens = oracle.sample(3, seed=0)
     expected = numpy_oracle_log_likelihood(params, tokens.numpy())
@@ -126,16 +116,15 @@ MICRO = OraclePreset(
 )
 
 
-@needs_oracle
-def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
-    sft = run_oracle(ORACLE, "sft", tmp_path / "sft", preset=MICRO)
+def test_run_oracle_writes_metrics_samples_and_plot(tmp_path, seqgan_oracle):
+    sft = run_oracle(seqgan_oracle, "sft", tmp_path / "sft", preset=MICRO)
     assert [row["temperature"] for row in sft["temperature_sweep"]] == [0.8, 0.9, 1.0, 1.1, 1.2]
-    ppo = run_oracle(ORACLE, "ppo", tmp_path / "ppo", preset=MICRO, init=tmp_path / "sft")
+    ppo = run_oracle(seqgan_oracle, "ppo", tmp_path / "ppo", preset=MICRO, init=tmp_path / "sft")
     metrics = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert metrics["warm_start"] == sft["final"]
     # Another seed from the same warm start keeps the demonstrations it was trained on.
     other = run_oracle(
-        ORACLE, "ppo", tmp_path / "ppo1", preset=MICRO, init=tmp_path / "sft", seed=1
+        seqgan_oracle, "ppo", tmp_path / "ppo1", preset=MICRO, init=tmp_path / "sft", seed=1
     )
     assert (other["seed"], other["data_seed"]) == (1, 0)
     assert other["oracle_samples_nll_oracle"] == metrics["oracle_samples_nll_oracle"]
@@ -153,9 +142,8 @@ def test_run_oracle_writes_metrics_samples_and_plot(tmp_path):
     assert 5.0 < metrics["final"]["nll_oracle"] < 12.0
 
 
-@needs_oracle
 @pytest.mark.skipif(not os.environ.get("RLGAF_SLOW_TESTS"), reason="set RLGAF_SLOW_TESTS=1")
-def test_smoke_preset_through_the_cli(tmp_path):
+def test_smoke_preset_through_the_cli(tmp_path, seqgan_oracle):
     from rlgaf_fast.cli import main
 
     assert (
@@ -163,7 +151,7 @@ def test_smoke_preset_through_the_cli(tmp_path):
             [
                 "oracle",
                 "--oracle",
-                str(ORACLE),
+                "seqgan",  # the file the fixture found: RLGAF_SEQGAN_ORACLE or the cache
                 "--mode",
                 "ppo",
                 "--out",
@@ -179,13 +167,12 @@ def test_smoke_preset_through_the_cli(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["final"]["nll_oracle"] < 11.0
 
 
-@needs_oracle
 @pytest.mark.parametrize("discriminator", ["cnn", "lm-context", "lm-tuned", "lm-bigram"])
-def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
+def test_run_oracle_with_each_discriminator(tmp_path, discriminator, seqgan_oracle):
     import dataclasses
 
     preset = dataclasses.replace(MICRO, discriminator=discriminator)
-    metrics = run_oracle(ORACLE, "gumbel", tmp_path, preset=preset)
+    metrics = run_oracle(seqgan_oracle, "gumbel", tmp_path, preset=preset)
     assert metrics["preset"]["discriminator"] == discriminator
     adversarial = [h for h in metrics["history"] if h["phase"] == "gumbel"]
     assert len(metrics["history"]) == 4 + 3  # sft steps 1..4, then gumbel steps 0, 1, 2
@@ -215,7 +202,7 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
     )
     with pytest.raises(ValueError, match="discriminator must be one of lm, lm-context, lm-tuned"):
         run_oracle(
-            ORACLE,
+            seqgan_oracle,
             "ppo",
             tmp_path / "bad",
             init=tmp_path,
@@ -223,11 +210,12 @@ def test_run_oracle_with_each_discriminator(tmp_path, discriminator):
         )
 
 
-@needs_oracle
-def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
+def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path, seqgan_oracle):
     import dataclasses
 
-    metrics = run_oracle(ORACLE, "ppo", tmp_path, preset=dataclasses.replace(MICRO, d_fit_steps=3))
+    metrics = run_oracle(
+        seqgan_oracle, "ppo", tmp_path, preset=dataclasses.replace(MICRO, d_fit_steps=3)
+    )
     fit_log = [
         json.loads(line) for line in (tmp_path / "d_fit" / "log.jsonl").read_text().splitlines()
     ]
@@ -236,7 +224,7 @@ def test_d_fit_steps_fits_the_discriminators_features_further(tmp_path):
     assert fit_nll < warm_nll  # three MLE steps at 1e-3 on 200 sequences raise their likelihood
     # tmp_path holds that run's generator, a warm start like any other
     assert "d_fit_nll_demos" not in run_oracle(
-        ORACLE, "ppo", tmp_path / "none", preset=MICRO, init=tmp_path
+        seqgan_oracle, "ppo", tmp_path / "none", preset=MICRO, init=tmp_path
     )
 
 
@@ -330,12 +318,17 @@ def test_spearman_matches_scipy():
     assert spearman(a, -a) == pytest.approx(-1.0)
 
 
-@needs_oracle
-def test_overrides_set_any_field_and_are_checked_before_the_warm_start(tmp_path, monkeypatch):
+def test_overrides_set_any_field_and_are_checked_before_the_warm_start(
+    tmp_path, monkeypatch, seqgan_oracle
+):
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
     metrics = run_oracle(
-        ORACLE, "ppo", tmp_path / "ppo", preset=MICRO, overrides={"total_steps": 1, "kl_coef": 0.03}
+        seqgan_oracle,
+        "ppo",
+        tmp_path / "ppo",
+        preset=MICRO,
+        overrides={"total_steps": 1, "kl_coef": 0.03},
     )
     assert (metrics["config"]["total_steps"], metrics["config"]["kl_coef"]) == (1, 0.03)
     assert [h["step"] for h in metrics["history"] if h["phase"] == "ppo"] == [0, 1]
@@ -347,6 +340,8 @@ def test_overrides_set_any_field_and_are_checked_before_the_warm_start(tmp_path,
     with pytest.raises(
         ValueError, match="unknown RLGAFConfig key 'kl_coeff'; did you mean 'kl_coef'"
     ):
-        run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=MICRO, overrides={"kl_coeff": 0.1})
+        run_oracle(
+            seqgan_oracle, "ppo", tmp_path / "bad", preset=MICRO, overrides={"kl_coeff": 0.1}
+        )
     with pytest.raises(ValueError, match="may not set mode"):
-        run_oracle(ORACLE, "ppo", tmp_path / "bad", preset=MICRO, overrides={"mode": "sft"})
+        run_oracle(seqgan_oracle, "ppo", tmp_path / "bad", preset=MICRO, overrides={"mode": "sft"})
