@@ -3,7 +3,7 @@ of sequences whose bigram occurs in the 10,000 training demonstrations, for held
 samples and for the warm start's own samples at temperatures 1.0 to 0.8 (5,000 each).
 
     python benchmarks/oracle/bigram_coverage.py \
-        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --oracle seqgan --init runs/oracle/sft \
         --out benchmarks/oracle/bigram_coverage.json
 """
 
@@ -13,6 +13,7 @@ import json
 import torch
 
 from rlgaf_fast.bench.oracle import OracleLSTM, load_warm_start, oracle_data, sample_generator
+from rlgaf_fast.bench.seqgan_data import seqgan_oracle_path
 
 
 def coverage(tokens: torch.Tensor, seen: set[tuple[int, int]]) -> float:
@@ -23,12 +24,12 @@ def coverage(tokens: torch.Tensor, seen: set[tuple[int, int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--oracle", required=True, help="seqgan, or target_params_py3.pkl")
     parser.add_argument("--init", required=True, help="the sft run's directory")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    oracle = OracleLSTM.from_file(args.oracle)
+    oracle = OracleLSTM.from_file(seqgan_oracle_path(args.oracle))
     generator, warm = load_warm_start(args.init)
     demos, test = oracle_data(oracle, warm["data_seed"])
     seen = {(a, b) for row in demos.tolist() for a, b in zip(row, row[1:], strict=False)}

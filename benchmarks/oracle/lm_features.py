@@ -9,7 +9,7 @@ With --d-fit-steps N, each row also gives the mean log-probability under the fea
 that run_oracle builds with d_fit_steps=N (the warm start fit N more steps to the
 demonstrations, seed 0), which the discriminator then reads instead.
 
-    python benchmarks/oracle/lm_features.py --oracle SeqGAN/save/target_params_py3.pkl \
+    python benchmarks/oracle/lm_features.py --oracle seqgan \
         --init runs/oracle/sft --out benchmarks/oracle/lm_features.json
 """
 
@@ -27,6 +27,7 @@ from rlgaf_fast.bench.oracle import (
     load_warm_start,
     oracle_data,
 )
+from rlgaf_fast.bench.seqgan_data import seqgan_oracle_path
 
 TEMPERATURES = (0.8, 0.85, 0.9, 0.93, 0.95, 1.0, 1.1, 1.2)
 
@@ -42,7 +43,7 @@ def token_features(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--oracle", required=True, help="seqgan, or target_params_py3.pkl")
     parser.add_argument("--init", required=True, help="an sft run's directory (seed 0)")
     parser.add_argument("--num", type=int, default=5000, help="sequences per row")
     parser.add_argument("--d-fit-steps", type=int, default=0)
@@ -50,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     p = PRESETS["full"]
-    oracle = OracleLSTM.from_file(args.oracle)
+    oracle = OracleLSTM.from_file(seqgan_oracle_path(args.oracle))
     model, warm = load_warm_start(args.init, p)
     demos, test = oracle_data(oracle, warm["data_seed"], p.num_demos, p.num_test)
     model.eval()

@@ -8,7 +8,7 @@ LMDiscriminator on it would know more than the warm start; SeqGAN's MLE figure (
 came from such an LSTM.
 
     python benchmarks/oracle/lstm_control.py \
-        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --oracle seqgan --init runs/oracle/sft \
         --out benchmarks/oracle/seeds/lstm-control.json
 """
 
@@ -30,6 +30,7 @@ from rlgaf_fast.bench.oracle import (
     load_warm_start,
     oracle_data,
 )
+from rlgaf_fast.bench.seqgan_data import seqgan_oracle_path
 
 
 class LSTMLanguageModel(nn.Module):
@@ -68,7 +69,7 @@ class LSTMLanguageModel(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--oracle", required=True, help="seqgan, or target_params_py3.pkl")
     parser.add_argument("--init", required=True, help="the sft run's directory (its data seed)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=40)
@@ -78,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    oracle = OracleLSTM.from_file(args.oracle)
+    oracle = OracleLSTM.from_file(seqgan_oracle_path(args.oracle))
     _, warm = load_warm_start(args.init)
     demos, test = oracle_data(oracle, warm["data_seed"])
     train, held_out = demos[:9000], demos[9000:]

@@ -5,7 +5,7 @@ demonstrations as a 300-iteration ``ppo`` run makes (2 epochs of 2 minibatches: 
 It tells how much of an ``mle_coef`` run's result the extra MLE alone would give.
 
     python benchmarks/oracle/mle_continuation.py \
-        --oracle SeqGAN/save/target_params_py3.pkl --init runs/oracle/sft \
+        --oracle seqgan --init runs/oracle/sft \
         --out benchmarks/oracle/seeds/mle-continuation-control.json
 """
 
@@ -22,19 +22,20 @@ from rlgaf_fast.bench.oracle import (
     oracle_data,
     oracle_examples,
 )
+from rlgaf_fast.bench.seqgan_data import seqgan_oracle_path
 from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--oracle", required=True)
+    parser.add_argument("--oracle", required=True, help="seqgan, or target_params_py3.pkl")
     parser.add_argument("--init", required=True, help="the sft run's directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    oracle = OracleLSTM.from_file(args.oracle)
+    oracle = OracleLSTM.from_file(seqgan_oracle_path(args.oracle))
     generator, warm = load_warm_start(args.init)
     demos, test = oracle_data(oracle, warm["data_seed"])
     config = RLGAFConfig(
