@@ -366,7 +366,11 @@ hidden states:
 
 **matmuls** is the floor (the three matrix products alone). "time / ours" and "peak / ours"
 divide a provider's median time and peak memory by rlgaf_fast's. A library that is not
-installed shows as "unavailable" with the reason.
+installed shows as "unavailable" with the reason. rlgaf_fast's `fused_linear_logprobs` forms
+each chunk's logits twice, in forward and again in backward (their gradient needs the incoming
+gradients of both outputs, known only then): four matrix products where eager, torch.compile
+and Cut Cross-Entropy, which keep the full logits, do three. Its `fused_linear_ppo_loss` knows
+its gradient in forward and does three.
 """
 
 
@@ -445,7 +449,7 @@ def _run_section(path: Path, doc: dict, out: Path) -> list[str]:
         title = f"### {env['device']}, {env['date'][:10]} {env['date'][11:16]} UTC"
     lines = [title, "", *_run_header(doc), ""]
     if doc.get("note"):
-        lines += [doc["note"], ""]
+        lines += [f"Note: {doc['note'].rstrip('.')}.", ""]
     goals = [{**goal, "text": _clean_goal_text(goal["text"])} for goal in doc.get("goals") or []]
     if goals:
         lines += ["#### Targets", "", *goals_table({"goals": goals}), ""]
