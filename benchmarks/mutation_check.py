@@ -460,7 +460,14 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     present = [t for t in tests if (copy / t).is_file()]
     if not present:
         return "passed", 0.0, "no covering test file"
-    env = {**os.environ, "PYTHONPATH": str(copy), "RLGAF_FAST_EXPECT_CPP": "1"}
+    # No bytecode cache: a mutant of the same length written and restored within one second
+    # would otherwise run from the other version's .pyc.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(copy),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "RLGAF_FAST_EXPECT_CPP": "1",
+    }
     start = time.perf_counter()
     try:
         proc = subprocess.run(
