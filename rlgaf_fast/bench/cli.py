@@ -103,7 +103,18 @@ def add_bench_parser(subparsers: Any) -> None:
         "with use_fused_kernels off and on, instead of the op cases",
     )
     p.add_argument(
-        "--train-steps", type=int, default=None, help="timed steps per configuration for --train"
+        "--trl",
+        action="store_true",
+        help="time GRPO training steps of a small Llama through TRL's GRPOTrainer, with TRL's own "
+        "log-probs and with rlgaf_fast.integrations.trl.enable: step time, peak memory and "
+        "whether the training curves agree (--tiny: a seconds-long smoke run), instead of the "
+        "op cases",
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="timed steps per configuration for --train and --trl",
     )
     p.add_argument(
         "--docs",
@@ -127,6 +138,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from rlgaf_fast.bench import train
 
         return train.run(args)
+    if args.trl:
+        from rlgaf_fast.bench import trl_grpo
+
+        return trl_grpo.run(args)
     preset = args.preset or "quick"
     if (args.shape or args.dtype) and preset != "peers":
         print("--shape and --dtype go with --peers", file=sys.stderr)

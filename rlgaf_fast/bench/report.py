@@ -469,6 +469,44 @@ def _run_section(path: Path, doc: dict, out: Path) -> list[str]:
     return lines
 
 
+TRL_GRPO_INTRO = """## GRPO training step through TRL
+
+`rlgaf-fast bench --trl` trains a Llama built from its config (random weights, a word-level
+tokenizer built in memory, a rule-based reward) with TRL's `GRPOTrainer` twice from the same seed:
+with TRL's own per-token log-probabilities and entropies (its fused LM head, which TRL 1.16's
+GRPOTrainer always uses; GRPOConfig has no switch for it) and with
+`rlgaf_fast.integrations.trl.enable(trainer)`. Step time: each optimizer step (generation, loss,
+backward, update), median over the timed steps of every run of a path; "generation" is TRL's
+`_generate_and_score_completions`, the same work on both paths, and "rest of the step" the step
+without it. Peak memory: one further step's `training_step`, measured as the op cases measure it.
+The logged loss, reward, gradient norm and entropy of every run are compared with TRL's first run
+at the tolerance of the adapter's equality test.
+"""
+
+
+def _trl_grpo_sections(results_dir: Path, out: Path) -> list[str]:
+    """The --trl runs under ``results_dir``, newest first; [] where there is none."""
+    from rlgaf_fast.bench import trl_grpo
+
+    runs = [(path, load(path)) for path in sorted(results_dir.rglob("trl_grpo.json"))]
+    if not runs:
+        return []
+    lines = [TRL_GRPO_INTRO]
+    for path, doc in sorted(runs, key=lambda run: _date(run[1]), reverse=True):
+        env = doc["environment"]
+        source = os.path.relpath(path, out.parent)
+        lines += [
+            f"### {env['device']}, {env['date'][:10]} {env['date'][11:16]} UTC",
+            "",
+            *trl_grpo.section(doc),
+            "",
+            f"Source: [{path.name}]({source}); every step's values in "
+            f"[{path.with_suffix('.md').name}]({source.removesuffix('.json')}.md).",
+            "",
+        ]
+    return lines
+
+
 def benchmarks_page(results_dir: Path, out: Path) -> str:
     """The benchmarks page from every results.json under ``results_dir``: one section per device,
     its runs newest first; plots and sources linked relative to ``out``."""
@@ -490,6 +528,7 @@ def benchmarks_page(results_dir: Path, out: Path) -> str:
         lines.append(PEERS_INTRO)
         for path, doc in peer_runs:
             lines += _run_section(path, doc, out)
+    lines += _trl_grpo_sections(results_dir, out)
     for device, device_runs in devices.items():
         lines += [f"## {device}", ""]
         for path, doc in device_runs:

@@ -21,13 +21,19 @@ datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
 import rlgaf_fast  # noqa: E402
+from rlgaf_fast.bench.trl_grpo import (  # noqa: E402
+    ATOL,
+    METRICS,
+    RTOL,
+    curves,
+    even_words,
+    llama,
+    word_prompts,
+    word_tokenizer,
+)
 from rlgaf_fast.integrations import trl as rlgaf_trl  # noqa: E402
 
 VOCAB = 64
-WORDS = [f"w{i}" for i in range(VOCAB - 4)]
-# Relative tolerance of losses, entropies and gradient norms between the two paths; the absolute
-# floor covers the GRPO loss, which is zero up to rounding when the advantages cancel.
-RTOL, ATOL = 1e-4, 1e-6
 
 
 class _StandInOutput(NamedTuple):
@@ -85,51 +91,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
+def _model():
+    return llama(
+        VOCAB, 32, 64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64
     )
-
-
-def _model(**config):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=False,
-        **config,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-def _even_words(completions, **kwargs):
-    """Fraction of words with an even index: dense enough for nonzero advantages."""
-    return [
-        sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in c.split()) / 6.0 for c in completions
-    ]
 
 
 def _trainer(tmp_path, *, enabled: bool, model=None, **overrides):
-    dataset = datasets.Dataset.from_dict(
-        {"prompt": [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(3)) for i in range(16)]}
-    )
     settings = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -150,10 +118,10 @@ def _trainer(tmp_path, *, enabled: bool, model=None, **overrides):
     settings.update(overrides)
     trainer = trl.GRPOTrainer(
         model=_model() if model is None else model,
-        reward_funcs=_even_words,
+        reward_funcs=even_words,
         args=trl.GRPOConfig(**settings),
-        train_dataset=dataset,
-        processing_class=_tokenizer(),
+        train_dataset=word_prompts(16, 3, VOCAB),
+        processing_class=word_tokenizer(VOCAB),
     )
     return rlgaf_trl.enable(trainer) if enabled else trainer
 
@@ -171,13 +139,6 @@ CONFIGS = [
     dict(loss_type="cispo", importance_sampling_level="token", temperature=1.3),
     dict(loss_type="cispo", importance_sampling_level="sequence", num_iterations=2),
 ]
-METRICS = ("loss", "reward", "grad_norm", "entropy")
-
-
-def _history(trainer) -> dict[str, list[float]]:
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    # With num_iterations > 1 the steps that reuse a generation log no reward.
-    return {k: [entry.get(k) for entry in logs] for k in METRICS}
 
 
 def test_training_matches_trl(tmp_path):
@@ -190,7 +151,7 @@ def test_training_matches_trl(tmp_path):
         for enabled in (False, True):
             trainer = _trainer(tmp_path, enabled=enabled, model=str(saved), **config)
             trainer.train()
-            histories.append(_history(trainer))
+            histories.append(curves(trainer))
         theirs, ours = histories
         assert len(theirs["loss"]) == 10, config
         assert any(g > 0 for g in theirs["grad_norm"]), f"no update to compare: {config}"
