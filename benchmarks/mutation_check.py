@@ -37,11 +37,9 @@ REFERENCE_TESTS = (
     "tests/ops/test_policy_loss_variants.py",
     "tests/ops/test_ppo_loss.py",
 )
-NOISE_TESTS = (
-    "tests/test_reference.py",
-    "tests/ops/test_gumbel_noise.py",
-    "tests/ops/test_gumbel_softmax.py",
-)
+# tests/ops/test_gumbel_softmax.py compares the noise only through the softmax, and takes
+# minutes under the Triton interpreter: the noise mutants run the direct noise tests.
+NOISE_TESTS = ("tests/test_reference.py", "tests/ops/test_gumbel_noise.py")
 TRAINER_TESTS = (
     "tests/rlgaf/test_objective.py",
     "tests/rlgaf/test_trainer.py",
