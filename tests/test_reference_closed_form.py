@@ -227,6 +227,36 @@ def test_ppo_loss_kl_penalty_by_hand():
     assert out.kl.item() == pytest.approx(K3[0], rel=1e-12)
 
 
+# rho = exp(old - rollout) at log-ratios log 0.5, log 1.5, log 3 with cap 2: truncate gives
+# min(rho, 2) = (0.5, 1.5, 2), mask gives 1 where rho <= 2 = (1, 1, 0).
+@pytest.mark.parametrize(
+    ("correction", "expected"), [("truncate", (0.5, 1.5, 2.0)), ("mask", (1.0, 1.0, 0.0))]
+)
+def test_rollout_weight_by_hand(correction, expected):
+    old = torch.zeros(3, dtype=torch.float64)
+    rollout = -torch.log(torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64))
+    weight = reference.rollout_weight(old, rollout, correction, cap=2.0)
+    assert weight.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_ppo_loss_with_rollout_correction_weights_each_token():
+    # Three tokens with advantage 1 at ratio 1 (token loss -1 each), rho = (0.5, 1.5, 3):
+    # truncated weights (0.5, 1.5, 2) give a token-mean loss of -(0.5 + 1.5 + 2) / 3.
+    logits = torch.zeros(3, 4, dtype=torch.float64)
+    logp = torch.full((3,), -math.log(4), dtype=torch.float64)
+    rollout = logp - torch.log(torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64))
+    out = reference.ppo_loss(
+        logits,
+        torch.zeros(3, dtype=torch.long),
+        logp,
+        torch.ones(3, dtype=torch.float64),
+        rollout_logprobs=rollout,
+        rollout_correction="truncate",
+        rollout_cap=2.0,
+    )
+    assert out.loss.item() == pytest.approx(-4.0 / 3.0, rel=1e-12)
+
+
 # --- GAE --------------------------------------------------------------------------------------
 
 # rewards [1, 0, 2], values [0.5, 1, 1.5], gamma 0.9, lam 0.8 (gamma * lam = 0.72):
