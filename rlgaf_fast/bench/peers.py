@@ -219,9 +219,9 @@ def _grpo_outputs(out) -> tuple[Tensor, Tensor]:
     return out.loss, out.kl
 
 
-def liger_provider() -> Provider:
-    """LigerFusedLinearGRPOLoss with the case's loss (loss_type "grpo", beta, epsilon) and its
-    other defaults; outputs the loss and its mean-KL metric."""
+def liger_provider(loss_type: str = "grpo", compiled: bool = True) -> Provider:
+    """LigerFusedLinearGRPOLoss with the case's loss (``loss_type`` "grpo", beta, epsilon) and
+    its other defaults; outputs the loss and its mean-KL metric."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable
@@ -230,8 +230,9 @@ def liger_provider() -> Provider:
         beta=BETA,
         epsilon_low=CLIP_EPS,
         epsilon_high=CLIP_EPS,
-        loss_type="grpo",
+        loss_type=loss_type,
         use_ref_model=True,
+        compiled=compiled,
     )
 
     def provider(p: Problem) -> tuple[Tensor, ...]:

@@ -94,6 +94,13 @@ def goals_table(doc: dict) -> list[str]:
     return lines
 
 
+def _timing(row: dict, error_width: int) -> str:
+    """A row's median (p20-p80) in ms, or the start of its error."""
+    if row["status"] == "ok":
+        return f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
+    return (row["error"] or "")[:error_width].replace("|", "/")
+
+
 def case_table(rows: list[dict]) -> list[str]:
     lines = [
         "| case | provider | check | median ms (p20-p80) | peak MiB | speed-up vs eager / "
@@ -101,10 +108,7 @@ def case_table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if row["status"] == "ok":
-            timing = f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
-        else:
-            timing = (row["error"] or "")[:90].replace("|", "/")
+        timing = _timing(row, 90)
         lines.append(
             f"| {row['case']} | {row['provider']} | {_check(row)} | {timing} | "
             f"{_mib(row['peak_bytes'])} | {_ratio(row.get('speedup_vs_eager'))} / "
@@ -163,10 +167,7 @@ def peer_table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if row["status"] == "ok":
-            timing = f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
-        else:
-            timing = (row["error"] or "")[:120].replace("|", "/")
+        timing = _timing(row, 120)
         lines.append(
             f"| {row['case']} | {row['provider']} | {row['computes']} | {_check(row)} | "
             f"{timing} | {_mib(row['peak_bytes'])} | {_ratio(row.get('time_ratio_vs_ours'))} | "

@@ -17,13 +17,14 @@ the same code as the SeqGAN oracle (``rlgaf_fast.bench.oracle``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rlgaf_fast.bench.oracle import OraclePreset
+from rlgaf_fast.bench.oracle import PRESETS
 from rlgaf_fast.rlgaf.data import torch_generator
 from rlgaf_fast.rlgaf.rollout import sample_categorical
 
@@ -33,31 +34,18 @@ SWEEP = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 # steps of 64 as in the SeqGAN preset. The discriminator is a small transformer trained from
 # scratch (the LM-feature discriminators read the warm start, which does not know the rule).
 RULE_PRESETS = {
-    # CI: the whole pipeline at toy sizes.
-    "smoke": OraclePreset(
-        num_demos=2000,
-        num_test=500,
-        num_eval=500,
-        num_final=2000,
-        num_sweep=500,
-        gen_hidden=32,
-        gen_layers=1,
-        sft_steps=100,
-        adv_steps=10,
-        d_pretrain_steps=20,
-        eval_every=5,
+    name: dataclasses.replace(
+        PRESETS[name],
         discriminator="transformer",
         d_fit_steps=0,
         sweep_temperatures=SWEEP,
-    ),
-    "full": OraclePreset(
-        num_final=10_000,
-        num_sweep=5000,
-        d_pretrain_steps=600,
-        discriminator="transformer",
-        d_fit_steps=0,
-        sweep_temperatures=SWEEP,
-    ),
+        **changes,
+    )
+    for name, changes in {
+        # CI: the whole pipeline at toy sizes.
+        "smoke": dict(d_pretrain_steps=20),
+        "full": dict(num_final=10_000, num_sweep=5000, d_pretrain_steps=600),
+    }.items()
 }
 
 

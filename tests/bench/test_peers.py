@@ -116,25 +116,8 @@ def test_liger_with_another_loss_type_fails_the_check():
     """The check tells the aggregations apart: Liger's "dapo" (a mean over all tokens) is not
     the case's "grpo" (a mean over sequences of their means) on completions of unequal length."""
     pytest.importorskip("liger_kernel")
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
     # compiled=False: the aggregation is what differs, and a new compile would take seconds
-    loss_fn = LigerFusedLinearGRPOLoss(
-        beta=peers.BETA, loss_type="dapo", use_ref_model=True, compiled=False
-    )
-
-    def dapo(p):
-        t = p.tensors
-        loss, (kl, _) = loss_fn(
-            t["hidden"].view(8, 2, H),
-            t["weight"],
-            t["actions"],
-            t["mask"],
-            t["advantages"],
-            ref_per_token_logps=t["ref_logprobs"],
-            old_per_token_logps=t["old_logprobs"],
-        )
-        return loss, kl
+    dapo = peers.liger_provider(loss_type="dapo", compiled=False)
 
     problem = cases.make_problem(GRPO, CPU)
     outputs = cases.step(GRPO, problem, dapo)
