@@ -52,12 +52,12 @@ class CompileOnlyDriver:
 def compile_instead_of_launch(compiled: list) -> None:
     run = JITFunction.run
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
+    def compile_without_launch(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
-    JITFunction.run = compile_only
+    JITFunction.run = compile_without_launch
 
 
 def use_gpu_configuration() -> None:
@@ -137,14 +137,22 @@ def _embedding(gse, x, w):
     return gse.gumbel_softmax_embedding_bwd(torch.randn_like(out), x, w, out, lse, 0.7, 3, True)
 
 
+def compile_only(arch: int) -> list:
+    """Make every Triton launch in this process compile for sm_<arch> instead of running, with
+    the launchers' GPU configuration. Returns the list that collects (kernel name, compiled
+    kernel) per launch; the process cannot launch kernels afterwards."""
+    driver.set_active(CompileOnlyDriver(arch))
+    compiled: list = []
+    compile_instead_of_launch(compiled)
+    use_gpu_configuration()
+    return compiled
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
     args = parser.parse_args()
-    driver.set_active(CompileOnlyDriver(args.arch))
-    compiled: list = []
-    compile_instead_of_launch(compiled)
-    use_gpu_configuration()
+    compiled = compile_only(args.arch)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}")
     failures = 0
     for name, thunk in cases():
