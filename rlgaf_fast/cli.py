@@ -327,6 +327,10 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
+    if args.d_pretrain_steps is not None:
+        if args.d_pretrain_steps < 0:
+            raise UsageError(f"--d-pretrain-steps must be >= 0, got {args.d_pretrain_steps}")
+        preset = dataclasses.replace(preset, d_pretrain_steps=args.d_pretrain_steps)
     check_discriminator(preset, args.mode)
     overrides = {}
     for item in args.set or []:
@@ -387,13 +391,14 @@ def add_oracle_parser(subparsers: Any) -> None:
     p.add_argument("--fused", action="store_true", help="use_fused_kernels: true")
     p.add_argument(
         "--discriminator",
-        choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer"],
+        choices=["lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer", "lstm", "gru"],
         help="lm (default): a small head over a frozen feature model (the warm "
         "start, fit --d-fit-steps further); "
         "lm-context: the head reads the LM's hidden state too; "
         "lm-tuned: that model trained too; lm-bigram: bigram counts of half the "
         "demonstrations as one more feature; cnn: SeqGAN's CNN; transformer: a small "
-        "Llama classifier trained from scratch (the rule task's default)",
+        "Llama classifier trained from scratch (the rule task's default); lstm, gru: a "
+        "recurrent classifier trained from scratch",
     )
     p.add_argument(
         "--d-fit-steps",
@@ -401,6 +406,14 @@ def add_oracle_parser(subparsers: Any) -> None:
         metavar="N",
         help="MLE steps the lm discriminators' feature model takes on the "
         "demonstrations past the warm start (the preset's: full 500, smoke 20)",
+    )
+    p.add_argument(
+        "--d-pretrain-steps",
+        type=int,
+        metavar="N",
+        help="minibatches of 64 demonstrations against 64 warm-start samples that the "
+        "discriminator is pretrained on before the adversarial phase (the preset's: full "
+        "600, smoke 5; the rule task's smoke 20)",
     )
     p.add_argument(
         "--set",

@@ -35,6 +35,7 @@ from rlgaf_fast.rlgaf.data import Batch, torch_generator
 from rlgaf_fast.rlgaf.discriminator import (
     CNNDiscriminator,
     LMDiscriminator,
+    RecurrentDiscriminator,
     build_transformer_discriminator,
 )
 from rlgaf_fast.rlgaf.models import build_causal_lm
@@ -194,7 +195,8 @@ class OraclePreset:
     # with the head; "lm-bigram": the same with
     # bigram counts of half the demonstrations as a third feature, the other half its real
     # examples; "cnn": SeqGAN's CNN, which memorises the 10,000 demonstrations and is at chance
-    # on unseen sequences (README); "transformer": a small Llama classifier from scratch.
+    # on unseen sequences (README); "transformer": a small Llama classifier from scratch;
+    # "lstm", "gru": a recurrent classifier from scratch (RecurrentDiscriminator).
     discriminator: str = "lm"
     # MLE steps (batches of 64, AdamW at 1e-3) that the LM discriminators' feature model takes
     # on the demonstrations past the warm start (0 for the CNN, which has none). The
@@ -206,7 +208,7 @@ class OraclePreset:
     sweep_temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
 
 
-DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer")
+DISCRIMINATORS = ("lm", "lm-context", "lm-tuned", "lm-bigram", "cnn", "transformer", "lstm", "gru")
 
 PRESETS = {
     # CI: the whole pipeline at toy sizes (fewer demonstrations and final samples).
@@ -640,6 +642,8 @@ def run_oracle(
                 discriminator = build_transformer_discriminator(
                     oracle.vocab_size, max_positions=oracle.seq_len + 1
                 )
+            elif p.discriminator in ("lstm", "gru"):
+                discriminator = RecurrentDiscriminator(oracle.vocab_size, cell=p.discriminator)
             else:
                 features = fit_features(
                     generator,

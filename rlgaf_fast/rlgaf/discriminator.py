@@ -88,6 +88,62 @@ class CNNDiscriminator(nn.Module):
         return SimpleNamespace(logits=self.out(self.dropout(h)))
 
 
+class RecurrentDiscriminator(nn.Module):
+    """An LSTM (or GRU) sequence classifier: embedding, a recurrent network over the real tokens,
+    one logit from the final state and the outputs max-pooled over time.
+
+    A recurrent state can keep a stack of open brackets, the inductive bias of the rule task
+    (docs/rule-task.md); the max-pool keeps a violation seen mid-sequence from being forgotten by
+    the end. Rows may be left-padded (as :func:`sequences_for_discriminator` writes them): only
+    the positions the mask marks real are read, in order.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 64,
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        cell: str = "lstm",
+    ) -> None:
+        super().__init__()
+        if cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be lstm or gru, got {cell!r}")
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(embed_dim, hidden_size, num_layers, batch_first=True)
+        self.out = nn.Linear(2 * hidden_size, 1)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> SimpleNamespace:
+        """``logits`` float ``[B, 1]`` of ``input_ids [B, L]`` or ``inputs_embeds [B, L, D]``
+        with ``attention_mask [B, L]`` (1 real, 0 padding; every row needs a real token)."""
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is None:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
+        # Real tokens first, in order (padding last), so that packing reads exactly them.
+        order = torch.argsort(1 - attention_mask.long(), dim=1, stable=True)
+        x = x.gather(1, order[..., None].expand_as(x))
+        lengths = attention_mask.sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        outputs, state = self.rnn(packed)
+        last = (state[0] if isinstance(state, tuple) else state)[-1]  # [B, H]
+        outputs, _ = nn.utils.rnn.pad_packed_sequence(
+            outputs, batch_first=True, padding_value=-math.inf, total_length=x.shape[1]
+        )
+        pooled = outputs.amax(1)
+        return SimpleNamespace(logits=self.out(torch.cat([last, pooled], -1)))
+
+
 class LMDiscriminator(nn.Module):
     """A discriminator that judges a sequence by how a causal LM finds it.
 
