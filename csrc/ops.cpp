@@ -35,7 +35,9 @@ TORCH_LIBRARY(rlgaf_fast_C, m) {
       "soft_embedding_topk_bwd(Tensor grad_out, Tensor weight, Tensor out, Tensor index, "
       "Tensor coef, Tensor row_sum, ScalarType probs_dtype) -> (Tensor, Tensor)");
   // PPO clipped policy loss (csrc/cpu/ppo_loss.cpp)
-  m.def("ppo_loss_fwd(Tensor logits, Tensor actions, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_loss_fwd(Tensor logits, Tensor actions, float temperature) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "ppo_loss_fwd_grad(Tensor logits, Tensor actions, Tensor old_logprobs, Tensor advantages, "
       "Tensor? ref_logprobs, Tensor token_weight, float ratio_low, float ratio_high, "
@@ -44,6 +46,10 @@ TORCH_LIBRARY(rlgaf_fast_C, m) {
   m.def(
       "ppo_loss_fwd_vjp(Tensor logits, Tensor actions, Tensor grad_logprobs, "
       "Tensor grad_entropy, float temperature, Tensor(a!) grad_logits) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_loss_vjp_lse(Tensor logits, Tensor actions, Tensor grad_logprobs, "
+      "Tensor grad_entropy, Tensor lse, Tensor entropy, float temperature, "
+      "Tensor(a!) grad_logits) -> ()");
 }
 
 static bool built_with_cuda() {

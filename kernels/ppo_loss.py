@@ -4,8 +4,8 @@ Contract (shared with the cpp backend, csrc/cpu/ppo_loss.cpp): logits [N, V] con
 float16/bfloat16/float32/float64; per-token tensors [N] contiguous, actions int64, the others in
 the compute dtype (float32; float64 for float64 logits), in which all arithmetic is done.
 
-ppo_loss_fwd(logits, actions, temperature) -> (logprobs, entropy) of each row's action under
-softmax(logits / temperature).
+ppo_loss_fwd(logits, actions, temperature) -> (logprobs, entropy, lse) of each row's action
+under softmax(logits / temperature), and each row's logsumexp(logits / temperature).
 
 ppo_loss_fwd_grad(logits, actions, old_logprobs, advantages, ref_logprobs, token_weight,
 ratio_low, ratio_high, dual_clip, kl_coef, kl_estimator, entropy_coef, temperature, grad_logits)
@@ -21,6 +21,11 @@ ppo_loss_fwd_vjp(logits, actions, grad_logprobs, grad_entropy, temperature, grad
 of derived from the loss, for losses whose d loss / d logp the kernel does not know (they are
 computed in torch from a first ppo_loss_fwd) and for the gradient of log-probabilities and
 entropies themselves. A row whose two coefficients are 0 gets a gradient of exactly 0.
+
+ppo_loss_vjp_lse(logits, actions, grad_logprobs, grad_entropy, lse, entropy, temperature,
+grad_logits) writes the same gradient as ppo_loss_fwd_vjp in a single loop over each row, from
+the lse and entropy a ppo_loss_fwd of these logits returned: with q = x / T - lse = log p,
+grad = p * (a + b * q) + [v == action] * c_lp / T, a = -(c_lp + c_H * H) / T, b = -c_H / T.
 
 One program per row. The first loop over vocabulary blocks keeps, per lane, the running max m,
 sum of exp(s - m) and sum of exp(s - m) * (s - m) (s = x / T), merged across lanes at the end:
@@ -90,6 +95,7 @@ def _ppo_loss_kernel(
     params_ptr,
     logprobs_ptr,
     entropy_ptr,
+    lse_ptr,
     V,
     KL_ESTIMATOR: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
@@ -110,6 +116,7 @@ def _ppo_loss_kernel(
     logp = tl.load(x_row + action, mask=valid, other=float("nan")).to(ACC) * inv_temp - m - log_sum
     tl.store(logprobs_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, m + log_sum)
     if GIVEN_COEFFICIENTS:
         # grad_logprobs and grad_entropy travel in the advantages and token_weight slots
         c_lp = tl.load(adv_ptr + row)
@@ -170,6 +177,45 @@ def _ppo_loss_kernel(
             tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ppo_loss_vjp_lse_kernel(
+    logits_ptr,
+    grad_ptr,
+    actions_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    lse_ptr,
+    entropy_ptr,
+    params_ptr,
+    V,
+    BLOCK: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    ACC = tl.float64 if FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * V
+    g_row = grad_ptr + row * V
+    inv_temp = tl.load(params_ptr)
+    c_lp = tl.load(grad_logprobs_ptr + row)
+    c_h = tl.load(grad_entropy_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    a = -(c_lp + c_h * tl.load(entropy_ptr + row)) * inv_temp
+    b = -c_h * inv_temp
+    action = tl.load(actions_ptr + row)
+    # a masked-out row (padding: -inf or NaN logits) has no gradient at all
+    inactive = (c_lp == 0) & (c_h == 0)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        mask = start + cols < V
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0)
+        # q >= -1e4 keeps p * q at 0 rather than NaN for -inf logits
+        q = tl.maximum(x.to(ACC) * inv_temp - lse, -1e4)
+        g = tl.exp(q) * (a + b * q)
+        g = tl.where(start + cols == action, g + c_lp * inv_temp, g)
+        g = tl.where(inactive, 0.0, g)
+        tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
 @functools.lru_cache(maxsize=64)
 def _params(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The kernel's scalar parameters as a device tensor, made once per distinct set: building
@@ -218,8 +264,9 @@ def _launch(
     dtype = _compute_dtype(logits)
     logprobs = torch.empty(n, dtype=dtype, device=logits.device)
     entropy = torch.empty(n, dtype=dtype, device=logits.device)
+    lse = torch.empty(n, dtype=dtype, device=logits.device)
     if n == 0:
-        return logprobs, entropy
+        return logprobs, entropy, lse
     block, num_warps = config or _block(v, logits.is_cuda)
     compute_grad = grad is not None
     dummy = logprobs  # stands in for pointers that the specialisation never reads
@@ -234,6 +281,7 @@ def _launch(
         params,
         logprobs,
         entropy,
+        lse,
         v,
         KL_ESTIMATOR=kl_estimator,
         DUAL_CLIP=dual_clip,
@@ -244,7 +292,7 @@ def _launch(
         FP64=dtype == torch.float64,
         num_warps=num_warps,
     )
-    return logprobs, entropy
+    return logprobs, entropy, lse
 
 
 def _check_grad(logits: torch.Tensor, grad_logits: torch.Tensor) -> None:
@@ -259,8 +307,9 @@ def _check_grad(logits: torch.Tensor, grad_logits: torch.Tensor) -> None:
 @on_tensor_device
 def ppo_loss_fwd(
     logits: torch.Tensor, actions: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [N], entropy [N]) in the compute dtype for logits [N, V] and actions [N]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [N], entropy [N], lse [N]) in the compute dtype for logits [N, V] and actions
+    [N]; lse = logsumexp(logits / temperature) per row."""
     _check(logits, actions)
     params = _params(
         (1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), _compute_dtype(logits), logits.device
@@ -308,7 +357,7 @@ def ppo_loss_fwd_grad(
         int(kl_estimator) if kl_coef != 0 else 0,
         dual_clip > 0,
         entropy_coef != 0,
-    )
+    )[:2]
 
 
 @on_tensor_device
@@ -342,4 +391,41 @@ def ppo_loss_fwd_vjp(
         False,
         True,
         given_coefficients=True,
+    )[:2]
+
+
+@on_tensor_device
+def ppo_loss_vjp_lse(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    grad_logits: torch.Tensor,
+) -> None:
+    """Writes into grad_logits what ppo_loss_fwd_vjp would, in one loop per row, from the lse and
+    entropy ([N], compute dtype) that ppo_loss_fwd returned for these logits."""
+    _check(logits, actions)
+    _check_grad(logits, grad_logits)
+    n, v = logits.shape
+    if n == 0:
+        return
+    dtype = _compute_dtype(logits)
+    params = _params((1.0 / temperature,) + (0.0,) * (_NUM_PARAMS - 1), dtype, logits.device)
+    block, num_warps = _block(v, logits.is_cuda)
+    _ppo_loss_vjp_lse_kernel[(n,)](
+        logits,
+        grad_logits,
+        actions,
+        grad_logprobs,
+        grad_entropy,
+        lse,
+        entropy,
+        params,
+        v,
+        BLOCK=block,
+        FP64=dtype == torch.float64,
+        num_warps=num_warps,
     )

@@ -20,7 +20,7 @@ LAUNCHERS = {
         "gumbel_softmax_bwd_from_logits",
     ],
     "gumbel_softmax_embedding": ["gumbel_softmax_embedding_fwd", "gumbel_softmax_embedding_bwd"],
-    "ppo_loss": ["ppo_loss_fwd", "ppo_loss_fwd_grad", "ppo_loss_fwd_vjp"],
+    "ppo_loss": ["ppo_loss_fwd", "ppo_loss_fwd_grad", "ppo_loss_fwd_vjp", "ppo_loss_vjp_lse"],
 }
 
 

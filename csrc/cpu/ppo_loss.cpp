@@ -276,7 +276,8 @@ acc_t dloss_dlogp(acc_t logp, acc_t old_logp, acc_t adv, acc_t ref_logp,
 // that gets no gradient at all.
 template <typename scalar_t, typename grad_t, typename acc_t, typename Coefficients>
 void ppo_rows(const at::Tensor& logits, const int64_t* actions, acc_t inv_temp,
-              const Coefficients& coefficients, grad_t* grad, acc_t* logprobs, acc_t* entropy) {
+              const Coefficients& coefficients, grad_t* grad, acc_t* logprobs, acc_t* entropy,
+              acc_t* lse = nullptr) {
   const int64_t N = logits.size(0), V = logits.size(1);
   const scalar_t* x_all = logits.data_ptr<scalar_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -298,6 +299,7 @@ void ppo_rows(const at::Tensor& logits, const int64_t* actions, acc_t inv_temp,
       const acc_t logp = t_a - log_sum;
       logprobs[n] = logp;
       entropy[n] = h;
+      if (lse != nullptr) lse[n] = max_x * inv_temp + log_sum;
       if (grad == nullptr) continue;
       grad_t* g = grad + n * V;
       acc_t c_lp, c_h;
@@ -368,23 +370,26 @@ void dispatch_logits(const at::Tensor& logits, Fn&& fn) {
                                   [&] { fn(scalar_t(), compute_t<scalar_t>()); });
 }
 
-// logprobs and entropy of each row's action under softmax(logits / temperature).
-std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(const at::Tensor& logits,
-                                                const at::Tensor& actions, double temperature) {
+// logprobs and entropy of each row's action under softmax(logits / temperature), and each row's
+// logsumexp(logits / temperature).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd(const at::Tensor& logits,
+                                                            const at::Tensor& actions,
+                                                            double temperature) {
   check_rows(logits, actions);
   TORCH_CHECK(temperature > 0, "ppo_loss kernel: temperature must be > 0");
   const auto options = logits.options().dtype(compute_dtype(logits));
   at::Tensor logprobs = at::empty({logits.size(0)}, options);
   at::Tensor entropy = at::empty({logits.size(0)}, options);
+  at::Tensor lse = at::empty({logits.size(0)}, options);
   dispatch_logits(logits, [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     auto none = [](int64_t, acc_t, acc_t, acc_t&, acc_t&) { return false; };
-    ppo_rows<scalar_t, scalar_t, acc_t>(logits, actions.data_ptr<int64_t>(),
-                                        acc_t(1.0 / temperature), none, nullptr,
-                                        logprobs.data_ptr<acc_t>(), entropy.data_ptr<acc_t>());
+    ppo_rows<scalar_t, scalar_t, acc_t>(
+        logits, actions.data_ptr<int64_t>(), acc_t(1.0 / temperature), none, nullptr,
+        logprobs.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
   });
-  return {logprobs, entropy};
+  return {logprobs, entropy, lse};
 }
 
 // As ppo_loss_fwd, and writes d loss / d logits into grad_logits ([N, V], the logits' dtype;
@@ -483,6 +488,67 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_vjp(const at::Tensor& logits,
   return {logprobs, entropy};
 }
 
+// As ppo_loss_fwd_vjp, in one sweep of each row, for rows whose logsumexp(logits / T) and
+// entropy a ppo_loss_fwd of the same logits gave: with q_v = x_v / T - lse (log p_v),
+//   grad_v = p_v * (a + b * q_v) + delta_av * c_lp / T,  a = -(c_lp + c_H H) / T,  b = -c_H / T.
+void ppo_loss_vjp_lse(const at::Tensor& logits, const at::Tensor& actions,
+                      const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,
+                      const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+                      const at::Tensor& grad_logits) {
+  check_rows(logits, actions);
+  TORCH_CHECK(temperature > 0, "ppo_loss kernel: temperature must be > 0");
+  const at::ScalarType dtype = compute_dtype(logits);
+  check_token(grad_logprobs, logits, dtype, "grad_logprobs");
+  check_token(grad_entropy, logits, dtype, "grad_entropy");
+  check_token(lse, logits, dtype, "lse");
+  check_token(entropy, logits, dtype, "entropy");
+  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
+                  grad_logits.sizes() == logits.sizes() &&
+                  grad_logits.scalar_type() == logits.scalar_type(),
+              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  dispatch_logits(logits, [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    constexpr int64_t W = kWidth<acc_t>;
+    const scalar_t* x_all = logits.data_ptr<scalar_t>();
+    scalar_t* g_all = grad_logits.data_ptr<scalar_t>();
+    const int64_t* a_all = actions.data_ptr<int64_t>();
+    const acc_t* g_lp = grad_logprobs.data_ptr<acc_t>();
+    const acc_t* g_h = grad_entropy.data_ptr<acc_t>();
+    const acc_t* lse_all = lse.data_ptr<acc_t>();
+    const acc_t* h_all = entropy.data_ptr<acc_t>();
+    const acc_t inv_temp = acc_t(1.0 / temperature);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* x = x_all + n * V;
+        scalar_t* g = g_all + n * V;
+        const acc_t c_lp = g_lp[n], c_h = g_h[n], row_lse = lse_all[n];
+        if (c_lp == 0 && c_h == 0) {  // a masked-out row: exactly 0, whatever its logits
+          std::fill(g, g + V, scalar_t(0));
+          continue;
+        }
+        const acc_t alpha = -(c_lp + c_h * h_all[n]) * inv_temp, beta = -c_h * inv_temp;
+        // q >= lowest_t keeps p * q at 0 rather than NaN for -inf logits
+        auto grad_of = [&](vec<acc_t> block) {
+          vec<acc_t> q = block * inv_temp - row_lse;
+          q = q < lowest_t<acc_t>() ? splat(lowest_t<acc_t>()) : q;
+          return exp_of(q) * (alpha + beta * q);
+        };
+        const int64_t a = a_all[n];
+        // the action's element, from its logit before the sweep may overwrite it
+        acc_t x_a[W] = {};
+        x_a[0] = static_cast<acc_t>(x[a]);
+        const acc_t g_a = grad_of(load<acc_t>(x_a))[0] + c_lp * inv_temp;
+        int64_t i = 0;
+        for (; i + W <= V; i += W) store<scalar_t, acc_t>(g + i, grad_of(load<acc_t>(x + i)));
+        if (i < V) store<scalar_t, acc_t>(g + i, grad_of(load_part(x + i, V - i, acc_t(0))), V - i);
+        g[a] = static_cast<scalar_t>(g_a);
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rlgaf_fast
@@ -492,4 +558,5 @@ TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
   m.impl("ppo_loss_fwd", &rlgaf_fast::cpu::ppo_loss_fwd);
   m.impl("ppo_loss_fwd_grad", &rlgaf_fast::cpu::ppo_loss_fwd_grad);
   m.impl("ppo_loss_fwd_vjp", &rlgaf_fast::cpu::ppo_loss_fwd_vjp);
+  m.impl("ppo_loss_vjp_lse", &rlgaf_fast::cpu::ppo_loss_vjp_lse);
 }

@@ -257,9 +257,11 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
     found: dict[str, Provider] = {}
     if case.op == LOGPROBS:
 
-        def ours(p: Problem, backend: str) -> tuple[Tensor, ...]:
+        def ours(p: Problem, backend: str, save_logits: bool = False) -> tuple[Tensor, ...]:
             t = p.tensors
-            out = _public(LOGPROBS)(t["hidden"], t["weight"], t["actions"], backend=backend)
+            out = _public(LOGPROBS)(
+                t["hidden"], t["weight"], t["actions"], save_logits=save_logits, backend=backend
+            )
             return _logprobs_outputs(p, out.log_probs, out.entropy)
 
         def args(p: Problem) -> tuple[Tensor, ...]:
@@ -270,6 +272,7 @@ def providers(case: Case, fused_backends: list[str]) -> dict[str, Provider]:
         found["compile"] = lambda p: _logprobs_outputs(p, *compiled(*args(p)))
         for b in fused_backends:
             found[b] = lambda p, b=b: ours(p, b)
+            found[f"{b} (save_logits)"] = lambda p, b=b: ours(p, b, save_logits=True)
         found["matmuls"] = _matmuls
         found[TRL] = trl_provider()
         found[CCE] = cce_provider()

@@ -318,13 +318,13 @@ def fused_rows(
     coefficients: (d loss / d logp, d loss / d H) of these rows, computed beforehand where they
     depend on tokens outside them (PPOOptions.couples_tokens)."""
     if grad is None:
-        return kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)
+        return kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)[:2]
     if options.kernel_gradient:
         return kernels.ppo_loss_fwd_grad(
             logits, **tokens.kernel_arguments(), **options.kernel_arguments(), grad_logits=grad
         )
     if coefficients is None:
-        logprobs, entropy = kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)
+        logprobs, entropy, _ = kernels.ppo_loss_fwd(logits, tokens.actions, options.temperature)
         coefficients = loss_coefficients(logprobs, entropy, tokens, options)
     return kernels.ppo_loss_fwd_vjp(
         logits, tokens.actions, *coefficients, options.temperature, grad

@@ -34,7 +34,7 @@ _OP = "token_logprobs"
 @torch.library.custom_op("rlgaf_fast::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: Tensor, actions: Tensor, temperature: float, backend: str) -> Tensor:
     """logprobs [N] in the compute dtype for contiguous logits [N, V] and int64 actions [N]."""
-    logprobs, _ = kernel_module(_OP, backend).ppo_loss_fwd(logits, actions, temperature)
+    logprobs, _, _ = kernel_module(_OP, backend).ppo_loss_fwd(logits, actions, temperature)
     return logprobs
 
 

@@ -41,9 +41,10 @@ def _weights(B=3, T=5, seed=1):
     return [torch.randn(B, T, generator=gen, dtype=torch.float64) for _ in range(2)]
 
 
+@pytest.mark.parametrize("save_logits", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference_forward_and_backward(case, backend):
+def test_matches_reference_forward_and_backward(case, backend, save_logits):
     kwargs = CASES[case]
     dev = _device(backend)
     hidden, weight, bias, labels = _inputs()
@@ -58,6 +59,7 @@ def test_matches_reference_forward_and_backward(case, backend):
             labels.to(dev),
             bias=leaves[2],
             chunk_size=4,
+            save_logits=save_logits,
             **kwargs,
             backend=backend,
         )
@@ -89,6 +91,24 @@ def test_ignored_rows_get_no_gradient_and_outputs_select(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_saved_logits_allow_one_backward_only(backend):
+    dev = _device(backend)
+    hidden, weight, _, labels = _inputs(device=dev)
+    out = rlgaf_fast.fused_linear_logprobs(
+        hidden, weight, labels, save_logits=True, chunk_size=4, backend=backend
+    )
+    loss = (out.log_probs + out.entropy).sum()
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    # the backward used up the saved logits (their memory holds gradients): a second refuses
+    with pytest.raises(RuntimeError, match="takes one backward"):
+        torch.autograd.grad(loss, (hidden, weight))
+    again = rlgaf_fast.fused_linear_logprobs(hidden, weight, labels, backend=backend)
+    want = torch.autograd.grad((again.log_probs + again.entropy).sum(), (hidden, weight))
+    for g, w in zip(first, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_opcheck_and_compile(backend):
     dev = _device(backend)
     hidden, weight, bias, labels = _inputs(B=1, T=4, dtype=torch.float32, device=dev)
@@ -96,24 +116,36 @@ def test_opcheck_and_compile(backend):
     flat_labels = labels.reshape(-1)
     torch.library.opcheck(
         torch.ops.rlgaf_fast.fused_linear_logprobs.default,
-        (flat_hidden, weight, bias, flat_labels, 0.9, 1.5, 4.0, 3, backend),
+        (flat_hidden, weight, bias, flat_labels, 0.9, 1.5, 4.0, 3, False, backend),
     )
+    # The saved logits (third output) are the backward's buffer, which an eager backward
+    # overwrites: opcheck, which compares outputs after a backward, checks that variant without
+    # one; the compiled backward below covers it.
     torch.library.opcheck(
         torch.ops.rlgaf_fast.fused_linear_logprobs.default,
-        (flat_hidden, weight, None, flat_labels, 1.0, 1.0, 0.0, 8, backend),
+        (flat_hidden.detach(), weight.detach(), None, flat_labels, 1.0, 1.0, 0.0, 8, True, backend),
     )
 
-    def step(h, w, b):
+    def step(h, w, b, save_logits):
         out = rlgaf_fast.fused_linear_logprobs(
-            h, w, labels, bias=b, softcap=4.0, chunk_size=3, backend=backend
+            h,
+            w,
+            labels,
+            bias=b,
+            softcap=4.0,
+            chunk_size=3,
+            save_logits=save_logits,
+            backend=backend,
         )
         return (out.log_probs - 0.1 * out.entropy).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(hidden, weight, bias), (hidden, weight, bias))
-    want = torch.autograd.grad(step(hidden, weight, bias), (hidden, weight, bias))
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    want = torch.autograd.grad(step(hidden, weight, bias, False), (hidden, weight, bias))
+    for save_logits in (False, True):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(hidden, weight, bias, save_logits)
+        got = torch.autograd.grad(loss, (hidden, weight, bias))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +156,7 @@ def test_opcheck_and_compile(backend):
         (dict(softcap=0.0), "softcap"),
         (dict(outputs=("logits",)), "outputs must be"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(save_logits="yes"), "save_logits must be a bool"),
         (dict(bias=torch.zeros(36, dtype=torch.float64)), "bias must be"),
     ],
 )

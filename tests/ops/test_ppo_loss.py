@@ -564,3 +564,52 @@ def test_public_names_are_exported():
     for name in ("ppo_loss", "value_loss", "gae", "PPOLossOutput"):
         assert getattr(rlgaf_fast, name) is getattr(ops, name), name
     assert rlgaf_fast.fused_linear_ppo_loss is linear_ops.fused_linear_ppo_loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vjp_from_lse_equals_the_two_pass_vjp(backend, dtype):
+    """ppo_loss_vjp_lse (one sweep, from the lse and entropy of ppo_loss_fwd) writes the gradient
+    of ppo_loss_fwd_vjp, also for -inf logits, at the action's own element and for rows whose
+    coefficients are both 0 (masked out: exactly 0, even with NaN logits); against the float64
+    reference's gradient as well."""
+    from rlgaf_fast._backend import kernel_module
+
+    kernels = kernel_module("ppo_loss", backend)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(3)
+    N, V, T = 6, 300, 0.8
+    x64 = torch.randn(N, V, generator=gen, dtype=torch.float64) * 3
+    x64[1, :7] = float("-inf")
+    actions = torch.randint(7, V, (N,), generator=gen)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g_lp = torch.randn(N, generator=gen, dtype=acc)
+    g_h = torch.randn(N, generator=gen, dtype=acc)
+    g_lp[4] = g_h[4] = 0.0
+    x64[4, 11] = float("nan")
+    x = x64.to(dtype).to(dev)
+    a, g_lp, g_h = actions.to(dev), g_lp.to(dev), g_h.to(dev)
+    _, entropy, lse = kernels.ppo_loss_fwd(x, a, T)
+    one_sweep = torch.empty_like(x)
+    kernels.ppo_loss_vjp_lse(x, a, g_lp, g_h, lse, entropy, T, one_sweep)
+    two_pass = torch.empty_like(x)
+    kernels.ppo_loss_fwd_vjp(x, a, g_lp, g_h, T, two_pass)
+    assert (one_sweep[4] == 0).all()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(
+        one_sweep.cpu().double(), two_pass.cpu().double(), atol=tol, rtol=tol
+    )
+    # against autograd of the float64 reference (log_softmax and entropy of the same rows)
+    leaf = x.cpu().double().clamp(min=-1e4).requires_grad_()
+    logp_all = torch.log_softmax(leaf / T, -1)
+    logp = logp_all.gather(1, actions[:, None])[:, 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    rows = torch.arange(N) != 4
+    objective = (g_lp.cpu().double() * logp + g_h.cpu().double() * ent)[rows].sum()
+    (want,) = torch.autograd.grad(objective, leaf)
+    got = one_sweep.cpu().double()
+    torch.testing.assert_close(got[rows], want[rows], atol=tol * 10, rtol=tol * 10)
+    # in place: the gradient written over the logits themselves
+    in_place = x.clone()
+    kernels.ppo_loss_vjp_lse(in_place, a, g_lp, g_h, lse, entropy, T, in_place)
+    torch.testing.assert_close(in_place, one_sweep, atol=0, rtol=0)
