@@ -41,27 +41,34 @@ namespace rlgaf_fast {
 namespace cpu {
 namespace {
 
-// The row sweeps are written on GCC/Clang vector types of 64 bytes (one AVX-512 register; the
-// compiler splits them on narrower machines), which vectorises them whatever the loop shapes.
+// The row sweeps are written on GCC/Clang vector types of one native register (64 bytes with
+// AVX-512, else 32), which vectorises them whatever the loop shapes. Wider than the registers,
+// GCC lowers compares and selects one element at a time, several times slower.
+#ifdef __AVX512F__
+#define RLGAF_VEC_BYTES 64
+#else
+#define RLGAF_VEC_BYTES 32
+#endif
 template <typename acc_t>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t int_type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(RLGAF_VEC_BYTES)));
+  typedef int32_t int_type __attribute__((vector_size(RLGAF_VEC_BYTES)));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t int_type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(RLGAF_VEC_BYTES)));
+  typedef int64_t int_type __attribute__((vector_size(RLGAF_VEC_BYTES)));
 };
 template <typename acc_t>
 using vec = typename VecOf<acc_t>::type;
 template <typename acc_t>
-constexpr int64_t kWidth = 64 / sizeof(acc_t);
+constexpr int64_t kWidth = RLGAF_VEC_BYTES / sizeof(acc_t);
 
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+// bfloat16 words and their float bits, one vec<float> of lanes
+typedef uint16_t u16_lanes __attribute__((vector_size(RLGAF_VEC_BYTES / 2)));
+typedef uint32_t u32_lanes __attribute__((vector_size(RLGAF_VEC_BYTES)));
 
 // t_v is clamped from below so that exp(t_v) * t_v is 0, not NaN, for -inf logits; exp of the
 // clamp is 0 in both precisions.
@@ -81,7 +88,7 @@ static inline To bits_as(const From& from) {
   return to;
 }
 
-// exp of 16 floats: fast_expf's algorithm (fast_math.h) on vectors; -inf and x < -86 give 0.
+// exp of a vector of floats: fast_expf's algorithm (fast_math.h) on vectors; -inf and x < -86 give 0.
 static inline vec<float> exp_of(vec<float> x) {
   typedef VecOf<float>::int_type ivec;
   const float lowest = -86.0f, round_magic = 12582912.0f;
@@ -126,9 +133,9 @@ inline vec<float> load<float, float>(const float* x) {
 }
 template <>
 inline vec<float> load<float, c10::BFloat16>(const c10::BFloat16* x) {
-  u16x16 half_words;
+  u16_lanes half_words;
   std::memcpy(&half_words, x, sizeof(half_words));
-  const u32x16 bits = __builtin_convertvector(half_words, u32x16) << 16;
+  const u32_lanes bits = __builtin_convertvector(half_words, u32_lanes) << 16;
   return bits_as<vec<float>>(bits);
 }
 template <typename acc_t, typename scalar_t>
@@ -150,10 +157,10 @@ inline void store<float, float>(float* out, vec<float> v, int64_t n) {
 template <>
 inline void store<c10::BFloat16, float>(c10::BFloat16* out, vec<float> v, int64_t n) {
   // Round to nearest even, as c10::BFloat16(float); NaN stays a (quiet) NaN.
-  const u32x16 bits = bits_as<u32x16>(v);
-  const u32x16 rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
-  const u32x16 result = v != v ? u32x16{} + 0x7fc0u : rounded;
-  const u16x16 half_words = __builtin_convertvector(result, u16x16);
+  const u32_lanes bits = bits_as<u32_lanes>(v);
+  const u32_lanes rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
+  const u32_lanes result = v != v ? u32_lanes{} + 0x7fc0u : rounded;
+  const u16_lanes half_words = __builtin_convertvector(result, u16_lanes);
   std::memcpy(out, &half_words, n * sizeof(uint16_t));
 }
 
