@@ -113,12 +113,12 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
 @torch.compiler.assume_constant_result
 def _resolve_for_device(backend: str, device: str, op: str) -> str:
     _check_name(backend, "backend")
-    kernels = registry.spec(op).kernels
+    registry.spec(op)  # KeyError naming the known ops
     if backend == "auto":
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(device, kernels)
+        return _auto_backend(device, registry.auto_kernels(op))
     _require(backend, device)
     if not registry.has_kernel(op, backend):
         others = [b for b in registry.backends(op) if _runs_on(b, device)]
@@ -148,7 +148,8 @@ def _auto_backend(device: str, kernels: tuple[str, ...] = registry.FUSED_BACKEND
         if cuda_available() and "cuda" in kernels:
             return "cuda"
         _say_torch_fallback_once(
-            "Triton is not available and the CUDA extension has no kernel of this op"
+            "Triton is not available and the CUDA extension has no kernel of this op (or one "
+            "measured slower than eager PyTorch)"
             if cuda_available()
             else "neither Triton nor the CUDA extension is available"
         )

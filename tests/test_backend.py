@@ -81,6 +81,24 @@ def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
     assert _backend._auto_backend("cuda", ppo_kernels) == "triton"
 
 
+def test_auto_never_picks_a_backend_measured_slower_than_eager(monkeypatch):
+    """Without Triton on a GPU, "auto" takes torch for the Gumbel-Softmax ops, whose CUDA C++
+    kernels a benchmark measured slower than eager; by name the CUDA backend still serves."""
+    from rlgaf_fast import _backend
+
+    monkeypatch.setattr(_backend, "_triton", lambda: (False, "not installed"))
+    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    _backend._say_torch_fallback_once.cache_clear()
+    for op in ("gumbel_softmax", "gumbel_softmax_embedding"):
+        assert "cuda" in registry.spec(op).kernels
+        assert "cuda" not in registry.auto_kernels(op)
+        with pytest.warns(UserWarning, match="slower than eager"):
+            assert _backend._resolve_for_device("auto", "cuda", op) == "torch"
+        _backend._say_torch_fallback_once.cache_clear()
+        assert _backend._resolve_for_device("cuda", "cuda", op) == "cuda"
+    assert _backend._resolve_for_device("auto", "cuda", "soft_embedding") == "cuda"
+
+
 def test_an_explicit_backend_without_the_ops_kernel_is_an_error_naming_the_op(monkeypatch):
     from rlgaf_fast import _backend
 

@@ -369,11 +369,13 @@ hidden states:
 
 **matmuls** is the floor (the three matrix products alone). "time / ours" and "peak / ours"
 divide a provider's median time and peak memory by rlgaf_fast's. A library that is not
-installed shows as "unavailable" with the reason. rlgaf_fast's `fused_linear_logprobs` forms
-each chunk's logits twice, in forward and again in backward (their gradient needs the incoming
-gradients of both outputs, known only then): four matrix products where eager, torch.compile
-and Cut Cross-Entropy, which keep the full logits, do three. Its `fused_linear_ppo_loss` knows
-its gradient in forward and does three.
+installed shows as "unavailable" with the reason. rlgaf_fast's `fused_linear_logprobs` appears
+twice: by default (row `cpp`) it forms each chunk's logits twice, in forward and again in
+backward (their gradient needs the incoming gradients of both outputs, known only then), four
+matrix products where eager, torch.compile and Cut Cross-Entropy, which keep the full logits,
+do three; with `save_logits=True` (row `cpp (save_logits)`) it keeps them too, does three, and
+frees each chunk of them as the backward finishes it. Its `fused_linear_ppo_loss` knows its
+gradient in forward and does three.
 """
 
 

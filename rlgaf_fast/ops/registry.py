@@ -46,12 +46,15 @@ class OpSpec:
         inputs' dtype).
     training_loop: the training loop takes it from rlgaf_fast.rlgaf.kernel_ops, fused or
         reference (so the reference module must have a function of that name).
+    not_auto: fused backends that "auto" never picks for the op (a benchmark measured them
+        slower than eager PyTorch); asking for them by name still works.
     """
 
     kernels: tuple[str, ...]
     triton_module: str | None = None
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     training_loop: bool = False
+    not_auto: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.kernels) - set(FUSED_BACKENDS)
@@ -62,9 +65,19 @@ class OpSpec:
 _ALL = FUSED_BACKENDS
 _NO_CUDA = ("cpp", "triton")  # the PPO kernels have no CUDA C++ implementation
 
+# The CUDA C++ Gumbel-Softmax took 0.48x eager's speed at [8192, 128256] bf16 on an H200
+# (benchmarks/results/h200-2026-11-27), and the offline cost model predicts its embedding
+# kernels far slower still (benchmarks/results/cost-model-sm90): without Triton, "auto" takes
+# the torch backend for these.
+_SLOWER_THAN_EAGER_ON_GPU = ("cuda",)
+
 OPS: dict[str, OpSpec] = {
-    "gumbel_softmax": OpSpec(_ALL, "gumbel_softmax", training_loop=True),
-    "gumbel_softmax_embedding": OpSpec(_ALL, "gumbel_softmax_embedding", training_loop=True),
+    "gumbel_softmax": OpSpec(
+        _ALL, "gumbel_softmax", training_loop=True, not_auto=_SLOWER_THAN_EAGER_ON_GPU
+    ),
+    "gumbel_softmax_embedding": OpSpec(
+        _ALL, "gumbel_softmax_embedding", training_loop=True, not_auto=_SLOWER_THAN_EAGER_ON_GPU
+    ),
     # dense mode is one matrix product on every backend; top-k is a cpp kernel, and on a GPU
     # topk + embedding_bag (ATen's fused gather), so no Triton module
     "soft_embedding": OpSpec(_ALL, training_loop=True),
@@ -88,6 +101,12 @@ def spec(op: str) -> OpSpec:
 def backends(op: str) -> tuple[str, ...]:
     """Every backend that runs ``op``: torch, then its fused ones."""
     return ("torch", *spec(op).kernels)
+
+
+def auto_kernels(op: str) -> tuple[str, ...]:
+    """The fused backends that "auto" may pick for ``op``."""
+    row = spec(op)
+    return tuple(k for k in row.kernels if k not in row.not_auto)
 
 
 def has_kernel(op: str, backend: str) -> bool:
