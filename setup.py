@@ -1,8 +1,8 @@
 """Builds rlgaf_fast and its compiled extension rlgaf_fast._C.
 
-The C++ CPU kernels (csrc/cpu) are always built; the CUDA kernels (csrc/cuda) too where torch has
-CUDA and nvcc is found. A failed or impossible compile does not fail the install: the package then
-runs on its torch backend and says so once when first used.
+The extension holds the C++ CPU kernels (csrc/cpu); the GPU kernels are Triton, compiled at run
+time. A failed or impossible compile does not fail the install: the package then runs on its
+torch backend and says so once when first used.
 """
 
 import glob
@@ -17,8 +17,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _extensions_and_cmdclass():
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print(
             "rlgaf_fast: torch is not importable at build time; skipping the C++ extension",
@@ -37,29 +36,13 @@ def _extensions_and_cmdclass():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if os.environ.get("RLGAF_FAST_PORTABLE") != "1":
         cxx_flags.append("-march=native")
-    build_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("RLGAF_FAST_NO_CUDA") != "1"
+    ext = CppExtension(
+        "rlgaf_fast._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+        optional=True,  # setuptools then skips a missing library when installing in place
     )
-    if build_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        ext = CUDAExtension(
-            "rlgaf_fast._C",
-            sources,
-            define_macros=[("RLGAF_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
-            optional=True,  # setuptools then skips a missing library when installing in place
-        )
-    else:
-        ext = CppExtension(
-            "rlgaf_fast._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        )
 
     class OptionalBuildExtension(BuildExtension):
         """Turns a compile failure into a warning, so that the install still succeeds."""

@@ -1,10 +1,8 @@
 // The Python module rlgaf_fast._C and the one declaration of every C++ operator's schema.
 //
-// Each schema is declared here once, in the namespace rlgaf_fast_C; the kernels register for
-// their device in their own files (TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU / CUDA, m)), so that one
-// name, torch.ops.rlgaf_fast_C.<op>, reaches the kernel of its tensors' device and a device
-// without a kernel gets the dispatcher's error instead of a stray call. An op that a device lacks
-// (the PPO losses on CUDA) is simply not registered for it. Importing this module registers them.
+// Each schema is declared here once, in the namespace rlgaf_fast_C; the CPU kernels register in
+// their own files (TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m)), so that a tensor on another device
+// gets the dispatcher's error instead of a stray call. Importing this module registers them.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -13,14 +11,13 @@
 #endif
 
 TORCH_LIBRARY(rlgaf_fast_C, m) {
-  // Gumbel-Softmax rows (csrc/cpu/gumbel_softmax.cpp, csrc/cuda/gumbel_softmax.cu)
+  // Gumbel-Softmax rows (csrc/cpu/gumbel_softmax.cpp)
   m.def("gumbel_softmax_fwd(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)");
   m.def("gumbel_softmax_bwd(Tensor grad_y, Tensor y, float tau) -> Tensor");
   m.def(
       "gumbel_softmax_bwd_from_logits(Tensor grad_y, Tensor logits, float tau, int seed) -> "
       "Tensor");
-  // fused Gumbel-Softmax -> embedding (csrc/cpu/gumbel_softmax.cpp,
-  // csrc/cuda/gumbel_softmax_embedding.cu)
+  // fused Gumbel-Softmax -> embedding (csrc/cpu/gumbel_softmax.cpp)
   m.def(
       "gumbel_softmax_embedding_fwd(Tensor logits, Tensor weight, float tau, int seed) -> "
       "(Tensor, Tensor, Tensor)");
@@ -52,17 +49,8 @@ TORCH_LIBRARY(rlgaf_fast_C, m) {
       "Tensor(a!) grad_logits) -> ()");
 }
 
-static bool built_with_cuda() {
-#ifdef RLGAF_FAST_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 static int num_threads() { return at::get_num_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
   m.def("num_threads", &num_threads, "intra-op threads the CPU kernels use");
 }

@@ -20,7 +20,7 @@ import torch
 
 from rlgaf_fast.ops import registry
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+BACKENDS = ("torch", "cpp", "triton")
 _REINSTALL = "reinstall with: pip install --no-build-isolation -e . (a C++ compiler is needed)"
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "rlgaf_fast_backend", default=None
@@ -53,12 +53,6 @@ def cpp_available() -> bool:
     return _extension()[0] is not None
 
 
-def cuda_available() -> bool:
-    """Whether the extension holds the CUDA kernels and a CUDA device is present."""
-    ext = _extension()[0]
-    return ext is not None and ext.built_with_cuda() and torch.cuda.is_available()
-
-
 def triton_available() -> bool:
     """Whether Triton kernels can run: Triton imports and a GPU is present (or the interpreter)."""
     return _triton()[0] and (torch.cuda.is_available() or _triton_interpreted())
@@ -72,8 +66,6 @@ def available_backends() -> list[str]:
         found.append("cpp")
     if triton_available():
         found.append("triton")
-    if cuda_available():
-        found.append("cuda")
     return found
 
 
@@ -118,7 +110,7 @@ def _resolve_for_device(backend: str, device: str, op: str) -> str:
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(device, registry.auto_kernels(op))
+        return _auto_backend(device, registry.spec(op).kernels)
     _require(backend, device)
     if not registry.has_kernel(op, backend):
         others = [b for b in registry.backends(op) if _runs_on(b, device)]
@@ -133,8 +125,6 @@ def _runs_on(backend: str, device: str) -> bool:
     """Whether ``backend`` takes tensors of ``device`` (not whether it is installed)."""
     if backend == "cpp":
         return device == "cpu"
-    if backend == "cuda":
-        return device == "cuda"
     if backend == "triton":
         return device == "cuda" or _triton_interpreted()
     return True
@@ -142,18 +132,10 @@ def _runs_on(backend: str, device: str) -> bool:
 
 def _auto_backend(device: str, kernels: tuple[str, ...] = registry.FUSED_BACKENDS) -> str:
     """The fastest available backend for ``device`` among torch and ``kernels``."""
-    if device == "cuda":
-        if _triton()[0] and "triton" in kernels:
+    if device == "cuda" and "triton" in kernels:
+        if _triton()[0]:
             return "triton"
-        if cuda_available() and "cuda" in kernels:
-            return "cuda"
-        _say_torch_fallback_once(
-            "Triton is not available and the CUDA extension has no kernel of this op (or one "
-            "measured slower than eager PyTorch)"
-            if cuda_available()
-            else "neither Triton nor the CUDA extension is available"
-        )
-        return "torch"
+        _say_torch_fallback_once(f"Triton is not available ({_triton()[1]}); pip install triton")
     if device == "cpu" and "cpp" in kernels:
         if cpp_available():
             return "cpp"
@@ -172,15 +154,6 @@ def _require(backend: str, device: str) -> None:
             )
         if device != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got a tensor on {device}")
-    elif backend == "cuda":
-        if not cuda_available():
-            raise RuntimeError(
-                "backend 'cuda' is not available: the extension was built without "
-                "its CUDA kernels or no CUDA device is present (build on a machine "
-                "with nvcc and a CUDA build of torch)"
-            )
-        if device != "cuda":
-            raise RuntimeError(f"backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
     elif backend == "triton":
         if not _triton()[0]:
             raise RuntimeError(
@@ -194,8 +167,7 @@ def _require(backend: str, device: str) -> None:
 
 
 def extension_ops():
-    """The C++ operators of rlgaf_fast._C, ``torch.ops.rlgaf_fast_C``: one name per op, whose
-    CPU (cpp backend) or CUDA (cuda backend) kernel the dispatcher picks by the tensors' device."""
+    """The C++ CPU operators of rlgaf_fast._C (the cpp backend), ``torch.ops.rlgaf_fast_C``."""
     _extension()
     return torch.ops.rlgaf_fast_C
 
@@ -211,7 +183,7 @@ def kernel_module(op: str, backend: str):
     row = registry.spec(op)
     if backend not in row.kernels:
         raise ValueError(f"backend must be one of {row.kernels} for {op}, got {backend!r}")
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         return extension_ops()
     if row.triton_module is None:
         raise ValueError(f"{op} has no Triton module: its triton path is torch ops")

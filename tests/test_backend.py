@@ -1,6 +1,7 @@
 import importlib
 import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
@@ -64,50 +65,61 @@ def test_cpp_kernel_errors_print_numbers_shapes_and_dtypes():
         ops.ppo_loss_fwd(logits, torch.tensor([0, 5, 1]), 1.0)
 
 
-def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
-    """On a GPU where Triton is missing but the CUDA extension is built, "auto" must not pick
-    cuda for an op without a CUDA kernel (the PPO losses): it falls back to torch, saying so."""
+def test_auto_on_a_gpu_takes_triton_or_says_why_it_falls_back_to_torch(monkeypatch):
     from rlgaf_fast import _backend
 
-    monkeypatch.setattr(_backend, "_triton", lambda: (False, "not installed"))
-    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(_backend, "_triton", lambda: (False, "No module named 'triton'"))
     _backend._say_torch_fallback_once.cache_clear()
-    ppo_kernels = registry.spec("ppo_loss").kernels
-    assert "cuda" not in ppo_kernels
-    assert _backend._auto_backend("cuda") == "cuda"
-    with pytest.warns(UserWarning, match="the CUDA extension has no kernel of this op"):
-        assert _backend._auto_backend("cuda", ppo_kernels) == "torch"
+    with pytest.warns(UserWarning, match=r"Triton is not available \(No module named 'triton'\)"):
+        assert _backend._resolve_for_device("auto", "cuda", "gumbel_softmax") == "torch"
+    assert _backend._resolve_for_device("auto", "cuda", "ppo_loss") == "torch"
     monkeypatch.setattr(_backend, "_triton", lambda: (True, ""))
-    assert _backend._auto_backend("cuda", ppo_kernels) == "triton"
+    for op in ("gumbel_softmax", "gumbel_softmax_embedding", "soft_embedding", "ppo_loss"):
+        assert _backend._resolve_for_device("auto", "cuda", op) == "triton", op
 
 
-def test_auto_never_picks_a_backend_measured_slower_than_eager(monkeypatch):
-    """Without Triton on a GPU, "auto" takes torch for the Gumbel-Softmax ops, whose CUDA C++
-    kernels a benchmark measured slower than eager; by name the CUDA backend still serves."""
+def test_auto_passes_over_a_backend_without_the_ops_kernel(monkeypatch):
+    """An op whose kernels lack the device's backend runs on torch, silently: nothing is
+    missing from the install."""
     from rlgaf_fast import _backend
 
-    monkeypatch.setattr(_backend, "_triton", lambda: (False, "not installed"))
-    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(_backend, "_triton", lambda: (True, ""))
+    monkeypatch.setattr(_backend, "cpp_available", lambda: True)
     _backend._say_torch_fallback_once.cache_clear()
-    for op in ("gumbel_softmax", "gumbel_softmax_embedding"):
-        assert "cuda" in registry.spec(op).kernels
-        assert "cuda" not in registry.auto_kernels(op)
-        with pytest.warns(UserWarning, match="slower than eager"):
-            assert _backend._resolve_for_device("auto", "cuda", op) == "torch"
-        _backend._say_torch_fallback_once.cache_clear()
-        assert _backend._resolve_for_device("cuda", "cuda", op) == "cuda"
-    assert _backend._resolve_for_device("auto", "cuda", "soft_embedding") == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend._auto_backend("cuda", ("cpp",)) == "torch"
+        assert _backend._auto_backend("cpu", ("triton",)) == "torch"
+        assert _backend._auto_backend("cpu", ()) == "torch"
+    assert _backend._auto_backend("cuda", ("cpp", "triton")) == "triton"
+    assert _backend._auto_backend("cpu", ("cpp", "triton")) == "cpp"
 
 
 def test_an_explicit_backend_without_the_ops_kernel_is_an_error_naming_the_op(monkeypatch):
     from rlgaf_fast import _backend
 
-    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
-    with pytest.raises(RuntimeError, match="ppo_loss has no 'cuda' kernel"):
-        _backend._resolve_for_device("cuda", "cuda", "ppo_loss")
-    assert _backend._resolve_for_device("cuda", "cuda", "gumbel_softmax") == "cuda"
+    monkeypatch.setattr(_backend, "cpp_available", lambda: True)
+    with pytest.raises(RuntimeError, match=r"value_loss has no 'cpp' kernel.*: \['torch'\]"):
+        _backend._resolve_for_device("cpp", "cpu", "value_loss")
+    assert _backend._resolve_for_device("cpp", "cpu", "gumbel_softmax") == "cpp"
     with pytest.raises(KeyError, match="op must be one of"):
         _backend._resolve_for_device("torch", "cpu", "no_such_op")
+
+
+def test_cuda_is_not_a_backend_name(monkeypatch):
+    """The torch device "cuda" is not a backend: asking for it names the valid backends."""
+    from rlgaf_fast import _backend
+
+    assert "cuda" not in _backend.BACKENDS + registry.FUSED_BACKENDS
+    expected = r"backend must be 'auto' or one of \('torch', 'cpp', 'triton'\), got 'cuda'"
+    with pytest.raises(ValueError, match=expected):
+        rlgaf_fast.gumbel_softmax(torch.randn(2, 3), backend="cuda")
+    monkeypatch.setenv("RLGAF_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="RLGAF_FAST_BACKEND must be .*, got 'cuda'"):
+        rlgaf_fast.gumbel_softmax(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="name must be .*, got 'cuda'"):
+        with rlgaf_fast.use_backend("cuda"):
+            pass
 
 
 def test_the_op_table_is_what_the_package_offers():

@@ -560,7 +560,7 @@ void ppo_loss_vjp_lse(const at::Tensor& logits, const at::Tensor& actions,
 }  // namespace cpu
 }  // namespace rlgaf_fast
 
-// Schemas in csrc/ops.cpp. CPU only: the CUDA extension has no kernel of the PPO losses.
+// Schemas in csrc/ops.cpp.
 TORCH_LIBRARY_IMPL(rlgaf_fast_C, CPU, m) {
   m.impl("ppo_loss_fwd", &rlgaf_fast::cpu::ppo_loss_fwd);
   m.impl("ppo_loss_fwd_grad", &rlgaf_fast::cpu::ppo_loss_fwd_grad);

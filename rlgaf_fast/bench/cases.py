@@ -9,7 +9,7 @@ reference's Philox (ten rounds of 32-bit products written as int64 tensor arithm
 Inductor's lowering into an exponentially re-expanded expression tree (seen with torch 2.13: no
 compiled graph after 7 minutes), and its eager form takes about 50 s for [512, 32000] on two
 cores, so it serves only as the correctness reference, on a few rows.
-``cpp``, ``triton``, ``cuda``: rlgaf_fast's fused backends, those that have a kernel of the op
+``cpp``, ``triton``: rlgaf_fast's fused backends, those that have a kernel of the op
 (rlgaf_fast.ops.registry). The fused linear loss adds
 ``matmuls`` (only the matrix products that any implementation must do: the floor for its time).
 The cases of ``--peers`` (per-token log-probs, the GRPO loss) are made, run and checked in

@@ -8,8 +8,6 @@ kernels are tested against. ``kernels`` names the fused backends on top of it:
 
 - ``cpp``: the C++ CPU kernels of the extension rlgaf_fast._C, ``torch.ops.rlgaf_fast_C.<fn>``
   (schema declared once in csrc/ops.cpp, CPU implementation registered in csrc/cpu/);
-- ``cuda``: the same operators' CUDA implementations (csrc/cuda/), reached through the same
-  name: the dispatcher picks the kernel of the tensors' device;
 - ``triton``: the launchers of the module ``rlgaf_fast.kernels.<triton_module>``.
 
 "auto" passes over a backend that has no kernel of the op, and asking for one explicitly is an
@@ -17,8 +15,8 @@ error naming the op.
 
 Adding an op: one row here, its reference function in rlgaf_fast/reference.py, its public
 function in an rlgaf_fast/ops module (validation, then ``resolve_backend(backend, x, "<op>")``
-and ``kernel_module("<op>", backend)``), the kernels (a schema in csrc/ops.cpp plus a
-TORCH_LIBRARY_IMPL per device; a Triton module under kernels/), and tests against the
+and ``kernel_module("<op>", backend)``), the kernels (a schema in csrc/ops.cpp plus its
+TORCH_LIBRARY_IMPL in csrc/cpu/; a Triton module under kernels/), and tests against the
 reference on every backend. Adding a backend: its name in rlgaf_fast._backend.BACKENDS with
 its availability and device rules there, and its name in the ``kernels`` of each op it serves.
 """
@@ -31,7 +29,7 @@ import torch
 
 from rlgaf_fast.ops._checks import FLOAT_DTYPES
 
-FUSED_BACKENDS = ("cpp", "triton", "cuda")
+FUSED_BACKENDS = ("cpp", "triton")
 
 
 @dataclass(frozen=True)
@@ -46,15 +44,12 @@ class OpSpec:
         inputs' dtype).
     training_loop: the training loop takes it from rlgaf_fast.rlgaf.kernel_ops, fused or
         reference (so the reference module must have a function of that name).
-    not_auto: fused backends that "auto" never picks for the op (a benchmark measured them
-        slower than eager PyTorch); asking for them by name still works.
     """
 
     kernels: tuple[str, ...]
     triton_module: str | None = None
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     training_loop: bool = False
-    not_auto: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.kernels) - set(FUSED_BACKENDS)
@@ -63,28 +58,17 @@ class OpSpec:
 
 
 _ALL = FUSED_BACKENDS
-_NO_CUDA = ("cpp", "triton")  # the PPO kernels have no CUDA C++ implementation
-
-# The CUDA C++ Gumbel-Softmax took 0.48x eager's speed at [8192, 128256] bf16 on an H200
-# (benchmarks/results/h200-2026-11-27), and the offline cost model predicts its embedding
-# kernels far slower still (benchmarks/results/cost-model-sm90): without Triton, "auto" takes
-# the torch backend for these.
-_SLOWER_THAN_EAGER_ON_GPU = ("cuda",)
 
 OPS: dict[str, OpSpec] = {
-    "gumbel_softmax": OpSpec(
-        _ALL, "gumbel_softmax", training_loop=True, not_auto=_SLOWER_THAN_EAGER_ON_GPU
-    ),
-    "gumbel_softmax_embedding": OpSpec(
-        _ALL, "gumbel_softmax_embedding", training_loop=True, not_auto=_SLOWER_THAN_EAGER_ON_GPU
-    ),
+    "gumbel_softmax": OpSpec(_ALL, "gumbel_softmax", training_loop=True),
+    "gumbel_softmax_embedding": OpSpec(_ALL, "gumbel_softmax_embedding", training_loop=True),
     # dense mode is one matrix product on every backend; top-k is a cpp kernel, and on a GPU
     # topk + embedding_bag (ATen's fused gather), so no Triton module
     "soft_embedding": OpSpec(_ALL, training_loop=True),
-    "ppo_loss": OpSpec(_NO_CUDA, "ppo_loss", training_loop=True),
-    "fused_linear_ppo_loss": OpSpec(_NO_CUDA, "ppo_loss"),
-    "token_logprobs": OpSpec(_NO_CUDA, "ppo_loss", training_loop=True),
-    "fused_linear_logprobs": OpSpec(_NO_CUDA, "ppo_loss"),
+    "ppo_loss": OpSpec(_ALL, "ppo_loss", training_loop=True),
+    "fused_linear_ppo_loss": OpSpec(_ALL, "ppo_loss"),
+    "token_logprobs": OpSpec(_ALL, "ppo_loss", training_loop=True),
+    "fused_linear_logprobs": OpSpec(_ALL, "ppo_loss"),
     "value_loss": OpSpec((), training_loop=True),
     "gae": OpSpec((), training_loop=True),
 }
@@ -101,12 +85,6 @@ def spec(op: str) -> OpSpec:
 def backends(op: str) -> tuple[str, ...]:
     """Every backend that runs ``op``: torch, then its fused ones."""
     return ("torch", *spec(op).kernels)
-
-
-def auto_kernels(op: str) -> tuple[str, ...]:
-    """The fused backends that "auto" may pick for ``op``."""
-    row = spec(op)
-    return tuple(k for k in row.kernels if k not in row.not_auto)
 
 
 def has_kernel(op: str, backend: str) -> bool:

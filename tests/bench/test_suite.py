@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlgaf_fast.bench import cases, measure, presets, report, suite
+from rlgaf_fast.ops import registry
 
 _REAL_PROVIDERS = cases.providers
 
@@ -116,13 +117,14 @@ def test_memory_method_of_the_run_follows_the_environment(tmp_path, monkeypatch)
     }
 
 
-def test_the_ppo_losses_are_not_offered_to_the_cuda_backend():
-    for op in ("ppo_loss", "fused_linear_ppo_loss"):
-        case = next(c for c in presets.select("quick", "cuda", [op])[0])
-        assert "cuda" not in cases.providers(case, ["triton", "cuda"])
-        assert "triton" in cases.providers(case, ["triton", "cuda"])
+def test_a_fused_backend_without_the_ops_kernel_is_not_a_provider(monkeypatch):
+    case = next(c for c in presets.select("quick", "cuda", ["ppo_loss"])[0])
+    assert {"eager", "compile", "triton"} <= set(cases.providers(case, ["triton"]))
+    assert "cpp" not in cases.providers(case, ["triton"])
+    monkeypatch.setitem(registry.OPS, "ppo_loss", registry.OpSpec(("cpp",), "ppo_loss"))
+    assert "triton" not in cases.providers(case, ["triton"])
     case = next(c for c in presets.select("quick", "cuda", ["gumbel_softmax"])[0])
-    assert "cuda" in cases.providers(case, ["triton", "cuda"])
+    assert "triton" in cases.providers(case, ["triton"])
 
 
 def test_fraction_of_ceiling_is_the_roofline_bound():

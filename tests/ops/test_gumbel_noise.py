@@ -42,7 +42,7 @@ def _interpreted(backend: str) -> bool:
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _relative_error(g: torch.Tensor, g_ref: torch.Tensor) -> float:

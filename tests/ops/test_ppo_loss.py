@@ -12,11 +12,9 @@ from rlgaf_fast import reference
 from rlgaf_fast.ops import fused_linear_ppo_loss as linear_ops
 from rlgaf_fast.ops import ppo_loss as ops
 from rlgaf_fast.ops._ppo import PPOOptions
-from rlgaf_fast.ops.registry import has_kernel
 from tests.conftest import fused_backends
 
-# the PPO losses have no CUDA C++ kernel (test_cuda_backend_is_a_clear_error)
-BACKENDS = [b for b in fused_backends() if has_kernel("ppo_loss", b)]
+BACKENDS = fused_backends()
 ALL_BACKENDS = ["torch", *BACKENDS]
 METRICS = ("clipfrac", "approx_kl", "ratio_mean", "kl")
 
@@ -26,7 +24,7 @@ def _interpreted(backend: str) -> bool:
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _batch(B=3, T=5, V=37, dtype=torch.float64, device="cpu", spread=0.4, seed=0):
@@ -101,25 +99,6 @@ def _assert_outputs_close(out, expected, atol, rtol):
             assert got is None, name
         else:
             torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=rtol, msg=name)
-
-
-@pytest.mark.skipif(
-    "cuda" not in rlgaf_fast.available_backends(), reason="needs the CUDA extension"
-)
-def test_cuda_backend_is_a_clear_error():
-    b = _batch(device="cuda")
-    with pytest.raises(RuntimeError, match="ppo_loss has no 'cuda' kernel"):
-        _call(ops.ppo_loss, b, b["logits"], {}, backend="cuda")
-    hidden = torch.randn(3, 5, 8, dtype=torch.float64, device="cuda")
-    weight = torch.randn(37, 8, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="fused_linear_ppo_loss has no 'cuda' kernel"):
-        _call(
-            lambda h, *a, **k: linear_ops.fused_linear_ppo_loss(h, weight, *a, **k),
-            b,
-            hidden,
-            {},
-            backend="cuda",
-        )
 
 
 @pytest.mark.parametrize("case", OPTION_CASES)

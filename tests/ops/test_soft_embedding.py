@@ -9,7 +9,7 @@ ALL_BACKENDS = ["torch", *fused_backends()]
 
 
 def _device(backend):
-    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
