@@ -4,9 +4,9 @@ an H100 SXM (sm_90), built from the compiled code on a machine without a GPU.
     python benchmarks/cost_model.py [--out benchmarks/results/cost-model-sm90]
 
 What it does:
-1. compiles the GPU kernels for sm_90: the Triton kernels through their real launchers with the
-   launch replaced by compilation (benchmarks/triton_compile_check.py), at the benchmark's
-   dtype (bf16) and block sizes, and the CUDA kernels with ``nvcc -cubin -arch=sm_90``;
+1. compiles the Triton kernels for sm_90 through their real launchers with the launch replaced
+   by compilation (benchmarks/triton_compile_check.py), at the benchmark's dtype (bf16) and
+   block sizes;
 2. disassembles each cubin (``cuobjdump -sass``) and counts, per element of the [N, V] logits,
    per kernel: the noise evaluations (how often each element's Philox + logarithms are
    computed), special-function instructions (MUFU.*), integer multiplies (IMAD.WIDE/IMAD.HI:
@@ -19,7 +19,7 @@ What it does:
 How the counts are made. A kernel's code is a set of regions: a loop body (found from the
 backward branches of the SASS) or the whole kernel without its back edges. Each region's
 instructions are counted along one path through it (its longest path, the one that takes the
-soft sample and the general load paths where a CUDA kernel branches), with the loops inside it
+soft sample and the general load paths where a kernel branches), with the loops inside it
 counted once per trip; the kernel table below says, for each region, how many [N, V] elements
 one thread covers per execution and how many times each element is covered (derived from the
 kernels' source and launch configuration: block sizes, warps, grids). Per element = count x
@@ -49,10 +49,10 @@ bound; a case's time is the sum over its kernels. Measured H200 times come from
 benchmarks/results/h200-2026-11-27 (triton 3.6 there; this script compiles with the installed
 triton, whose code may differ).
 
-Tools: nvcc (CUDA toolkit) for the CUDA kernels, triton with its NVIDIA backend for the Triton
-ones, and cuobjdump, which the triton wheel ships (triton/backends/nvidia/bin); elsewhere
-``pip install nvidia-cuda-cuobjdump`` provides it (or set CUOBJDUMP to its path). A missing
-tool skips that backend with a message. Not a measurement: no GPU runs anything here.
+Tools: triton with its NVIDIA backend, and cuobjdump, which the triton wheel ships
+(triton/backends/nvidia/bin); elsewhere ``pip install nvidia-cuda-cuobjdump`` provides it (or
+set CUOBJDUMP to its path). A missing tool skips the kernels with a message. Not a measurement:
+no GPU runs anything here.
 """
 
 from __future__ import annotations
@@ -369,43 +369,6 @@ def compile_triton(shapes: dict[str, int], arch: int = 90) -> dict[str, list[Ins
     return out
 
 
-def nvcc_flags() -> list[str]:
-    """The flags setup.py's CUDAExtension compiles csrc/cuda with (device code only)."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
-
-    return ["-O3", "-std=c++17", "-DRLGAF_FAST_WITH_CUDA=1", *COMMON_NVCC_FLAGS] + [
-        f"-I{path}" for path in include_paths()
-    ]
-
-
-def compile_cuda(sources: list[str], arch: int = 90) -> dict[str, list[Instruction]]:
-    """SASS of the bf16 instances of the CUDA kernels in ``sources`` (csrc/cuda file names),
-    compiled one file at a time with nvcc -cubin. Keys: the ``CUDA_KERNELS`` labels."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc not found: install the CUDA toolkit (12 or newer) for sm_90")
-    functions: dict[str, list[Instruction]] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for source in sources:
-            cubin = Path(folder) / (Path(source).stem + ".cubin")
-            subprocess.run(
-                [nvcc, "-cubin", f"-arch=sm_{arch}", *nvcc_flags(), "-o", str(cubin), source],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
-            functions.update(disassemble(cubin))
-    out = {}
-    for label, kernel in CUDA_KERNELS.items():
-        if kernel.source not in sources:
-            continue
-        names = [name for name in functions if re.search(kernel.name, name)]
-        if len(names) != 1:
-            raise RuntimeError(f"{label}: {len(names)} functions match {kernel.name!r}")
-        out[label] = functions[names[0]]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The kernels' structure: which code covers the [N, V] elements, how often
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +390,7 @@ class Region:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A compiled kernel of the model: its name (Triton) or mangled-name pattern (CUDA), the
+    """A compiled kernel of the model: its name, the
     direction it serves, how many loops its code must have (a changed kernel fails loudly),
     the regions, the noise evaluations per element that its source implies, and, for tile
     kernels whose loads re-read tiles that L2 holds, the DRAM bytes per element (its [N, V]
@@ -438,7 +401,6 @@ class Kernel:
     loops: int
     regions: tuple[Region, ...]
     noise: float
-    source: str = ""
     dram_bytes: float | None = None
 
 
@@ -482,76 +444,6 @@ TRITON_KERNELS: dict[str, Kernel] = {
     "triton emb probs (bwd)": Kernel("_embedding_probs_kernel", "bwd", 0, (Region(None, 16),), 1),
 }
 
-# CUDA row kernels: a block of 512 threads a row, 4 columns (one Philox call) a thread per
-# iteration; loop 0 is the grid-stride loop over rows. The embedding tile kernels (256 threads)
-# make their probability tile with 128 threads (4 columns each) and multiply with all 256: the
-# noise path is counted for 128 threads, the tile loops once more for the other 128.
-_GS = "csrc/cuda/gumbel_softmax.cu"
-_GSE = "csrc/cuda/gumbel_softmax_embedding.cu"
-_BF16 = r"IN3c108BFloat16E"
-CUDA_KERNELS: dict[str, Kernel] = {
-    "cuda fwd": Kernel(
-        rf"gumbel_softmax_fwd_kernel{_BF16}fE", "fwd", 3, (Region(1, 4), Region(2, 4)), 2, _GS
-    ),
-    "cuda bwd_from_logits": Kernel(
-        rf"gumbel_softmax_bwd_from_logits_kernel{_BF16}fE",
-        "bwd",
-        3,
-        (Region(1, 4), Region(2, 4)),
-        2,
-        _GS,
-    ),
-    "cuda emb row_stats": Kernel(
-        rf"gumbel_row_stats_kernel{_BF16}fE", "fwd", 2, (Region(1, 4),), 1, _GSE
-    ),
-    # out tile 16 rows x 64 columns, vocabulary steps of 32 (16 x 32 probabilities, 128 threads
-    # make them); D / 64 blocks cover each element. Loops: vocabulary, weight-tile load
-    # (2048 / 256 = 8 trips), product (32 steps unrolled 8: 4 trips).
-    "cuda emb fwd": Kernel(
-        rf"gumbel_embedding_fwd_kernel{_BF16}S3_ffE",
-        "fwd",
-        3,
-        (
-            Region(0, 16 * 32 / 128, D_EMB / 64, {1: 8, 2: 4}),
-            Region(1, 16 * 32 / 128, D_EMB / 64 * 8),
-            Region(2, 16 * 32 / 128, D_EMB / 64 * 4),
-        ),
-        D_EMB / 64,
-        _GSE,
-        dram_bytes=2,  # the logits (each block re-reads its rows from L2)
-    ),
-    # grad_logits tile 16 rows x 64 vocabulary (256 threads, 4 columns each); D-loop of 32
-    # steps with its tile loads (2 and 8 trips) and product (4 trips), then the noise
-    "cuda emb bwd_logits": Kernel(
-        rf"gumbel_embedding_bwd_logits_kernel{_BF16}S3_ffE",
-        "bwd",
-        4,
-        (
-            Region(None, 4, 1, {1: 2, 2: 8, 3: 4}),
-            Region(0, 4, D_EMB / 32 - 1, {1: 2, 2: 8, 3: 4}),
-        ),
-        1,
-        _GSE,
-        dram_bytes=4,
-    ),
-    # grad_weight tile 16 vocabulary x 64 columns, row steps of 32 (32 x 16 probabilities, 128
-    # threads); D / 64 blocks cover each element. Loops: rows, grad_out tile load (8 trips),
-    # product (4 trips).
-    "cuda emb bwd_weight": Kernel(
-        rf"gumbel_embedding_bwd_weight_kernel{_BF16}S3_ffE",
-        "bwd",
-        3,
-        (
-            Region(0, 32 * 16 / 128, D_EMB / 64, {1: 8, 2: 4}),
-            Region(1, 32 * 16 / 128, D_EMB / 64 * 8),
-            Region(2, 32 * 16 / 128, D_EMB / 64 * 4),
-        ),
-        D_EMB / 64,
-        _GSE,
-        dram_bytes=2,
-    ),
-}
-
 # Analytic tensor-core FLOPs per [N, V] element where a product runs on them (2 per
 # multiply-add): the forward product's two dots (p_hi and p_lo), the grad_logits dot, and the
 # weight gradient, which cuBLAS computes (no SASS here: its FLOPs and the bytes of reading the
@@ -575,17 +467,12 @@ class Case:
     eager_ms: float | None = None
 
 
-_RUN1 = "h200-2026-11-27/run1-b7c9e77"
 _RUN3 = "h200-2026-11-27/run3-a4218d5"
 _GS_TRITON = ("triton fwd", "triton bwd_from_logits")
-_GS_CUDA = ("cuda fwd", "cuda bwd_from_logits")
 CASES = (
     Case("gumbel_softmax", 8192, 128256, "triton", _GS_TRITON, 12.449, _RUN3, 13.012),
-    Case("gumbel_softmax", 8192, 128256, "cuda", _GS_CUDA, 27.079, _RUN1, 13.019),
     Case("gumbel_softmax", 8192, 32000, "triton", _GS_TRITON, 3.097, _RUN3, 3.350),
-    Case("gumbel_softmax", 8192, 32000, "cuda", _GS_CUDA, 6.973, _RUN1, 3.349),
     Case("gumbel_softmax", 8192, 151936, "triton", _GS_TRITON, 14.792, _RUN3, 15.362),
-    Case("gumbel_softmax", 8192, 151936, "cuda", _GS_CUDA, 32.014, _RUN1, 15.371),
     Case("ppo_loss clip+entropy", 16384, 128256, "triton", ("triton ppo",), 4.948, _RUN3, 75.616),
     Case("ppo_loss clip+entropy", 4096, 128256, "triton", ("triton ppo",), 2.233, _RUN3, 19.087),
     Case(
@@ -601,16 +488,6 @@ CASES = (
             "triton emb probs (bwd)",
             "cublas weight grad",
         ),
-        None,
-        "",
-        14.6,
-    ),
-    Case(
-        f"gumbel_softmax_embedding D={D_EMB}",
-        4096,
-        128256,
-        "cuda",
-        ("cuda emb row_stats", "cuda emb fwd", "cuda emb bwd_logits", "cuda emb bwd_weight"),
         None,
         "",
         14.6,
@@ -741,11 +618,7 @@ def model_counts(arch: int = 90) -> tuple[dict[str, dict], list[str]]:
     except (ImportError, RuntimeError) as error:
         code = {}
         notes.append(f"Triton kernels skipped: {error}")
-    try:
-        code.update(compile_cuda([_GS, _GSE], arch))
-    except (RuntimeError, subprocess.CalledProcessError) as error:
-        notes.append(f"CUDA kernels skipped: {error}")
-    for label, kernel in {**TRITON_KERNELS, **CUDA_KERNELS}.items():
+    for label, kernel in TRITON_KERNELS.items():
         if label in code:
             counts[label] = per_element(code[label], kernel)
             counts[label]["direction"] = kernel.direction
@@ -901,7 +774,7 @@ def main() -> int:
         cases.append(entry)
     doc = {
         "versions": f"triton {triton.__version__}, torch {torch.__version__}, "
-        f"nvcc {_nvcc_version()}, target sm_{args.arch}",
+        f"target sm_{args.arch}",
         "kernels": counts,
         "cases": cases,
         "notes": notes,
@@ -911,14 +784,6 @@ def main() -> int:
     (args.out / "README.md").write_text(render_markdown(doc))
     print(render_markdown(doc))
     return 0
-
-
-def _nvcc_version() -> str:
-    if shutil.which("nvcc") is None:
-        return "none"
-    text = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
-    match = re.search(r"release ([0-9.]+)", text)
-    return match.group(1) if match else "unknown"
 
 
 if __name__ == "__main__":
