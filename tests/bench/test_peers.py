@@ -220,7 +220,8 @@ def test_bench_peers_runs_end_to_end_and_writes_reports(tmp_path, monkeypatch):
     expected = {
         ("fused_linear_logprobs", name) for name in ("eager", "cpp", "matmuls", presets.TRL)
     } | {("fused_linear_ppo_loss", name) for name in ("eager", "cpp", "matmuls", presets.LIGER)}
-    assert expected | {("fused_linear_logprobs", presets.CCE)} == set(by_provider)
+    expected |= {("fused_linear_logprobs", name) for name in (presets.CCE, "cpp (save_logits)")}
+    assert expected == set(by_provider)
     for row in doc["rows"]:
         if row["provider"] in peers.PEERS and row["status"] == "unavailable":
             continue  # a peer not installed here
@@ -228,7 +229,9 @@ def test_bench_peers_runs_end_to_end_and_writes_reports(tmp_path, monkeypatch):
         assert row["median_ms"] > 0 and row["peak_bytes"] is not None
     ours = by_provider[("fused_linear_logprobs", "cpp")]
     assert ours["time_ratio_vs_ours"] == 1.0 and ours["computes"] == "log-probs + entropy"
-    assert [g["provider_row"] for g in doc["goals"]] == ["cpp", "cpp"]
+    assert [g["provider_row"] for g in doc["goals"]] == ["cpp", "cpp (save_logits)"] * 2
+    saved = by_provider[("fused_linear_logprobs", "cpp (save_logits)")]
+    assert saved["computes"] == "log-probs + entropy" and saved["check"] is True
     text = (tmp_path / "results.md").read_text()
     assert "## Peers" in text and "| log-probs only |" in text
     assert "peers.png" in doc["plots"] and (tmp_path / "peers.png").stat().st_size > 0
