@@ -5,12 +5,11 @@ and backend dispatch.
 The per-chunk kernels are the PPO kernels (rlgaf_fast.ops._ppo): ppo_loss_fwd gives each row's
 log-probability of its label, its entropy and its logsumexp in one read of the row, and
 ppo_loss_vjp_lse, from the last two, the gradient of sum_n g_n * logp_n + e_n * H_n for the
-incoming gradients g, e in one more. As those are known
-only in backward, the backward either forms each chunk's logits again (one more matrix product
-per chunk, no [N, V] tensor kept between the passes) or, with save_logits, reads the logits the
-forward kept and overwrites them with their gradient (three matrix products in all, [N, V]
-logits held from forward to backward). The torch backend is
-rlgaf_fast.reference.fused_linear_logprobs.
+incoming gradients g, e in one more. As g and e are known only in backward, the backward either
+forms each chunk's logits again (one more matrix product per chunk, no [N, V] tensor kept
+between the passes) or, with save_logits, reads the logits the forward kept and overwrites them
+with their gradient (three matrix products in all, [N, V] logits held from forward to backward).
+The torch backend is rlgaf_fast.reference.fused_linear_logprobs.
 """
 
 from __future__ import annotations
