@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-call check on a GPU machine (H100/H200; torch, triton and nvcc preinstalled; no network):
-# build the extension in place, run the GPU tests, a few fused training steps of the RLGAF
-# trainer, then the benchmark suite's GPU targets; everything lands under $OUT and a short
+# One-call check on a GPU machine (H100/H200; torch, triton and a C++ compiler preinstalled; no
+# network): build the extension in place, run the GPU tests, a few fused training steps of the
+# RLGAF trainer, then the benchmark suite's GPU targets; everything lands under $OUT and a short
 # summary table is printed last.
 # Runs from the repository root without installing the package; finishes within 8 minutes.
 #

@@ -2,7 +2,7 @@
 device helpers they share with the fused embedding (kernels/gumbel_softmax_embedding.py), and
 their launchers.
 
-Contract (shared with the cpp and cuda backends): inputs are 2-D and contiguous, logits [N, V];
+Contract (shared with the cpp backend): inputs are 2-D and contiguous, logits [N, V];
 z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference (Philox keyed by seed, row,
 column), arithmetic in float32 (float64 for float64 logits).
 

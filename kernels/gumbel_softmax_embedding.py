@@ -1,6 +1,6 @@
 """Triton kernels of the fused Gumbel-Softmax -> embedding lookup and their launchers.
 
-Contract (shared with the cpp and cuda backends): inputs are 2-D and contiguous, logits [N, V],
+Contract (shared with the cpp backend): inputs are 2-D and contiguous, logits [N, V],
 weight [V, D]; z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference, arithmetic in
 float32 (float64 for float64 logits). The row statistics and z come from the row kernels'
 device helpers (kernels/gumbel_softmax.py).

@@ -2,7 +2,7 @@
 
 Ops: gumbel_softmax, soft_embedding, gumbel_softmax_embedding, ppo_loss, fused_linear_ppo_loss,
 token_logprobs, fused_linear_logprobs, value_loss, gae. Each fused op takes ``backend="auto"``
-(or "torch", "cpp", "triton", "cuda"; which backends have a kernel of which op:
+(or "torch", "cpp", "triton"; which backends have a kernel of which op:
 rlgaf_fast.ops.registry).
 """
 

@@ -3,7 +3,7 @@
 Everything here is written for clarity, not speed. The Gumbel noise follows the randomness
 contract (docs/design.md): Philox4x32-10 keyed by seed, counter (column // 4, row_lo, row_hi, 0),
 output word column % 4, mapped to the open interval (0, 1) as (2 * (word >> 9) + 1) * 2**-24.
-The fused backends (C++, Triton, CUDA) implement exactly this generator, so a seed gives the
+The fused backends (C++, Triton) implement exactly this generator, so a seed gives the
 same samples on every backend and device.
 """
 

@@ -1,7 +1,7 @@
 """Gumbel-Softmax and the fused Gumbel-Softmax -> embedding lookup: public functions, their
 custom operators with autograd, and backend dispatch.
 
-The fused backends (cpp, triton, cuda) share one kernel contract (see
+The fused backends (cpp, triton) share one kernel contract (see
 csrc/cpu/gumbel_softmax.cpp, kernels/gumbel_softmax.py and kernels/gumbel_softmax_embedding.py) on
 2-D contiguous inputs; this module does the shape handling, validation and autograd. The torch
 backend is rlgaf_fast.reference itself.
@@ -103,7 +103,7 @@ def gumbel_softmax(
         dim: the vocabulary dimension.
         seed: keys the counter-based noise (Philox on (seed, row, column)); ``None`` draws one
             from torch's default generator.
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
 
     Returns:
         ``softmax((logits + g) / tau, dim)`` in the dtype and shape of ``logits``.
@@ -223,7 +223,7 @@ def gumbel_softmax_embedding(
         hard: embed the one-hot of the argmax (``weight[token]``); the gradient to the logits is
             the soft sample's (straight-through), the gradient to ``weight`` the one-hot's.
         seed: as in :func:`gumbel_softmax`.
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
 
     Returns:
         ``(embeddings [..., D] in weight's dtype, tokens [...] int64)``.

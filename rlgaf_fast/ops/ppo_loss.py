@@ -224,7 +224,7 @@ def ppo_loss(
             memory of a second ``[N, V]`` buffer. logits must be contiguous; eager mode only.
             The loss's backward can then run only once. The torch backend leaves the logits
             intact.
-        backend: "auto", "torch", "cpp" or "triton" (rlgaf_fast.ops.registry: no "cuda" kernel).
+        backend: "auto", "torch", "cpp" or "triton".
 
     Returns:
         :class:`PPOLossOutput`: ``loss`` (scalar, compute dtype; the only differentiable field,

@@ -94,7 +94,7 @@ def soft_embedding(
         weight: ``[V, D]`` embedding matrix, floating, same device.
         top_k: keep only the k largest probabilities of each row, renormalised to sum to one, and
             gather those k rows (1 <= top_k <= V).
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
 
     Returns:
         ``[..., D]`` in weight's dtype; differentiable with respect to both inputs.

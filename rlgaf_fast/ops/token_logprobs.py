@@ -98,7 +98,7 @@ def token_logprobs(
             float32 or float64; arithmetic in float32 (float64 for float64 logits).
         actions: integer, the logits' shape without V, values in [0, V).
         temperature: > 0; the logits are divided by it.
-        backend: "auto", "torch", "cpp" or "triton" (rlgaf_fast.ops.registry: no "cuda" kernel).
+        backend: "auto", "torch", "cpp" or "triton".
 
     Returns:
         float32 ``[B, T]`` (the actions' shape), differentiable with respect to the logits; equal
