@@ -366,6 +366,13 @@ void check_token(const at::Tensor& t, const at::Tensor& logits, at::ScalarType d
               "ppo_loss kernel: ", name, " must be contiguous [N] in the compute dtype");
 }
 
+void check_grad_logits(const at::Tensor& grad_logits, const at::Tensor& logits) {
+  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
+                  grad_logits.sizes() == logits.sizes() &&
+                  grad_logits.scalar_type() == logits.scalar_type(),
+              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+}
+
 at::ScalarType compute_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -416,10 +423,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_grad(
   check_token(token_weight, logits, dtype, "token_weight");
   const bool has_ref = ref_logprobs.has_value() && ref_logprobs->defined();
   if (has_ref) check_token(*ref_logprobs, logits, dtype, "ref_logprobs");
-  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
-                  grad_logits.sizes() == logits.sizes() &&
-                  grad_logits.scalar_type() == logits.scalar_type(),
-              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+  check_grad_logits(grad_logits, logits);
   const auto options = logits.options().dtype(dtype);
   at::Tensor logprobs = at::empty({logits.size(0)}, options);
   at::Tensor entropy = at::empty({logits.size(0)}, options);
@@ -470,10 +474,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd_vjp(const at::Tensor& logits,
   const at::ScalarType dtype = compute_dtype(logits);
   check_token(grad_logprobs, logits, dtype, "grad_logprobs");
   check_token(grad_entropy, logits, dtype, "grad_entropy");
-  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
-                  grad_logits.sizes() == logits.sizes() &&
-                  grad_logits.scalar_type() == logits.scalar_type(),
-              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+  check_grad_logits(grad_logits, logits);
   const auto options = logits.options().dtype(dtype);
   at::Tensor logprobs = at::empty({logits.size(0)}, options);
   at::Tensor entropy = at::empty({logits.size(0)}, options);
@@ -509,10 +510,7 @@ void ppo_loss_vjp_lse(const at::Tensor& logits, const at::Tensor& actions,
   check_token(grad_entropy, logits, dtype, "grad_entropy");
   check_token(lse, logits, dtype, "lse");
   check_token(entropy, logits, dtype, "entropy");
-  TORCH_CHECK(grad_logits.device().is_cpu() && grad_logits.is_contiguous() &&
-                  grad_logits.sizes() == logits.sizes() &&
-                  grad_logits.scalar_type() == logits.scalar_type(),
-              "ppo_loss kernel: grad_logits must be contiguous, shaped and typed as logits");
+  check_grad_logits(grad_logits, logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   dispatch_logits(logits, [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
