@@ -45,9 +45,11 @@ KINDS = ("transformer", "lstm", "gru", "lm", "lm-context")
 MARKS = (150, 300, 600, 1200, 2000, 3000, 4000, 6000, 8000)
 
 
-def build(kind: str, task: RuleTask, warm_start: nn.Module) -> nn.Module:
+def build(kind: str, task: RuleTask, warm_start: nn.Module, layers: int, width: int) -> nn.Module:
     if kind == "transformer":
-        return build_transformer_discriminator(task.vocab_size, max_positions=task.seq_len + 1)
+        return build_transformer_discriminator(
+            task.vocab_size, hidden_size=width, num_layers=layers, max_positions=task.seq_len + 1
+        )
     if kind in ("lstm", "gru"):
         return RecurrentDiscriminator(task.vocab_size, cell=kind)
     return LMDiscriminator(copy.deepcopy(warm_start), context_features=kind == "lm-context")
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--width", type=int, default=64, help="transformer hidden size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task, preset = RuleTask(), RULE_PRESETS["full"]
@@ -68,7 +72,7 @@ def main() -> None:
     fresh = sample_generator(warm_start, 2000, seed=9100, seq_len=task.seq_len)
     valid = task.validity(fresh)
     torch.manual_seed(0)
-    d = build(args.kind, task, warm_start)
+    d = build(args.kind, task, warm_start, args.layers, args.width)
     opt = torch.optim.AdamW(
         [q for q in d.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.01
     )
@@ -86,6 +90,8 @@ def main() -> None:
         on_valid, on_invalid = logit[valid], logit[~valid]
         row = {
             "kind": args.kind,
+            "layers": args.layers,
+            "width": args.width,
             "step": step,
             "spearman": round(spearman(logit, valid.float()), 3),
             "auc": round((on_valid[:, None] > on_invalid[None, :]).float().mean().item(), 3),

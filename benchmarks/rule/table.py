@@ -18,7 +18,7 @@ def row(name: str, m: dict, best: float | None, warm_nll_test: float | None, tim
     cells = [
         name,
         f"{100 * m['validity']:.1f}%",
-        f"{m['nll_true_valid']:.3f}",
+        "n/a" if m["nll_true_valid"] is None else f"{m['nll_true_valid']:.3f}",
         f"{m['nll_test']:.3f}",
         f"{m['distinct']:.3f}",
     ]

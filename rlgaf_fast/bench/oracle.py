@@ -284,6 +284,16 @@ ADVERSARIAL_DEFAULTS: dict[str, dict] = {
         generator_ema=0.99,
         mle_coef=0.05,
     ),
+    # grpo's settings without a discriminator, as rlhf is ppo's.
+    "rlhf-grpo": dict(
+        batch_size=64,
+        minibatch_size=32,
+        ppo_epochs=2,
+        group_size=8,
+        generator_lr=2e-4,
+        kl_coef=0.01,
+        generator_ema=0.99,
+    ),
 }
 
 

@@ -185,11 +185,13 @@ class RuleTask:
         valid = total[total > -math.inf]
         return (-valid.sum() / (valid.numel() * self.seq_len)).item() if valid.numel() else math.nan
 
-    def score(self, samples: Tensor) -> dict[str, float]:
-        """Metrics of generated ``samples [N, T]``: validity rate and NLL_true of the valid."""
+    def score(self, samples: Tensor) -> dict[str, float | None]:
+        """Metrics of generated ``samples [N, T]``: validity rate and NLL_true of the valid
+        (None when no sample is valid, so that metrics.json stays valid JSON)."""
+        nll = self.nll(samples)
         return {
             "validity": self.validity(samples).float().mean().item(),
-            "nll_true_valid": self.nll(samples),
+            "nll_true_valid": None if math.isnan(nll) else nll,
         }
 
     def reward(self, tokens: Tensor) -> Tensor:

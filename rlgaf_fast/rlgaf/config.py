@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlgaf_fast.rlgaf.modes import MODE_NAMES
+from rlgaf_fast.rlgaf.modes import MODE_NAMES, mode_spec
 
 MODES = MODE_NAMES  # the table in modes.py says what each needs
 REWARD_TYPES = ("log_d", "neg_log_1m_d", "logit")
@@ -31,8 +31,9 @@ class RLGAFConfig:
     clipped PPO), ``reinforce`` (discriminator reward, baseline, no critic), ``gumbel``
     (Gumbel-Softmax relaxation, discriminator gradient flows into the generator), ``rlhf``
     (PPO against a fixed reward function or reward model), ``grpo`` (discriminator reward,
-    group-relative advantages over ``group_size`` completions per prompt, no critic); see
-    modes.py for what each needs.
+    group-relative advantages over ``group_size`` completions per prompt, no critic),
+    ``rlhf-grpo`` (GRPO against a fixed reward function or reward model); see modes.py for
+    what each needs.
     """
 
     mode: str = "ppo"
@@ -222,15 +223,17 @@ class RLGAFConfig:
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})"
             )
-        if self.mode == "grpo":
+        if mode_spec(self.mode).grouped:
             # One completion per prompt leaves nothing to compare it with (and no group std).
             if self.group_size < 2:
-                raise ValueError(f"group_size must be >= 2 in grpo mode, got {self.group_size!r}")
+                raise ValueError(
+                    f"group_size must be >= 2 in {self.mode} mode, got {self.group_size!r}"
+                )
             if self.batch_size % self.group_size:
                 raise ValueError(
                     f"group_size ({self.group_size}) must divide batch_size ({self.batch_size}): "
-                    f"a grpo batch is batch_size // group_size prompts, each answered group_size "
-                    f"times"
+                    f"a {self.mode} batch is batch_size // group_size prompts, each answered "
+                    f"group_size times"
                 )
 
     @classmethod

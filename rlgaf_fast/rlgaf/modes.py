@@ -58,7 +58,8 @@ class Mode:
     ``kl_coef`` > 0. demonstrations: needs demonstrations (for MLE, or as the discriminator's
     real examples). rollouts: learns from the generator's own samples, so it fine-tunes a warm
     start rather than training from scratch. update: one generator update (see
-    ``GeneratorUpdate``).
+    ``GeneratorUpdate``). grouped: answers each prompt ``group_size`` times and compares the
+    completions within their group (the GRPO family).
     """
 
     name: str
@@ -69,6 +70,7 @@ class Mode:
     demonstrations: bool
     rollouts: bool
     update: GeneratorUpdate
+    grouped: bool = False
 
 
 MODE_TABLE: dict[str, Mode] = {
@@ -140,6 +142,19 @@ MODE_TABLE: dict[str, Mode] = {
             demonstrations=True,
             rollouts=True,
             update=_grpo_update,
+            grouped=True,
+        ),
+        # GRPO against a fixed reward function or reward model, as rlhf is PPO against one.
+        Mode(
+            "rlhf-grpo",
+            discriminator=False,
+            reward_fn=True,
+            value_head=False,
+            reference=True,
+            demonstrations=False,
+            rollouts=True,
+            update=_grpo_update,
+            grouped=True,
         ),
     )
 }

@@ -86,6 +86,7 @@ def test_nll_skips_invalid_rows_and_score_reports_validity():
     assert task.score(mixed)["validity"] == pytest.approx(0.75)
     assert task.reward(mixed).tolist() == [1.0, 1.0, 1.0, 0.0]
     assert math.isnan(task.nll(bad))
+    assert task.score(bad) == {"validity": 0.0, "nll_true_valid": None}
 
 
 def test_bad_arguments_are_named():

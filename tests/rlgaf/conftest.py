@@ -6,6 +6,7 @@ import torch
 from rlgaf_fast.rlgaf import RLGAFConfig, RLGAFTrainer, build_transformer_discriminator
 from rlgaf_fast.rlgaf.data import synthetic_examples
 from rlgaf_fast.rlgaf.models import build_causal_lm
+from rlgaf_fast.rlgaf.modes import mode_spec
 
 VOCAB, EOS, PAD = 32, 1, 0
 
@@ -46,7 +47,7 @@ def make_trainer(mode, demos, *, reward_fn=None, discriminator=None, seed=0, **c
         seed=seed,
     )
     values.update(config)
-    if mode == "rlhf" and reward_fn is None:
+    if mode_spec(mode).reward_fn and reward_fn is None:
 
         def reward_fn(batch):  # a fixed reward: how often token 5 appears
             return (batch.response_ids == 5).float().sum(-1)

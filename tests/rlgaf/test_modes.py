@@ -5,7 +5,19 @@ from rlgaf_fast.rlgaf.modes import MODE_NAMES, MODE_TABLE, mode_spec
 
 
 def test_the_config_accepts_exactly_the_tables_modes():
-    assert MODES == MODE_NAMES == ("sft", "ppo", "reinforce", "gumbel", "rlhf", "grpo")
+    assert (
+        MODES
+        == MODE_NAMES
+        == (
+            "sft",
+            "ppo",
+            "reinforce",
+            "gumbel",
+            "rlhf",
+            "grpo",
+            "rlhf-grpo",
+        )
+    )
 
 
 @pytest.mark.parametrize("name", MODE_NAMES)
@@ -22,6 +34,10 @@ def test_each_mode_is_scored_by_at_most_one_judge(name):
 
 def test_value_heads_are_ppos():
     assert [m.name for m in MODE_TABLE.values() if m.value_head] == ["ppo", "rlhf"]
+
+
+def test_grouped_modes_are_the_grpo_family():
+    assert [m.name for m in MODE_TABLE.values() if m.grouped] == ["grpo", "rlhf-grpo"]
 
 
 def test_an_unknown_mode_is_named():

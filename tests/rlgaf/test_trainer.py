@@ -8,6 +8,7 @@ import torch
 import rlgaf_fast
 from rlgaf_fast.rlgaf import NonFiniteLossError, RLGAFConfig, RLGAFTrainer
 from rlgaf_fast.rlgaf.discriminator import build_transformer_discriminator
+from rlgaf_fast.rlgaf.modes import MODE_NAMES
 
 from .conftest import PAD, VOCAB, make_trainer
 
@@ -47,6 +48,7 @@ EXPECTED_KEYS = {
         "d_acc_real",
         "d_acc_fake",
     },
+    "rlhf-grpo": {"g_loss", "reward", "reward_group_std", "kl", "entropy", "clipfrac"},
 }
 
 
@@ -54,7 +56,7 @@ def params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("mode", ["sft", "ppo", "reinforce", "gumbel", "rlhf", "grpo"])
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_every_mode_trains_and_logs(mode, demos, tmp_path):
     trainer = make_trainer(mode, demos, output_dir=str(tmp_path), tensorboard=False)
     before = params(trainer.unwrapped_policy.model)
@@ -93,9 +95,10 @@ def test_sft_learns_the_demonstrations(demos):
     assert last < first - 1.0, (first, last)
 
 
-def test_rlhf_increases_a_fixed_reward(demos):
+@pytest.mark.parametrize("mode", ["rlhf", "rlhf-grpo"])
+def test_reward_fn_modes_increase_a_fixed_reward(mode, demos):
     trainer = make_trainer(
-        "rlhf",
+        mode,
         demos,
         total_steps=25,
         batch_size=16,
