@@ -327,6 +327,8 @@ def run_oracle_command(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, discriminator=args.discriminator, **no_features)
     if args.d_fit_steps is not None:
         preset = dataclasses.replace(preset, d_fit_steps=args.d_fit_steps)
+    if args.d_features is not None:
+        preset = dataclasses.replace(preset, d_features=args.d_features)
     if args.d_pretrain_steps is not None:
         if args.d_pretrain_steps < 0:
             raise UsageError(f"--d-pretrain-steps must be >= 0, got {args.d_pretrain_steps}")
@@ -406,6 +408,12 @@ def add_oracle_parser(subparsers: Any) -> None:
         metavar="N",
         help="MLE steps the lm discriminators' feature model takes on the "
         "demonstrations past the warm start (the preset's: full 500, smoke 20)",
+    )
+    p.add_argument(
+        "--d-features",
+        metavar="DIR",
+        help="an sft run's directory (any width and depth, same task) whose generator is the "
+        "lm discriminators' feature model instead of the warm start",
     )
     p.add_argument(
         "--d-pretrain-steps",

@@ -10,6 +10,10 @@ gradient norm clipped at 1) and prints a JSON line at steps 0, 150, 300, 600, 12
 fraction of 2,000 held-out demonstrations it calls real (``real_acc``) and of the valid and the
 invalid samples it calls fake (``valid_fake_acc``, ``invalid_fake_acc``). A discriminator that
 sees the rule calls the invalid samples fake more often than the valid ones.
+
+Variants: ``--layers``/``--width`` size the transformer, ``--fresh`` draws 64 new warm-start
+samples each step instead of the fixed pool, and ``--corrupt`` makes half the fakes
+demonstrations with one token replaced at random (negative data augmentation).
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def main() -> None:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--fresh", action="store_true", help="fresh warm-start samples each step, not the pool"
+    )
+    parser.add_argument(
+        "--corrupt",
+        action="store_true",
+        help="half the fakes: demonstrations with one token replaced at random",
+    )
     parser.add_argument("--layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--width", type=int, default=64, help="transformer hidden size")
     args = parser.parse_args()
@@ -92,6 +104,8 @@ def main() -> None:
             "kind": args.kind,
             "layers": args.layers,
             "width": args.width,
+            "fresh": args.fresh,
+            "corrupt": args.corrupt,
             "step": step,
             "spearman": round(spearman(logit, valid.float()), 3),
             "auc": round((on_valid[:, None] > on_invalid[None, :]).float().mean().item(), 3),
@@ -107,7 +121,19 @@ def main() -> None:
     report(0)
     for step in range(1, args.steps + 1):
         real = demos[torch.randint(len(demos), (64,), generator=draw)]
-        fake = negatives[torch.randint(len(negatives), (64,), generator=draw)]
+        if args.fresh:
+            fake = sample_generator(warm_start, 64, seed=20_000 + step, seq_len=task.seq_len)
+        else:
+            fake = negatives[torch.randint(len(negatives), (64,), generator=draw)]
+        if args.corrupt:
+            # Negative data augmentation: half the fakes are demonstrations with one token
+            # replaced by a uniformly drawn one, fakes that differ from real data in one place.
+            corrupt = demos[torch.randint(len(demos), (32,), generator=draw)].clone()
+            where = torch.randint(task.seq_len, (32,), generator=draw)
+            corrupt[torch.arange(32), where] = torch.randint(
+                1, task.vocab_size, (32,), generator=draw
+            )
+            fake = torch.cat([fake[:32], corrupt])
         logit = logit_of(torch.cat([real, fake]))
         loss = discriminator_loss(logit[:64], logit[64:], "bce")
         opt.zero_grad()

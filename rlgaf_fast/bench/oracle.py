@@ -16,6 +16,7 @@ task of ``rlgaf_fast.bench.rule_task`` is the other one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import pickle
@@ -203,6 +204,9 @@ class OraclePreset:
     # closer that model fits the demonstrations, the likelier they look beside the generator's
     # samples, and the sharper the generator the loop settles on (README, "Proof").
     d_fit_steps: int = 500
+    # An sft run's directory whose generator (of any size, trained on the same task) is the LM
+    # discriminators' feature model in place of the warm start; d_fit_steps then fit it further.
+    d_features: str | None = None
     trainer: dict | None = None  # RLGAFConfig overrides of the adversarial phase
     # temperatures of the MLE warm start's sweep (sft runs)
     sweep_temperatures: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
@@ -344,7 +348,7 @@ def load_warm_start(
 ) -> tuple[nn.Module, dict]:
     """The generator an sft run saved in directory ``init`` for ``task`` (default: the SeqGAN
     oracle), and that run's metrics.json (with ``data_seed``, the seed of its demonstrations and
-    test set)."""
+    test set). The generator has the width and depth that run recorded, else ``preset``'s."""
     from safetensors.torch import load_model
 
     check_warm_start(init)
@@ -355,7 +359,11 @@ def load_warm_start(
             f"warm start {init} was trained on task {metrics.get('task', 'seqgan')!r}, "
             f"not {getattr(task, 'name', 'seqgan')!r}"
         )
-    generator = build_oracle_generator(preset or PRESETS["full"], task)
+    sizes = {
+        k: v for k, v in metrics.get("preset", {}).items() if k in ("gen_hidden", "gen_layers")
+    }
+    preset = dataclasses.replace(preset or PRESETS["full"], **sizes)
+    generator = build_oracle_generator(preset, task)
     load_model(generator, str(Path(init) / "generator.safetensors"))
     return generator, metrics
 
@@ -474,6 +482,13 @@ def check_discriminator(p: OraclePreset, mode: str) -> None:
             f"d_fit_steps needs an lm discriminator (the {p.discriminator} has no feature model "
             f"to fit): set it to 0, got {p.d_fit_steps}"
         )
+    if p.d_features is not None:
+        if not p.discriminator.startswith("lm"):
+            raise ValueError(
+                f"d_features needs an lm discriminator (the {p.discriminator} reads no feature "
+                f"model), got {p.d_features!r}"
+            )
+        check_warm_start(p.d_features)
 
 
 def fit_features(
@@ -655,8 +670,11 @@ def run_oracle(
             elif p.discriminator in ("lstm", "gru"):
                 discriminator = RecurrentDiscriminator(oracle.vocab_size, cell=p.discriminator)
             else:
+                base = generator
+                if p.d_features is not None:
+                    base, _ = load_warm_start(p.d_features, p, task)
                 features = fit_features(
-                    generator,
+                    base,
                     demos,
                     p.d_fit_steps,
                     seed,
@@ -664,10 +682,8 @@ def run_oracle(
                     use_fused_kernels=use_fused_kernels,
                 )
                 if p.d_fit_steps:
-                    # how much closer the feature model fits: NLL per token, warm start then fit
-                    metrics["d_fit_nll_demos"] = [
-                        generator_nll(m, demos) for m in (generator, features)
-                    ]
+                    # how much closer the feature model fits: NLL per token, before then after
+                    metrics["d_fit_nll_demos"] = [generator_nll(m, demos) for m in (base, features)]
                 discriminator = LMDiscriminator(
                     features,
                     train_lm=p.discriminator == "lm-tuned",

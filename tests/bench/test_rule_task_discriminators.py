@@ -50,3 +50,36 @@ def test_a_negative_pretraining_length_is_refused(tmp_path, capsys):
     assert main([*command, "--d-pretrain-steps", "-1"]) == 2
     assert "--d-pretrain-steps must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_lm_features_from_a_wider_sft_run(tmp_path, tiny_smoke):
+    """`--d-features DIR`: the lm discriminators read DIR's generator, of its own width, and
+    the warm start keeps its own; lm-context's head has one input per feature-model channel."""
+    from rlgaf_fast.bench.oracle import load_warm_start, run_oracle
+    from rlgaf_fast.bench.rule_task import RuleTask
+
+    command = ["oracle", "--task", "rule", "--preset", "smoke", "--threads", "1"]
+    assert main([*command, "--mode", "sft", "--out", str(tmp_path / "sft")]) == 0
+    wide = dataclasses.replace(RULE_PRESETS["smoke"], gen_hidden=24)
+    run_oracle(RuleTask(), "sft", tmp_path / "wide", preset=wide)
+    lm, _ = load_warm_start(tmp_path / "wide", RULE_PRESETS["smoke"], RuleTask())
+    assert lm.config.hidden_size == 24  # the run's own width, not the preset's 16
+    out = tmp_path / "grpo"
+    extra = ["--discriminator", "lm-context", "--d-features", str(tmp_path / "wide")]
+    args = [*command, "--mode", "grpo", "--init", str(tmp_path / "sft"), *extra]
+    assert main([*args, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"]["d_features"] == str(tmp_path / "wide")
+    head_width = 32  # LMDiscriminator's default hidden
+    expected = (2 + 24) * head_width + head_width + head_width + 1
+    assert metrics["discriminator_trainable_params"] == expected
+
+
+def test_lm_features_need_an_lm_discriminator_and_a_finished_run(tmp_path, capsys):
+    command = ["oracle", "--task", "rule", "--mode", "grpo", "--out", str(tmp_path / "x")]
+    assert main([*command, "--d-features", str(tmp_path)]) == 2
+    assert "d_features needs an lm discriminator (the transformer" in capsys.readouterr().err
+    args = [*command, "--discriminator", "lm", "--d-features", str(tmp_path / "none")]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
