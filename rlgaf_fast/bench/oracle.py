@@ -552,6 +552,7 @@ def run_oracle(
     dictionary.
     """
     from safetensors.torch import save_model
+    from tqdm.auto import tqdm
 
     from rlgaf_fast.rlgaf.trainer import RLGAFTrainer
 
@@ -708,7 +709,7 @@ def run_oracle(
                 generator, p.num_demos, seed=7000 + seed, seq_len=oracle.seq_len
             )
             draw = torch_generator(8000 + seed)
-            for _ in range(p.d_pretrain_steps):
+            for _ in tqdm(range(p.d_pretrain_steps), desc="discriminator pretraining"):
                 real = real_demos[torch.randint(len(real_demos), (64,), generator=draw)]
                 fake = negatives[torch.randint(len(negatives), (64,), generator=draw)]
                 trainer.discriminator_step(oracle_batch(fake), real=oracle_batch(real))
