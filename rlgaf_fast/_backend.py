@@ -105,12 +105,12 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
 @torch.compiler.assume_constant_result
 def _resolve_for_device(backend: str, device: str, op: str) -> str:
     _check_name(backend, "backend")
-    registry.spec(op)  # KeyError naming the known ops
+    kernels = registry.spec(op).kernels  # KeyError naming the known ops
     if backend == "auto":
         backend = _scoped_backend.get() or os.environ.get("RLGAF_FAST_BACKEND") or "auto"
         _check_name(backend, "RLGAF_FAST_BACKEND")
     if backend == "auto":
-        return _auto_backend(device, registry.spec(op).kernels)
+        return _auto_backend(device, kernels)
     _require(backend, device)
     if not registry.has_kernel(op, backend):
         others = [b for b in registry.backends(op) if _runs_on(b, device)]
@@ -130,7 +130,7 @@ def _runs_on(backend: str, device: str) -> bool:
     return True
 
 
-def _auto_backend(device: str, kernels: tuple[str, ...] = registry.FUSED_BACKENDS) -> str:
+def _auto_backend(device: str, kernels: tuple[str, ...]) -> str:
     """The fastest available backend for ``device`` among torch and ``kernels``."""
     if device == "cuda" and "triton" in kernels:
         if _triton()[0]:

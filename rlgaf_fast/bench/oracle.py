@@ -236,6 +236,17 @@ PRESETS = {
 # The adversarial modes evaluate (and ship) a moving average of the generator's weights: the
 # generator and the discriminator oscillate, and the live generator's NLL_oracle at a given
 # iteration depends on the phase (README).
+# The policy step of both grpo modes; they differ only in what scores the completions.
+_GRPO_POLICY_STEP = dict(
+    batch_size=64,
+    minibatch_size=32,
+    ppo_epochs=2,
+    group_size=8,
+    generator_lr=2e-4,
+    kl_coef=0.01,
+    generator_ema=0.99,
+)
+
 ADVERSARIAL_DEFAULTS: dict[str, dict] = {
     "ppo": dict(
         batch_size=64,
@@ -276,28 +287,14 @@ ADVERSARIAL_DEFAULTS: dict[str, dict] = {
     "rlhf": dict(batch_size=64, minibatch_size=32, ppo_epochs=2, generator_lr=2e-4, kl_coef=0.02),
     # ppo's settings less the critic's: 8 groups of 8 completions per batch.
     "grpo": dict(
-        batch_size=64,
-        minibatch_size=32,
-        ppo_epochs=2,
-        group_size=8,
-        generator_lr=2e-4,
+        _GRPO_POLICY_STEP,
         discriminator_lr=1e-3,
-        kl_coef=0.01,
         reward_type="log_d",
         d_steps=2,
-        generator_ema=0.99,
         mle_coef=0.05,
     ),
-    # grpo's settings without a discriminator, as rlhf is ppo's.
-    "rlhf-grpo": dict(
-        batch_size=64,
-        minibatch_size=32,
-        ppo_epochs=2,
-        group_size=8,
-        generator_lr=2e-4,
-        kl_coef=0.01,
-        generator_ema=0.99,
-    ),
+    # grpo's policy step without a discriminator, as rlhf is ppo's.
+    "rlhf-grpo": dict(_GRPO_POLICY_STEP),
 }
 
 
