@@ -7,8 +7,10 @@ z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference (Philox keyed 
 column), arithmetic in float32 (float64 for float64 logits).
 
 Row kernels give each row to one program (a persistent grid) that loops over vocabulary blocks
-with an online max / sum, then loops again to write, regenerating the noise (the forward is
-bound by the noise arithmetic: Philox-10 and two logarithms per element, twice).
+twice. The noise (Philox-10 and two logarithms per element, the kernels' arithmetic bottleneck)
+is evaluated once per element and direction: the first loop stages exp(z - the block's max) in
+the output with an online row max / sum, and the second rescales the staged values in place,
+reading only memory.
 
 1 / tau enters as two float32 numbers (hi + lo): a kernel scalar argument is float32, and the
 float64 path needs 1 / tau to double precision (hi + lo carries it to about 2^-48).
@@ -159,11 +161,31 @@ def row_stats(
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _stage_block(z, m, s):
+    """One block of a row's noise pass: e = exp(z - the block's own max), and the row's online
+    max m and sum s = sum(exp(z - m)) with the block added. Returns (e, block_max, m, s, scale)
+    with scale = exp(block shift - new row shift): what the block's sums are multiplied by.
+
+    Shifts are 0 where a max is -inf, so that exp never evaluates -inf - (-inf); a block of -inf
+    contributes 0 however small the row's max (exp(0 - m) would overflow for m < -88).
+    """
+    block_max = tl.max(z, 0)
+    block_shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+    e = tl.exp(z - block_shift)
+    m_new = tl.maximum(m, block_max)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.where(block_max == float("-inf"), 0.0, tl.exp(block_shift - shift))
+    s = s * tl.exp(m - shift) + tl.sum(e, 0) * scale
+    return e, block_max, m_new, s, scale
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _gumbel_softmax_fwd_kernel(
     x_ptr,
     y_ptr,
     index_ptr,
+    block_max_ptr,
     N,
     V,
     seed,
@@ -174,40 +196,75 @@ def _gumbel_softmax_fwd_kernel(
     FP64: tl.constexpr,
     PTX_LOG: tl.constexpr,
 ):
+    """One pass of the noise per row. Soft: each block's exp(z - block max) goes to y and its
+    max to block_max [N, cdiv(V, BLOCK)]; the second pass rescales y in place by
+    exp(block max - row max) / row sum (y <= the staged value, so a 16-bit y underflows no
+    earlier than the final one would). Hard: the first pass finds the argmax, the second writes
+    the one-hot (NaN where softmax(z) is NaN)."""
+    dtype = tl.float64 if FP64 else tl.float32
     num_blocks = tl.cdiv(V, BLOCK)
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
         row = tl.cast(row32, tl.int64)
         x_row = x_ptr + row * V
         y_row = y_ptr + row * V
-        shift, s, best_index, nan_row = row_stats(
-            x_row, row, V, seed, inv_tau_hi, inv_tau_lo, not HARD, BLOCK, FP64, PTX_LOG
-        )
+        block_max_row = block_max_ptr + row * num_blocks
+        m = tl.full([], float("-inf"), dtype)
+        s = tl.full([], 0.0, dtype)
+        best = tl.full([], float("-inf"), dtype)
+        best_index = tl.full([], 0, tl.int32)
+        nan_count = tl.full([], 0, tl.int32)
+        for col_start in range(0, V, BLOCK):
+            cols = col_start + tl.arange(0, BLOCK)
+            mask = cols < V
+            # keep the staged block in L2 for the second pass
+            z = _z_row(
+                x_row,
+                row,
+                col_start,
+                mask,
+                seed,
+                inv_tau_hi,
+                inv_tau_lo,
+                BLOCK,
+                FP64,
+                PTX_LOG,
+                "evict_first",
+            )
+            if HARD:
+                nan_count += tl.sum((z != z).to(tl.int32), 0)
+            else:
+                e, block_max, m, s, _ = _stage_block(z, m, s)
+                tl.store(
+                    y_row + cols,
+                    e.to(y_ptr.dtype.element_ty),
+                    mask=mask,
+                    eviction_policy="evict_last",
+                )
+                tl.store(block_max_row + col_start // BLOCK, block_max)
+            # strict > keeps the first maximum across blocks (argmax within a block breaks ties
+            # left)
+            block_best, block_arg = tl.max(z, 0, return_indices=True)
+            better = block_best > best
+            best_index = tl.where(better, col_start + block_arg, best_index)
+            best = tl.where(better, block_best, best)
         tl.store(index_ptr + row, best_index.to(tl.int64))
+        nan_row = (nan_count > 0) | (best == float("inf")) | (best == float("-inf"))
         if HARD:
             inv_s = 1.0
         else:
             inv_s = 1.0 / s
         for i in range(num_blocks):
-            col_start = (num_blocks - 1 - i) * BLOCK
-            cols = col_start + tl.arange(0, BLOCK)
+            block = num_blocks - 1 - i
+            cols = block * BLOCK + tl.arange(0, BLOCK)
             mask = cols < V
             if HARD:
                 y = tl.where(nan_row, float("nan"), tl.where(cols == best_index, 1.0, 0.0))
             else:
-                z = _z_row(
-                    x_row,
-                    row,
-                    col_start,
-                    mask,
-                    seed,
-                    inv_tau_hi,
-                    inv_tau_lo,
-                    BLOCK,
-                    FP64,
-                    PTX_LOG,
-                    "evict_first",
-                )
-                y = tl.exp(z - shift) * inv_s
+                # exp(-inf - m) = 0 for a block of -inf; NaN when the whole row is -inf (m too),
+                # as torch's softmax
+                scale = tl.exp(tl.load(block_max_row + block) - m) * inv_s
+                e = tl.load(y_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+                y = e.to(dtype) * scale
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -253,6 +310,7 @@ def _gumbel_softmax_bwd_from_logits_kernel(
     grad_y_ptr,
     x_ptr,
     grad_x_ptr,
+    block_max_ptr,
     N,
     V,
     seed,
@@ -262,14 +320,18 @@ def _gumbel_softmax_bwd_from_logits_kernel(
     FP64: tl.constexpr,
     PTX_LOG: tl.constexpr,
 ):
+    """One pass of the noise per row: each block's e = exp(z - block max) is staged in grad_x
+    (and its max in block_max) while s = sum(exp(z - m)) and t = sum(gy * exp(z - m)) accumulate
+    in the compute dtype, so sum(gy * y) = t / s carries no rounding of the staged e; the second
+    pass turns e into y = e * exp(block max - m) / s and grad_x = y * (gy - t / s) / tau."""
     dtype = tl.float64 if FP64 else tl.float32
     num_blocks = tl.cdiv(V, BLOCK)
     for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
         row = tl.cast(row32, tl.int64)
         x_row = x_ptr + row * V
         gy_row = grad_y_ptr + row * V
-        # one pass for max m, s = sum(exp(z - m)) and t = sum(gy * exp(z - m)), both rescaled
-        # when m grows; then sum(gy * y) = t / s
+        gx_row = grad_x_ptr + row * V
+        block_max_row = block_max_ptr + row * num_blocks
         m = tl.full([], float("-inf"), dtype)
         s = tl.full([], 0.0, dtype)
         t = tl.full([], 0.0, dtype)
@@ -287,40 +349,32 @@ def _gumbel_softmax_bwd_from_logits_kernel(
                 BLOCK,
                 FP64,
                 PTX_LOG,
-                "evict_last",
+                "evict_first",
             )
             gy = tl.load(gy_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-            m_new = tl.maximum(m, tl.max(z, 0))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - shift)
-            p = tl.exp(z - shift)
-            s = s * alpha + tl.sum(p, 0)
-            t = t * alpha + tl.sum(gy.to(dtype) * p, 0)
-            m = m_new
-        shift = tl.where(m == float("-inf"), 0.0, m)
+            m_old = m
+            e, block_max, m, s, scale = _stage_block(z, m, s)
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            t = t * tl.exp(m_old - shift) + tl.sum(gy.to(dtype) * e, 0) * scale
+            tl.store(
+                gx_row + cols,
+                e.to(grad_x_ptr.dtype.element_ty),
+                mask=mask,
+                eviction_policy="evict_last",
+            )
+            tl.store(block_max_row + col_start // BLOCK, block_max)
         inv_s = 1.0 / s
         dot = t * inv_s
         for i in range(num_blocks):
-            col_start = (num_blocks - 1 - i) * BLOCK
-            cols = col_start + tl.arange(0, BLOCK)
+            block = num_blocks - 1 - i
+            cols = block * BLOCK + tl.arange(0, BLOCK)
             mask = cols < V
-            z = _z_row(
-                x_row,
-                row,
-                col_start,
-                mask,
-                seed,
-                inv_tau_hi,
-                inv_tau_lo,
-                BLOCK,
-                FP64,
-                PTX_LOG,
-                "evict_first",
-            )
+            scale = tl.exp(tl.load(block_max_row + block) - m) * inv_s
+            e = tl.load(gx_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
             gy = tl.load(gy_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-            y = tl.exp(z - shift) * inv_s
+            y = e.to(dtype) * scale
             gx = scale_by_inv_tau(y * (gy.to(dtype) - dot), inv_tau_hi, inv_tau_lo, FP64)
-            tl.store(grad_x_ptr + row * V + cols, gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            tl.store(gx_row + cols, gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +406,12 @@ def row_launch(N: int, V: int, t: torch.Tensor, kind: str) -> tuple[int, int, in
     return min(N, launch.sm_count(t.device.index or 0) * per_sm), block, num_warps
 
 
+def _block_max_buffer(N: int, V: int, block: int, logits: torch.Tensor) -> torch.Tensor:
+    """The noise pass's per-block maxima [N, cdiv(V, block)] in the compute dtype."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.empty((N, triton.cdiv(V, block)), dtype=dtype, device=logits.device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +438,7 @@ def gumbel_softmax_fwd(
             logits,
             y,
             index,
+            _block_max_buffer(N, V, block, logits),
             N,
             V,
             seed,
@@ -450,6 +511,7 @@ def gumbel_softmax_bwd_from_logits(
             grad_y,
             logits,
             grad_x,
+            _block_max_buffer(N, V, block, logits),
             N,
             V,
             seed,

@@ -213,6 +213,37 @@ def test_hard_sample_is_nan_where_the_reference_is(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hard", [False, True])
+def test_extreme_logits_match_reference_forward_and_backward(backend, dtype, hard):
+    # Rows: a NaN, an inf, only -inf (softmax is NaN in all three), a row of logits near -100
+    # whose last 150 columns (whole vocabulary blocks of the kernels) are -inf, and a wide
+    # spread. Blocks are staged relative to their own max and rescaled, so a block of -inf
+    # after a very negative row max must add 0, not 0 * exp(0 + 2000). Logits near -100 carry
+    # float32 rounding of about 1e-5 / tau in z, on every backend: hence float32's tolerance.
+    x = _logits(5, 300, dtype, backend)
+    x[0, 3] = float("nan")
+    x[1, 250] = float("inf")
+    x[2] = float("-inf")
+    x[3] -= 100
+    x[3, 150:] = float("-inf")
+    x[4] *= 50
+    x.requires_grad_()
+    x_ref = x.detach().cpu().requires_grad_()
+    tol = {"atol": 1e-5, "rtol": 1e-3 if dtype == torch.float32 else 1e-6}
+    for tau in (0.7, 0.05):
+        y = rlgaf_fast.gumbel_softmax(x, tau, hard, seed=8, backend=backend)
+        y_ref = reference.gumbel_softmax(x_ref, tau, hard, seed=8)
+        assert not y_ref[3:].isnan().any()
+        torch.testing.assert_close(y.detach().cpu(), y_ref.detach(), equal_nan=True, **tol)
+        grad = torch.randn(5, 300, dtype=dtype)
+        (gx,) = torch.autograd.grad(y, x, grad.to(y.device))
+        (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+        assert not gx_ref[3:].isnan().any()
+        torch.testing.assert_close(gx.cpu(), gx_ref, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_raises(backend):
     dev = _device(backend)
     x = _logits(2, 9, torch.float32, backend).requires_grad_()
