@@ -10,10 +10,10 @@ the seed a vocabulary chunk at a time into a workspace of O(N * D) elements (_ch
 Forward: the row statistics (one pass of the noise), then per chunk the probabilities (a second
 pass, in all) and a Triton product kernel for p @ weight[chunk], split over the chunk's columns
 when N x D has few output tiles, whose partial sums (float32, float64 where an input is) add to
-out. Backward: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D (a third pass), then
-per chunk the probabilities again (a fourth) and grad_weight[chunk] = p^T @ grad_out by torch
-(cuBLAS on a GPU, so torch's matmul settings apply to it as to eager's: TF32 under
-set_float32_matmul_precision("high")). Regenerating the noise inside the products instead costs
+out. Backward, one pass of the noise: per vocabulary chunk, grad_logits per [BLOCK_N, BLOCK_V]
+tile with a K-loop over D, the tile's probabilities written to the workspace, and
+grad_weight[chunk] = p^T @ grad_out by torch (cuBLAS on a GPU, so torch's matmul settings apply
+to it as to eager's: TF32 under set_float32_matmul_precision("high")). Regenerating the noise inside the products instead costs
 one pass of the noise per D tile (18 passes at D = 2048), 8 times slower than eager on an H200.
 """
 
@@ -172,9 +172,13 @@ def _embedding_bwd_logits_kernel(
     go_dot_out_ptr,
     lse_ptr,
     grad_x_ptr,
+    p_ptr,
     N,
     V,
     D,
+    col_offset,
+    width,
+    p_stride,
     seed,
     inv_tau_hi,
     inv_tau_lo,
@@ -185,14 +189,19 @@ def _embedding_bwd_logits_kernel(
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PTX_LOG: tl.constexpr,
+    STORE_P: tl.constexpr,
 ):
-    """grad_logits tile = y * (grad_out @ weight^T - grad_out . out) / tau, y = exp(z - lse);
-    grad_out . out per row comes computed (go_dot_out, the accumulation dtype)."""
+    """grad_logits tile = y * (grad_out @ weight^T - grad_out . out) / tau, y = exp(z - lse), of
+    the columns [col_offset, col_offset + width); grad_out . out per row comes computed
+    (go_dot_out, the accumulation dtype). STORE_P also writes y, rounded to the weight's dtype,
+    to the [N, width] workspace p (row stride p_stride) for grad_weight: the noise of an element
+    is evaluated once in the backward."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_start = tl.program_id(1) * BLOCK_V
-    cols = col_start + tl.arange(0, BLOCK_V)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_start = col_offset + tl.program_id(1) * BLOCK_V
+    cols = col_offset + local
     row_mask = rows < N
-    v_mask = cols < V
+    v_mask = local < width
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     dy = tl.zeros([BLOCK_N, BLOCK_V], acc_dtype)
     for d_start in range(0, D, BLOCK_D):
@@ -224,6 +233,13 @@ def _embedding_bwd_logits_kernel(
         gx.to(grad_x_ptr.dtype.element_ty),
         mask=mask,
     )
+    if STORE_P:
+        p = y.to(w_ptr.dtype.element_ty)  # the rounding of torch.mm's operand
+        tl.store(
+            p_ptr + rows[:, None] * p_stride + local[None, :],
+            p.to(p_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,41 +545,47 @@ def gumbel_softmax_embedding_bwd(
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     go_dot_out = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(1)
     block_n, block_v, block_d = cfg["logits"]
-    # row blocks vary fastest, so programs running together share the weight rows they read
-    grid = launch.check_grid((triton.cdiv(N, block_n), triton.cdiv(V, block_v)), "embedding bwd")
-    _embedding_bwd_logits_kernel[grid](
-        grad_out,
-        logits,
-        weight,
-        go_dot_out,
-        lse,
-        grad_x,
-        N,
-        V,
-        D,
-        seed,
-        inv_hi,
-        inv_lo,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
-        FP64=fp64,
-        ACC_FP64=acc_dtype == torch.float64,
-        DOT_PRECISION=_dot_precision(weight.dtype),
-        PTX_LOG=launch.ptx_log(logits),
-        num_warps=cfg["num_warps"][0],
-    )
-    # grad_weight = y^T @ grad_out a vocabulary chunk at a time: y written once to the
-    # workspace, the product by torch (cuBLAS on a GPU) in the weight's dtype, as eager's.
-    if weight_grad and D > 0:
-        chunk = _chunk_width(N, V, D, gpu)
-        p = launch.result_buffer((N, chunk), weight.dtype, logits.device)
-        go = grad_out.to(weight.dtype)
-        for col_start in range(0, V, chunk):
-            width = min(chunk, V - col_start)
-            _write_probs(
-                logits, weight, lse, p, p, col_start, width, seed, (inv_hi, inv_lo), cfg, False
-            )
+    # With grad_weight, the kernel runs a vocabulary chunk at a time and writes y for the chunk
+    # to the workspace, where torch (cuBLAS on a GPU) forms grad_weight[chunk] = y^T @ grad_out
+    # in the weight's dtype, as eager's; without, one launch covers the vocabulary.
+    store_p = weight_grad and D > 0
+    chunk = _chunk_width(N, V, D, gpu) if store_p else V
+    p = launch.result_buffer((N, chunk), weight.dtype, logits.device) if store_p else grad_x
+    go = grad_out.to(weight.dtype) if store_p else None
+    for col_start in range(0, V, chunk):
+        width = min(chunk, V - col_start)
+        # row blocks vary fastest, so programs running together share the weight rows they read
+        grid = launch.check_grid(
+            (triton.cdiv(N, block_n), triton.cdiv(width, block_v)), "embedding bwd"
+        )
+        _embedding_bwd_logits_kernel[grid](
+            grad_out,
+            logits,
+            weight,
+            go_dot_out,
+            lse,
+            grad_x,
+            p,
+            N,
+            V,
+            D,
+            col_start,
+            width,
+            p.shape[1],
+            seed,
+            inv_hi,
+            inv_lo,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            BLOCK_D=block_d,
+            FP64=fp64,
+            ACC_FP64=acc_dtype == torch.float64,
+            DOT_PRECISION=_dot_precision(weight.dtype),
+            PTX_LOG=launch.ptx_log(logits),
+            STORE_P=store_p,
+            num_warps=cfg["num_warps"][0],
+        )
+        if store_p:
             torch.mm(
                 p[:, :width].to(weight.dtype).t(), go, out=grad_w[col_start : col_start + width]
             )
