@@ -27,7 +27,7 @@ from .launch import on_tensor_device
 from .philox import gumbel_noise_row, gumbel_noise_tile
 
 # ----------------------------------------------------------------------------------------------
-# Device helpers (row_stats, z_tile and scale_by_inv_tau serve the embedding kernels too)
+# Device helpers (z_tile and scale_by_inv_tau serve the embedding kernels too)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -93,65 +93,6 @@ def z_tile(
     x = tl.load(x_ptr + rows[:, None] * V + cols[None, :], mask=mask, other=0.0)
     g = gumbel_noise_tile(seed, rows, col_start, BLOCK_V, PTX_LOG)
     return _z_of(x, g, mask, inv_tau_hi, inv_tau_lo, FP64)
-
-
-@triton.jit
-def row_stats(
-    x_row,
-    row,
-    V,
-    seed,
-    inv_tau_hi,
-    inv_tau_lo,
-    NEED_SUM: tl.constexpr,
-    BLOCK: tl.constexpr,
-    FP64: tl.constexpr,
-    PTX_LOG: tl.constexpr,
-):
-    """Online max m, sum s = sum(exp(z - m)) (only if NEED_SUM), first argmax of z of a row and,
-    without NEED_SUM (the hard sample), whether softmax(z) is NaN as torch computes it: the row
-    holds a NaN or its largest score is infinite (inf - inf, or a row of -inf).
-
-    m is returned as the shift used in s: 0 instead of -inf when the whole row is -inf, so that
-    exp(z - m) never evaluates -inf - (-inf).
-    """
-    dtype = tl.float64 if FP64 else tl.float32
-    m = tl.full([], float("-inf"), dtype)
-    s = tl.full([], 0.0, dtype)
-    best = tl.full([], float("-inf"), dtype)
-    best_index = tl.full([], 0, tl.int32)
-    nan_count = tl.full([], 0, tl.int32)
-    for col_start in range(0, V, BLOCK):
-        mask = col_start + tl.arange(0, BLOCK) < V
-        # keep the row in L2 for the second pass
-        z = _z_row(
-            x_row,
-            row,
-            col_start,
-            mask,
-            seed,
-            inv_tau_hi,
-            inv_tau_lo,
-            BLOCK,
-            FP64,
-            PTX_LOG,
-            "evict_last",
-        )
-        block_max, block_arg = tl.max(z, 0, return_indices=True)
-        if NEED_SUM:
-            m_new = tl.maximum(m, block_max)
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
-            m = m_new
-        else:
-            nan_count += tl.sum((z != z).to(tl.int32), 0)
-        # strict > keeps the first maximum across blocks (argmax within a block breaks ties left)
-        better = block_max > best
-        best_index = tl.where(better, col_start + block_arg, best_index)
-        best = tl.where(better, block_max, best)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    nan_row = (nan_count > 0) | (best == float("inf")) | (best == float("-inf"))
-    return shift, s, best_index, nan_row
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,15 +5,17 @@ weight [V, D]; z = (x + g) / tau with g the Gumbel noise of rlgaf_fast.reference
 float32 (float64 for float64 logits). The row statistics and z come from the row kernels'
 device helpers (kernels/gumbel_softmax.py).
 
-The embedding never holds all [N, V] probabilities p = exp(z - lse): it regenerates them from
-the seed a vocabulary chunk at a time into a workspace of O(N * D) elements (_chunk_width).
-Forward: the row statistics (one pass of the noise), then per chunk the probabilities (a second
-pass, in all) and a Triton product kernel for p @ weight[chunk], split over the chunk's columns
-when N x D has few output tiles, whose partial sums (float32, float64 where an input is) add to
-out. Backward, one pass of the noise: per vocabulary chunk, grad_logits per [BLOCK_N, BLOCK_V]
-tile with a K-loop over D, the tile's probabilities written to the workspace, and
-grad_weight[chunk] = p^T @ grad_out by torch (cuBLAS on a GPU, so torch's matmul settings apply
-to it as to eager's: TF32 under set_float32_matmul_precision("high")). Regenerating the noise inside the products instead costs
+The embedding never holds all [N, V] probabilities p = exp(z - lse): it writes them a
+vocabulary chunk at a time to a workspace of O(N * D) elements (_chunk_width), and the noise of
+each element is evaluated once per direction. Forward, per chunk: a program per block of rows
+writes p relative to the rows' max over the chunk and folds the chunk into the running row max,
+sum and argmax; a Triton product kernel forms p @ weight[chunk], split over the chunk's columns
+when N x D has few output tiles, and adds it to out rescaled to the running max (out = out *
+alpha + product * beta, in float32, float64 where an input is); out is divided by the row sums
+at the end. Backward, per chunk: grad_logits per [BLOCK_N, BLOCK_V] tile with a K-loop over D,
+the tile's p written to the workspace, and grad_weight[chunk] = p^T @ grad_out by torch (cuBLAS
+on a GPU, so torch's matmul settings apply to it as to eager's: TF32 under
+set_float32_matmul_precision("high")). Evaluating the noise inside the products instead costs
 one pass of the noise per D tile (18 passes at D = 2048), 8 times slower than eager on an H200.
 """
 
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .gumbel_softmax import row_launch, row_stats, scale_by_inv_tau, z_tile
+from .gumbel_softmax import scale_by_inv_tau, z_tile
 from .launch import on_tensor_device
 
 # ----------------------------------------------------------------------------------------------
@@ -32,37 +34,29 @@ from .launch import on_tensor_device
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _row_lse_kernel(
-    x_ptr,
-    lse_ptr,
-    index_ptr,
-    N,
-    V,
-    seed,
-    inv_tau_hi,
-    inv_tau_lo,
-    BLOCK: tl.constexpr,
-    FP64: tl.constexpr,
-    PTX_LOG: tl.constexpr,
-):
-    """lse = logsumexp(z) and argmax(z) of each row (first pass of the embedding forward)."""
-    for row32 in range(tl.program_id(0), N, tl.num_programs(0)):
-        row = tl.cast(row32, tl.int64)
-        shift, s, best_index, _ = row_stats(
-            x_ptr + row * V, row, V, seed, inv_tau_hi, inv_tau_lo, True, BLOCK, FP64, PTX_LOG
-        )
-        tl.store(lse_ptr + row, shift + tl.log(s))
-        tl.store(index_ptr + row, best_index.to(tl.int64))
+@triton.jit
+def _store_p(p_hi_ptr, p_lo_ptr, offsets, p, mask, w_dtype, SPLIT_P: tl.constexpr):
+    """p rounded to the weight's dtype (the product's operand) and, with SPLIT_P, the
+    remainder p - p_hi rounded the same way."""
+    p_hi = p.to(w_dtype)
+    tl.store(p_hi_ptr + offsets, p_hi.to(p_hi_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_P:
+        p_lo = (p - p_hi.to(p.dtype)).to(w_dtype)
+        tl.store(p_lo_ptr + offsets, p_lo.to(p_lo_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _embedding_probs_kernel(
+def _embedding_chunk_probs_kernel(
     x_ptr,
     w_ptr,
-    lse_ptr,
     p_hi_ptr,
     p_lo_ptr,
+    tile_max_ptr,
+    row_max_ptr,
+    row_sum_ptr,
+    index_ptr,
+    alpha_ptr,
+    beta_ptr,
     N,
     V,
     col_start,
@@ -77,35 +71,79 @@ def _embedding_probs_kernel(
     PTX_LOG: tl.constexpr,
     SPLIT_P: tl.constexpr,
 ):
-    """p = exp(z - lse) of columns [col_start, col_start + width) into the [N, width] workspace
-    (row stride p_stride), rounded to the weight's dtype. SPLIT_P (16-bit weight) also writes
-    the remainder p - p_hi, rounded the same way."""
+    """p = exp(z - m) of BLOCK_N rows over the chunk's columns [col_start, col_start + width),
+    m each row's max there, into the [N, width] workspace (row stride p_stride), with one
+    evaluation of the noise: the first loop stages exp(z - the tile's max) (tile maxima in
+    tile_max [N, cdiv(width, BLOCK_V)]), the second rescales the staged tiles by
+    exp(tile max - m), reading only memory.
+
+    The program owns its rows' chunk, so it also folds the chunk into the running statistics of
+    the columns so far: row_max (the max of z), row_sum (sum(exp(z - row_max))) and index (the
+    first argmax), and leaves alpha = exp(old max - new max) and beta = exp(m - new max) for
+    out = out * alpha + (p @ weight[chunk]) * beta. Shifts are 0 where a max is -inf, so that
+    exp never evaluates -inf - (-inf) and a chunk of -inf adds 0."""
+    dtype = tl.float64 if FP64 else tl.float32
+    w_dtype = w_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
-    mask = row_mask[:, None] & (local < width)[None, :]
-    z = z_tile(
-        x_ptr,
-        rows,
-        col_start + tl.program_id(1) * BLOCK_V,
-        mask,
-        V,
-        seed,
-        inv_tau_hi,
-        inv_tau_lo,
-        BLOCK_V,
-        FP64,
-        PTX_LOG,
-    )
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    w_dtype = w_ptr.dtype.element_ty  # the rounding of the dot operands (the weight is not read)
-    p_hi = p.to(w_dtype)
-    offsets = rows[:, None] * p_stride + local[None, :]
-    tl.store(p_hi_ptr + offsets, p_hi.to(p_hi_ptr.dtype.element_ty), mask=mask)
-    if SPLIT_P:
-        p_lo = (p - p_hi.to(p.dtype)).to(w_dtype)
-        tl.store(p_lo_ptr + offsets, p_lo.to(p_lo_ptr.dtype.element_ty), mask=mask)
+    tiles = tl.cdiv(width, BLOCK_V)
+    m = tl.full([BLOCK_N], float("-inf"), dtype)
+    s = tl.zeros([BLOCK_N], dtype)
+    best_index = tl.zeros([BLOCK_N], tl.int64)
+    for local_start in range(0, width, BLOCK_V):
+        local = local_start + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (local < width)[None, :]
+        z = z_tile(
+            x_ptr,
+            rows,
+            col_start + local_start,
+            mask,
+            V,
+            seed,
+            inv_tau_hi,
+            inv_tau_lo,
+            BLOCK_V,
+            FP64,
+            PTX_LOG,
+        )
+        tile_max, tile_arg = tl.max(z, 1, return_indices=True)
+        tile_shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        e = tl.exp(z - tile_shift[:, None])
+        m_new = tl.maximum(m, tile_max)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        tile_scale = tl.where(tile_max == float("-inf"), 0.0, tl.exp(tile_shift - shift))
+        s = s * tl.exp(m - shift) + tl.sum(e, 1) * tile_scale
+        # strict > keeps the first maximum across tiles (tl.max breaks ties left)
+        best_index = tl.where(tile_max > m, col_start + local_start + tile_arg, best_index)
+        m = m_new
+        offsets = rows[:, None] * p_stride + local[None, :]
+        _store_p(p_hi_ptr, p_lo_ptr, offsets, e, mask, w_dtype, SPLIT_P)
+        tl.store(tile_max_ptr + rows * tiles + local_start // BLOCK_V, tile_max, mask=row_mask)
+    chunk_shift = tl.where(m == float("-inf"), 0.0, m)
+    for local_start in range(0, width, BLOCK_V):
+        local = local_start + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (local < width)[None, :]
+        offsets = rows[:, None] * p_stride + local[None, :]
+        tile_max = tl.load(
+            tile_max_ptr + rows * tiles + local_start // BLOCK_V, mask=row_mask, other=0.0
+        )
+        e = tl.load(p_hi_ptr + offsets, mask=mask, other=0.0).to(dtype)
+        if SPLIT_P:
+            e += tl.load(p_lo_ptr + offsets, mask=mask, other=0.0).to(dtype)
+        p = e * tl.exp(tile_max - chunk_shift)[:, None]
+        _store_p(p_hi_ptr, p_lo_ptr, offsets, p, mask, w_dtype, SPLIT_P)
+    old_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    old_sum = tl.load(row_sum_ptr + rows, mask=row_mask, other=0.0)
+    new_max = tl.maximum(old_max, m)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(old_max - shift)
+    beta = tl.where(m == float("-inf"), 0.0, tl.exp(chunk_shift - shift))
+    old_index = tl.load(index_ptr + rows, mask=row_mask, other=0)
+    tl.store(index_ptr + rows, tl.where(m > old_max, best_index, old_index), mask=row_mask)
+    tl.store(row_max_ptr + rows, new_max, mask=row_mask)
+    tl.store(row_sum_ptr + rows, old_sum * alpha + s * beta, mask=row_mask)
+    tl.store(alpha_ptr + rows, alpha, mask=row_mask)
+    tl.store(beta_ptr + rows, beta, mask=row_mask)
 
 
 @triton.jit
@@ -114,6 +152,9 @@ def _embedding_product_kernel(
     p_lo_ptr,
     w_ptr,
     partial_ptr,
+    out_ptr,
+    alpha_ptr,
+    beta_ptr,
     N,
     K,
     D,
@@ -125,10 +166,12 @@ def _embedding_product_kernel(
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_P: tl.constexpr,
+    UPDATE_OUT: tl.constexpr,
 ):
     """partial[s, rows, d tile] = p_hi[rows, ks] @ w[ks, d tile] (+ p_lo @ w), ks the columns
     [s * k_per_split, (s + 1) * k_per_split) of one vocabulary chunk of K columns. The split
-    over K (axis 2) keeps the GPU busy when N x D has few tiles (a batch of single tokens)."""
+    over K (axis 2) keeps the GPU busy when N x D has few tiles (a batch of single tokens).
+    UPDATE_OUT (one split): out = out * alpha + (p @ w) * beta in place instead."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k_begin = tl.program_id(2) * k_per_split
@@ -156,12 +199,21 @@ def _embedding_product_kernel(
             # out float32-accurate with tensor-core dots
             p_lo = tl.load(p_lo_ptr + p_offsets, mask=p_mask, other=0.0).to(w.dtype)
             acc = tl.dot(p_lo, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-    partial = partial_ptr + tl.program_id(2).to(tl.int64) * N * D
-    tl.store(
-        partial + rows[:, None] * D + dcols[None, :],
-        acc.to(partial_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & d_mask[None, :],
-    )
+    mask = row_mask[:, None] & d_mask[None, :]
+    if UPDATE_OUT:
+        alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0).to(acc_dtype)
+        beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0).to(acc_dtype)
+        offsets = rows[:, None] * D + dcols[None, :]
+        out = tl.load(out_ptr + offsets, mask=mask, other=0.0)
+        acc = out * alpha[:, None] + acc * beta[:, None]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        partial = partial_ptr + tl.program_id(2).to(tl.int64) * N * D
+        tl.store(
+            partial + rows[:, None] * D + dcols[None, :],
+            acc.to(partial_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -249,9 +301,9 @@ def _embedding_bwd_logits_kernel(
 
 def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tuple[int, ...]]:
     """Tiles of the embedding kernels (every dot dimension >= 16):
-    probs (BLOCK_N, BLOCK_V): the probabilities kernel's tiles (elementwise: <= 16 noise elements
-    a thread); product (BLOCK_N, BLOCK_K, BLOCK_D): [BLOCK_N, BLOCK_K] probabilities @
-    [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary chunk; logits (BLOCK_N, BLOCK_V,
+    probs (BLOCK_N, BLOCK_V): the chunk probabilities kernel's rows per program and its tiles'
+    width (elementwise: <= 16 noise elements a thread); product (BLOCK_N, BLOCK_K, BLOCK_D):
+    [BLOCK_N, BLOCK_K] probabilities @ [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary chunk; logits (BLOCK_N, BLOCK_V,
     BLOCK_D): grad_logits tiles, a K-loop over D in steps of BLOCK_D; and num_warps. Wider weight
     elements get smaller tiles (shared memory)."""
     if not gpu:
@@ -266,14 +318,14 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
     )
     if weight_dtype.itemsize <= 2:
         return {
-            "probs": (32, 128),
+            "probs": (16, 256),
             "product": (64, 32, d_tile),
             "logits": (64, 64, 64),
             "num_warps": (8,),
         }
     if weight_dtype.itemsize == 4:  # float32: three-pass TF32 dots need more registers
         return {
-            "probs": (32, 128),
+            "probs": (16, 256),
             "product": (64, 32, d_tile),
             "logits": (32, 64, 32),
             "num_warps": (8,),
@@ -325,49 +377,6 @@ def _k_per_split(
     return triton.cdiv(steps, splits) * block_k
 
 
-def _write_probs(
-    logits: torch.Tensor,
-    weight: torch.Tensor,
-    lse: torch.Tensor,
-    p_hi: torch.Tensor,
-    p_lo: torch.Tensor,
-    col_start: int,
-    width: int,
-    seed: int,
-    inv_tau: tuple[float, float],
-    cfg: dict[str, tuple[int, ...]],
-    split: bool,
-) -> None:
-    """Fill p_hi[:, :width] (and p_lo, if split) with exp(z - lse) of the columns
-    [col_start, col_start + width), regenerating the noise; inv_tau from _inv_tau_parts and
-    cfg from _tile_config, worked out once by the caller for all its chunks."""
-    N, V = logits.shape
-    block_n, block_v = cfg["probs"]
-    grid = launch.check_grid(
-        (triton.cdiv(N, block_n), triton.cdiv(width, block_v)), "embedding probs"
-    )
-    _embedding_probs_kernel[grid](
-        logits,
-        weight,
-        lse,
-        p_hi,
-        p_lo,
-        N,
-        V,
-        col_start,
-        width,
-        p_hi.shape[1],
-        seed,
-        *inv_tau,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        FP64=logits.dtype == torch.float64,
-        PTX_LOG=launch.ptx_log(logits),
-        SPLIT_P=split,
-        num_warps=cfg["num_warps"][0],
-    )
-
-
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # float32 weights: three TF32 products give about float32 accuracy at tensor-core speed;
     # 16-bit operands take the default (the option only concerns float32)
@@ -409,88 +418,93 @@ def gumbel_softmax_embedding_fwd(
     # out in float32 (float64 where an input is): the op returns it in the weight's dtype, and
     # the backward reads this one, so that grad_out . out carries no 16-bit rounding
     out_dtype = torch.float64 if torch.float64 in (logits.dtype, weight.dtype) else torch.float32
-    out = torch.empty((N, D), dtype=out_dtype, device=logits.device)
-    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float64 if fp64 else torch.float32, device=logits.device)
+    device = logits.device
+    compute_dtype = torch.float64 if fp64 else torch.float32
+    out = torch.empty((N, D), dtype=out_dtype, device=device).zero_()
+    tokens = torch.empty(N, dtype=torch.int64, device=device).zero_()
+    row_max = torch.empty(N, dtype=compute_dtype, device=device).fill_(float("-inf"))
+    row_sum = torch.empty(N, dtype=compute_dtype, device=device).zero_()
     if N == 0 or V == 0:
-        return out.zero_(), tokens, lse
+        return out, tokens, row_sum.log()
     inv_hi, inv_lo = launch.inv_tau_parts(tau)
-    ptx_log = launch.ptx_log(logits)
-    grid, block, num_warps = row_launch(N, V, logits, "noise")
-    _row_lse_kernel[(grid,)](
-        logits,
-        lse,
-        tokens,
-        N,
-        V,
-        seed,
-        inv_hi,
-        inv_lo,
-        BLOCK=block,
-        FP64=fp64,
-        PTX_LOG=ptx_log,
-        num_warps=num_warps,
-    )
-    if D > 0:
-        # The probabilities are written once, a vocabulary chunk at a time, to a bounded
-        # workspace, and a matrix-product kernel reads them: regenerating them inside the
-        # product instead costs one pass of the noise per D tile.
-        gpu = launch.on_gpu(logits)
-        cfg = _tile_config(weight.dtype, D, gpu)
-        block_n, block_k, block_d = cfg["product"]
-        split = weight.dtype in (torch.float16, torch.bfloat16)
-        chunk = _chunk_width(N, V, D, gpu)
-        p_hi = launch.result_buffer((N, chunk), weight.dtype, logits.device)
-        p_lo = launch.result_buffer((N, chunk), weight.dtype, logits.device) if split else p_hi
-        tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
-        k_per_split = _k_per_split(N, D, tiles, chunk, block_k, gpu, logits.device)
-        splits = triton.cdiv(chunk, k_per_split)
-        grid = launch.check_grid(
-            (triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd"
+    gpu = launch.on_gpu(logits)
+    cfg = _tile_config(weight.dtype, D, gpu)
+    block_rows, block_v = cfg["probs"]
+    block_n, block_k, block_d = cfg["product"]
+    split = weight.dtype in (torch.float16, torch.bfloat16)
+    # The probabilities are written once, a vocabulary chunk at a time, to a bounded
+    # workspace, and a matrix-product kernel reads them: regenerating them inside the
+    # product instead costs one pass of the noise per D tile.
+    chunk = _chunk_width(N, V, D, gpu)
+    p_hi = launch.result_buffer((N, chunk), weight.dtype, device)
+    p_lo = launch.result_buffer((N, chunk), weight.dtype, device) if split else p_hi
+    tile_max = torch.empty((N, triton.cdiv(chunk, block_v)), dtype=compute_dtype, device=device)
+    alpha = torch.empty(N, dtype=compute_dtype, device=device)
+    beta = torch.empty(N, dtype=compute_dtype, device=device)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(D, block_d)
+    k_per_split = _k_per_split(N, D, tiles, chunk, block_k, gpu, device)
+    splits = triton.cdiv(chunk, k_per_split)
+    grid = launch.check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "embedding fwd")
+    # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
+    partial = torch.empty((splits, N, D), dtype=out.dtype, device=device) if splits > 1 else out
+    for col_start in range(0, V, chunk):
+        width = min(chunk, V - col_start)
+        used_splits = triton.cdiv(width, k_per_split)
+        _embedding_chunk_probs_kernel[(triton.cdiv(N, block_rows),)](
+            logits,
+            weight,
+            p_hi,
+            p_lo,
+            tile_max,
+            row_max,
+            row_sum,
+            tokens,
+            alpha,
+            beta,
+            N,
+            V,
+            col_start,
+            width,
+            chunk,
+            seed,
+            inv_hi,
+            inv_lo,
+            BLOCK_N=block_rows,
+            BLOCK_V=block_v,
+            FP64=fp64,
+            PTX_LOG=launch.ptx_log(logits),
+            SPLIT_P=split,
+            num_warps=cfg["num_warps"][0],
         )
-        # the sums over the vocabulary stay in out's dtype (float32 or float64), never 16-bit
-        partial = torch.empty((splits, N, D), dtype=out.dtype, device=out.device)
-        for col_start in range(0, V, chunk):
-            width = min(chunk, V - col_start)
-            used_splits = triton.cdiv(width, k_per_split)
-            _write_probs(
-                logits,
-                weight,
-                lse,
-                p_hi,
-                p_lo,
-                col_start,
-                width,
-                seed,
-                (inv_hi, inv_lo),
-                cfg,
-                split,
-            )
-            _embedding_product_kernel[(*grid, used_splits)](
-                p_hi,
-                p_lo,
-                weight[col_start : col_start + width],
-                partial,
-                N,
-                width,
-                D,
-                chunk,
-                k_per_split,
-                BLOCK_N=block_n,
-                BLOCK_K=block_k,
-                BLOCK_D=block_d,
-                ACC_FP64=weight.dtype == torch.float64,
-                DOT_PRECISION=_dot_precision(weight.dtype),
-                SPLIT_P=split,
-                num_warps=cfg["num_warps"][0],
-            )
-            used = partial[:used_splits]
-            if col_start == 0:
-                torch.sum(used, 0, out=out)
-            elif used_splits == 1:  # the usual case at large N: no [N, D] sum to allocate
-                out += used[0]
-            else:
-                out += used.sum(0)
+        if D == 0:
+            continue
+        _embedding_product_kernel[(*grid, used_splits)](
+            p_hi,
+            p_lo,
+            weight[col_start : col_start + width],
+            partial,
+            out,
+            alpha,
+            beta,
+            N,
+            width,
+            D,
+            chunk,
+            k_per_split,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            ACC_FP64=weight.dtype == torch.float64,
+            DOT_PRECISION=_dot_precision(weight.dtype),
+            SPLIT_P=split,
+            UPDATE_OUT=used_splits == 1,
+            num_warps=cfg["num_warps"][0],
+        )
+        if used_splits > 1:
+            out.mul_(alpha.to(out.dtype)[:, None])
+            out.add_(partial[:used_splits].sum(0).mul_(beta.to(out.dtype)[:, None]))
+    out.div_(row_sum.to(out.dtype)[:, None])
+    lse = torch.where(row_max == float("-inf"), 0.0, row_max) + row_sum.log()
     return out, tokens, lse
 
 

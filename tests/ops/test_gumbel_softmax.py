@@ -346,6 +346,38 @@ def test_embedding_matches_reference_float64(backend, hard, n, v, d):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_at_extreme_logits_matches_reference(backend):
+    # As test_extreme_logits_match_reference_forward_and_backward: the fused forward stages
+    # each chunk relative to its own max and rescales out to the running max, so a chunk of
+    # -inf after a very negative max must add 0.
+    dev = _device(backend)
+    x = _logits(4, 300, torch.float32, backend)
+    x[0, 7] = float("nan")
+    x[1] = float("-inf")
+    x[2] -= 100
+    x[2, 150:] = float("-inf")
+    x[3] *= 50
+    x.requires_grad_()
+    w = torch.randn(300, 16, device=dev, requires_grad=True)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    w_ref = w.detach().cpu().double().requires_grad_()
+    for tau in (0.7, 0.05):
+        out, tokens = rlgaf_fast.gumbel_softmax_embedding(x, w, tau, seed=3, backend=backend)
+        out_ref, tokens_ref = reference.gumbel_softmax_embedding(x_ref, w_ref, tau, seed=3)
+        assert out_ref[:2].isnan().all() and not out_ref[2:].isnan().any()
+        assert torch.equal(tokens.cpu()[1:], tokens_ref[1:])
+        tol = {"atol": 1e-4, "rtol": 1e-3, "equal_nan": True}
+        torch.testing.assert_close(out.detach().cpu().double(), out_ref.detach(), **tol)
+        grad = torch.randn(4, 16, dtype=torch.float64)
+        gx, gw = torch.autograd.grad(out, (x, w), grad.to(dev, torch.float32))
+        gx_ref, gw_ref = torch.autograd.grad(out_ref, (x_ref, w_ref), grad)
+        torch.testing.assert_close(gx[2:].cpu().double(), gx_ref[2:], **tol)
+        assert gx[:2].isnan().all() and gx_ref[:2].isnan().all()
+        # the NaN rows' probabilities make every entry of the weight's gradient NaN
+        assert gw.isnan().all() and gw_ref.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_embedding_gradient_in_low_precision_is_the_exact_one_rounded(backend, dtype):
     """In 16 bits the logits' gradient is the exact gradient at the same inputs, rounded once:
@@ -393,7 +425,7 @@ def test_triton_embedding_gpu_configuration_allocates_o_of_n_times_d(monkeypatch
 
     monkeypatch.setattr(launch, "on_gpu", lambda t: True)
     monkeypatch.setattr(launch, "sm_count", lambda device_index: 132)
-    for kernel in ("_row_lse_kernel", "_embedding_probs_kernel", "_embedding_product_kernel"):
+    for kernel in ("_embedding_chunk_probs_kernel", "_embedding_product_kernel"):
         monkeypatch.setattr(gse, kernel, NoLaunch())
     allocated = []
     empty = torch.empty
