@@ -303,9 +303,9 @@ def _tile_config(weight_dtype: torch.dtype, D: int, gpu: bool) -> dict[str, tupl
     """Tiles of the embedding kernels (every dot dimension >= 16):
     probs (BLOCK_N, BLOCK_V): the chunk probabilities kernel's rows per program and its tiles'
     width (elementwise: <= 16 noise elements a thread); product (BLOCK_N, BLOCK_K, BLOCK_D):
-    [BLOCK_N, BLOCK_K] probabilities @ [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary chunk; logits (BLOCK_N, BLOCK_V,
-    BLOCK_D): grad_logits tiles, a K-loop over D in steps of BLOCK_D; and num_warps. Wider weight
-    elements get smaller tiles (shared memory)."""
+    [BLOCK_N, BLOCK_K] probabilities @ [BLOCK_K, BLOCK_D] weight, a K-loop over one vocabulary
+    chunk; logits (BLOCK_N, BLOCK_V, BLOCK_D): grad_logits tiles, a K-loop over D in steps of
+    BLOCK_D; and num_warps. Wider weight elements get smaller tiles (shared memory)."""
     if not gpu:
         return {
             "probs": (16, 32),
