@@ -194,6 +194,9 @@ def _gumbel_softmax_fwd_kernel(
             inv_s = 1.0
         else:
             inv_s = 1.0 / s
+        # the second pass reads values other threads of the program staged: a CTA barrier
+        # makes their global stores visible
+        tl.debug_barrier()
         for i in range(num_blocks):
             block = num_blocks - 1 - i
             cols = block * BLOCK + tl.arange(0, BLOCK)
@@ -306,6 +309,7 @@ def _gumbel_softmax_bwd_from_logits_kernel(
             tl.store(block_max_row + col_start // BLOCK, block_max)
         inv_s = 1.0 / s
         dot = t * inv_s
+        tl.debug_barrier()  # as in the forward: the staged values of other threads
         for i in range(num_blocks):
             block = num_blocks - 1 - i
             cols = block * BLOCK + tl.arange(0, BLOCK)

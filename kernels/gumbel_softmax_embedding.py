@@ -120,6 +120,9 @@ def _embedding_chunk_probs_kernel(
         _store_p(p_hi_ptr, p_lo_ptr, offsets, e, mask, w_dtype, SPLIT_P)
         tl.store(tile_max_ptr + rows * tiles + local_start // BLOCK_V, tile_max, mask=row_mask)
     chunk_shift = tl.where(m == float("-inf"), 0.0, m)
+    # the second loop reads values (and tile maxima) other threads of the program staged: a CTA
+    # barrier makes their global stores visible
+    tl.debug_barrier()
     for local_start in range(0, width, BLOCK_V):
         local = local_start + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (local < width)[None, :]
@@ -139,6 +142,9 @@ def _embedding_chunk_probs_kernel(
     alpha = tl.exp(old_max - shift)
     beta = tl.where(m == float("-inf"), 0.0, tl.exp(chunk_shift - shift))
     old_index = tl.load(index_ptr + rows, mask=row_mask, other=0)
+    # a row's value is held by several threads: every load of the old statistics completes
+    # before any thread stores the new ones
+    tl.debug_barrier()
     tl.store(index_ptr + rows, tl.where(m > old_max, best_index, old_index), mask=row_mask)
     tl.store(row_max_ptr + rows, new_max, mask=row_mask)
     tl.store(row_sum_ptr + rows, old_sum * alpha + s * beta, mask=row_mask)
