@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # One-call check on a GPU machine (H100/H200; torch, triton and a C++ compiler preinstalled; no
 # network): build the extension in place, run the GPU tests, a few fused training steps of the
-# RLGAF trainer, then the benchmark suite's GPU targets; everything lands under $OUT and a short
-# summary table is printed last.
+# RLGAF trainer, a sweep of the Gumbel-Softmax row kernels' launch configuration, then the
+# benchmark suite's GPU targets; everything lands under $OUT and a short summary table is
+# printed last.
 # Runs from the repository root without installing the package; finishes within 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine
 #   OUT=/tmp/x bash benchmarks/gpu_check.sh --cpu       # dry run of the python parts on a CPU
 #
-# Files written (at most 7): build.log, tests.log, bench/results.json, bench/results.md, one
-# bench/*.png, bench/bench.log and summary.txt (each stage's exit status, then the benchmark's
-# table). The script exits 1 if a stage failed: the build, a test, a training run, or a fused
+# Files written (at most 9): build.log, tests.log, row_config_sweep.{json,md},
+# bench/results.json, bench/results.md, one bench/*.png, bench/bench.log and summary.txt (each
+# stage's exit status, then the sweep's and the benchmark's tables). The script exits 1 if a stage failed: the build, a test, a training run, or a fused
 # kernel of the benchmark (an error or a wrong result).
 # Every stage has a time cap; a process that ignores the terminate signal is killed 10 s later.
 # Set RLGAF_BENCH_COMMIT to the commit the tree was copied from (a copy without .git cannot say).
 # Stage caps in seconds (each also shrinks to leave the later stages their share of the total
 # GPU_CHECK_BUDGET_S, default 460): GPU_CHECK_BUILD_S (240), GPU_CHECK_TESTS_S (150),
-# GPU_CHECK_TRAIN_S (30 per mode), GPU_CHECK_BENCH_S (300). The benchmark runs fused and eager
+# GPU_CHECK_TRAIN_S (30 per mode), GPU_CHECK_SWEEP_S (60), GPU_CHECK_BENCH_S (300). The benchmark runs fused and eager
 # providers of every case before the torch.compile baselines, so a short stage loses those last.
 set -o pipefail
 
@@ -121,6 +122,13 @@ else
   echo "skipped: transformers, accelerate or datasets not installed"
 fi
 
+banner "launch configuration sweep of the Gumbel-Softmax row kernels"
+if [ "$CPU_DRY" = 1 ]; then SWEEP_ARGS=(--device cpu); else SWEEP_ARGS=(); fi
+t=$(stage_timeout "${GPU_CHECK_SWEEP_S:-60}" 120)
+timeout -k 10 "$t" python3 benchmarks/row_config_sweep.py --out "$OUT" \
+  --time-limit $((t > 30 ? t - 20 : t / 2)) "${SWEEP_ARGS[@]}" 2>&1 | tail -n 12
+record sweep "${PIPESTATUS[0]}" "timeout ${t}s"
+
 banner "benchmarks"
 if [ "$CPU_DRY" = 1 ]; then
   BENCH_ARGS=(--tiny --device cpu --ops gumbel_softmax ppo_loss fused_linear_ppo_loss)
@@ -139,6 +147,7 @@ record benchmarks "$status" "timeout ${t}s"
 
 banner "summary"
 printf '%s\n' "${STATUS[@]}" > "$OUT/summary.txt"
+cat "$OUT/row_config_sweep.md" >> "$OUT/summary.txt" 2>/dev/null
 timeout -k 5 60 python3 - "$OUT/bench/results.json" <<'EOF' >> "$OUT/summary.txt"
 import json, sys
 from rlgaf_fast.bench.cli import summary
