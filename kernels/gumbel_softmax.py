@@ -327,10 +327,12 @@ def _gumbel_softmax_bwd_from_logits_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # Per-row kernels on a GPU: (largest BLOCK, num_warps at that BLOCK, programs per SM). "noise"
-# kernels (fwd, bwd_from_logits, the embedding statistics) are bound by the arithmetic of the
-# noise, "stream" (bwd) by memory. Measured on an H200 at [8192, 128256] bf16 (triton 3.6):
-# noise (4096, 8, 2) beat (8192, 16, 1) and (4096, 4, 4); stream (4096, 8, 8) beat (4096, 8, 2)
-# and (8192, 16, 1): keeping few rows in flight for L2 reuse did not pay.
+# kernels (fwd, bwd_from_logits) make the noise, "stream" (bwd) only reads memory. Measured on
+# an H200 at [8192, 128256] bf16 (triton 3.6) with the earlier kernels, which made the noise in
+# both passes: noise (4096, 8, 2) beat (8192, 16, 1) and (4096, 4, 4); stream (4096, 8, 8) beat
+# (4096, 8, 2) and (8192, 16, 1). The staging kernels' second pass re-reads what the first
+# wrote, so fewer rows in flight may now pay (L2 holds 50 MB; a bf16 row of 128256 is 250 KB):
+# benchmarks/row_config_sweep.py measures the candidates.
 GPU_ROW_CONFIG = {"noise": (4096, 8, 2), "stream": (4096, 8, 8)}
 # Under the interpreter (CPU tensors): small blocks and 3 programs, so that the tests at small
 # sizes still run the loops over blocks and over rows.
