@@ -103,22 +103,21 @@ def z_tile(
 
 
 @triton.jit
-def _stage_block(z, m, s):
-    """One block of a row's noise pass: e = exp(z - the block's own max), and the row's online
-    max m and sum s = sum(exp(z - m)) with the block added. Returns (e, block_max, m, s, scale)
+def _stage_block(z, block_max, m, s):
+    """One block of a row's noise pass: e = exp(z - block_max, the block's own max), and the
+    row's online max m and sum s = sum(exp(z - m)) with the block added. Returns (e, m, s, scale)
     with scale = exp(block shift - new row shift): what the block's sums are multiplied by.
 
     Shifts are 0 where a max is -inf, so that exp never evaluates -inf - (-inf); a block of -inf
     contributes 0 however small the row's max (exp(0 - m) would overflow for m < -88).
     """
-    block_max = tl.max(z, 0)
     block_shift = tl.where(block_max == float("-inf"), 0.0, block_max)
     e = tl.exp(z - block_shift)
     m_new = tl.maximum(m, block_max)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = tl.where(block_max == float("-inf"), 0.0, tl.exp(block_shift - shift))
     s = s * tl.exp(m - shift) + tl.sum(e, 0) * scale
-    return e, block_max, m_new, s, scale
+    return e, m_new, s, scale
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -157,7 +156,6 @@ def _gumbel_softmax_fwd_kernel(
         for col_start in range(0, V, BLOCK):
             cols = col_start + tl.arange(0, BLOCK)
             mask = cols < V
-            # keep the staged block in L2 for the second pass
             z = _z_row(
                 x_row,
                 row,
@@ -171,10 +169,12 @@ def _gumbel_softmax_fwd_kernel(
                 PTX_LOG,
                 "evict_first",
             )
+            block_max, block_arg = tl.max(z, 0, return_indices=True)
             if HARD:
                 nan_count += tl.sum((z != z).to(tl.int32), 0)
             else:
-                e, block_max, m, s, _ = _stage_block(z, m, s)
+                e, m, s, _ = _stage_block(z, block_max, m, s)
+                # kept in L2 for the second pass
                 tl.store(
                     y_row + cols,
                     e.to(y_ptr.dtype.element_ty),
@@ -184,10 +184,9 @@ def _gumbel_softmax_fwd_kernel(
                 tl.store(block_max_row + col_start // BLOCK, block_max)
             # strict > keeps the first maximum across blocks (argmax within a block breaks ties
             # left)
-            block_best, block_arg = tl.max(z, 0, return_indices=True)
-            better = block_best > best
+            better = block_max > best
             best_index = tl.where(better, col_start + block_arg, best_index)
-            best = tl.where(better, block_best, best)
+            best = tl.where(better, block_max, best)
         tl.store(index_ptr + row, best_index.to(tl.int64))
         nan_row = (nan_count > 0) | (best == float("inf")) | (best == float("-inf"))
         if HARD:
@@ -297,7 +296,8 @@ def _gumbel_softmax_bwd_from_logits_kernel(
             )
             gy = tl.load(gy_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
             m_old = m
-            e, block_max, m, s, scale = _stage_block(z, m, s)
+            block_max = tl.max(z, 0)
+            e, m, s, scale = _stage_block(z, block_max, m, s)
             shift = tl.where(m == float("-inf"), 0.0, m)
             t = t * tl.exp(m_old - shift) + tl.sum(gy.to(dtype) * e, 0) * scale
             tl.store(
