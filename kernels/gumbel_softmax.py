@@ -27,7 +27,8 @@ from .launch import on_tensor_device
 from .philox import gumbel_noise_row, gumbel_noise_tile
 
 # ----------------------------------------------------------------------------------------------
-# Device helpers (z_tile and scale_by_inv_tau serve the embedding kernels too)
+# Device helpers (z_tile, scale_by_inv_tau, shift_of and online_merge serve the embedding kernels
+# too)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -103,21 +104,23 @@ def z_tile(
 
 
 @triton.jit
-def _stage_block(z, block_max, m, s):
-    """One block of a row's noise pass: e = exp(z - block_max, the block's own max), and the
-    row's online max m and sum s = sum(exp(z - m)) with the block added. Returns (e, m, s, scale)
-    with scale = exp(block shift - new row shift): what the block's sums are multiplied by.
+def shift_of(m):
+    """The shift of values whose max is m: 0 where m is -inf, so that exp(z - shift) never
+    evaluates -inf - (-inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
-    Shifts are 0 where a max is -inf, so that exp never evaluates -inf - (-inf); a block of -inf
-    contributes 0 however small the row's max (exp(0 - m) would overflow for m < -88).
-    """
-    block_shift = tl.where(block_max == float("-inf"), 0.0, block_max)
-    e = tl.exp(z - block_shift)
-    m_new = tl.maximum(m, block_max)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    scale = tl.where(block_max == float("-inf"), 0.0, tl.exp(block_shift - shift))
-    s = s * tl.exp(m - shift) + tl.sum(e, 0) * scale
-    return e, m_new, s, scale
+
+@triton.jit
+def online_merge(m, s, part_max, part_sum):
+    """Fold a part (its max, and its sum of exp(z - shift_of(part_max))) into the running max m
+    and sum s = sum(exp(z - shift_of(m))); scalars or vectors alike. Returns the new (m, s) and
+    the factors alpha, beta that took the old sums and the part's to the new shift. A part of
+    -inf adds 0 however small m is (exp(0 - m) would overflow for m < -88)."""
+    m_new = tl.maximum(m, part_max)
+    shift = shift_of(m_new)
+    alpha = tl.exp(m - shift)
+    beta = tl.where(part_max == float("-inf"), 0.0, tl.exp(shift_of(part_max) - shift))
+    return m_new, s * alpha + part_sum * beta, alpha, beta
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -173,7 +176,8 @@ def _gumbel_softmax_fwd_kernel(
             if HARD:
                 nan_count += tl.sum((z != z).to(tl.int32), 0)
             else:
-                e, m, s, _ = _stage_block(z, block_max, m, s)
+                e = tl.exp(z - shift_of(block_max))
+                m, s, _, _ = online_merge(m, s, block_max, tl.sum(e, 0))
                 # kept in L2 for the second pass
                 tl.store(
                     y_row + cols,
@@ -295,11 +299,10 @@ def _gumbel_softmax_bwd_from_logits_kernel(
                 "evict_first",
             )
             gy = tl.load(gy_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-            m_old = m
             block_max = tl.max(z, 0)
-            e, m, s, scale = _stage_block(z, block_max, m, s)
-            shift = tl.where(m == float("-inf"), 0.0, m)
-            t = t * tl.exp(m_old - shift) + tl.sum(gy.to(dtype) * e, 0) * scale
+            e = tl.exp(z - shift_of(block_max))
+            m, s, alpha, beta = online_merge(m, s, block_max, tl.sum(e, 0))
+            t = t * alpha + tl.sum(gy.to(dtype) * e, 0) * beta
             tl.store(
                 gx_row + cols,
                 e.to(grad_x_ptr.dtype.element_ty),

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .gumbel_softmax import scale_by_inv_tau, z_tile
+from .gumbel_softmax import online_merge, scale_by_inv_tau, shift_of, z_tile
 from .launch import on_tensor_device
 
 # ----------------------------------------------------------------------------------------------
@@ -107,19 +107,14 @@ def _embedding_chunk_probs_kernel(
             PTX_LOG,
         )
         tile_max, tile_arg = tl.max(z, 1, return_indices=True)
-        tile_shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-        e = tl.exp(z - tile_shift[:, None])
-        m_new = tl.maximum(m, tile_max)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        tile_scale = tl.where(tile_max == float("-inf"), 0.0, tl.exp(tile_shift - shift))
-        s = s * tl.exp(m - shift) + tl.sum(e, 1) * tile_scale
+        e = tl.exp(z - shift_of(tile_max)[:, None])
         # strict > keeps the first maximum across tiles (tl.max breaks ties left)
         best_index = tl.where(tile_max > m, col_start + local_start + tile_arg, best_index)
-        m = m_new
+        m, s, _, _ = online_merge(m, s, tile_max, tl.sum(e, 1))
         offsets = rows[:, None] * p_stride + local[None, :]
         _store_p(p_hi_ptr, p_lo_ptr, offsets, e, mask, w_dtype, SPLIT_P)
         tl.store(tile_max_ptr + rows * tiles + local_start // BLOCK_V, tile_max, mask=row_mask)
-    chunk_shift = tl.where(m == float("-inf"), 0.0, m)
+    chunk_shift = shift_of(m)
     # the second loop reads values (and tile maxima) other threads of the program staged: a CTA
     # barrier makes their global stores visible
     tl.debug_barrier()
@@ -137,17 +132,14 @@ def _embedding_chunk_probs_kernel(
         _store_p(p_hi_ptr, p_lo_ptr, offsets, p, mask, w_dtype, SPLIT_P)
     old_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     old_sum = tl.load(row_sum_ptr + rows, mask=row_mask, other=0.0)
-    new_max = tl.maximum(old_max, m)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    alpha = tl.exp(old_max - shift)
-    beta = tl.where(m == float("-inf"), 0.0, tl.exp(chunk_shift - shift))
+    new_max, new_sum, alpha, beta = online_merge(old_max, old_sum, m, s)
     old_index = tl.load(index_ptr + rows, mask=row_mask, other=0)
     # a row's value is held by several threads: every load of the old statistics completes
     # before any thread stores the new ones
     tl.debug_barrier()
     tl.store(index_ptr + rows, tl.where(m > old_max, best_index, old_index), mask=row_mask)
     tl.store(row_max_ptr + rows, new_max, mask=row_mask)
-    tl.store(row_sum_ptr + rows, old_sum * alpha + s * beta, mask=row_mask)
+    tl.store(row_sum_ptr + rows, new_sum, mask=row_mask)
     tl.store(alpha_ptr + rows, alpha, mask=row_mask)
     tl.store(beta_ptr + rows, beta, mask=row_mask)
 
@@ -291,13 +283,9 @@ def _embedding_bwd_logits_kernel(
         gx.to(grad_x_ptr.dtype.element_ty),
         mask=mask,
     )
-    if STORE_P:
-        p = y.to(w_ptr.dtype.element_ty)  # the rounding of torch.mm's operand
-        tl.store(
-            p_ptr + rows[:, None] * p_stride + local[None, :],
-            p.to(p_ptr.dtype.element_ty),
-            mask=mask,
-        )
+    if STORE_P:  # rounded to the weight's dtype, torch.mm's operand
+        offsets = rows[:, None] * p_stride + local[None, :]
+        _store_p(p_ptr, p_ptr, offsets, y, mask, w_ptr.dtype.element_ty, False)
 
 
 # ----------------------------------------------------------------------------------------------
